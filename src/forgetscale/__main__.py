@@ -1,0 +1,5 @@
+import sys
+
+from forgetscale.cli import main
+
+sys.exit(main())

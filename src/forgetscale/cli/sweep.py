@@ -1,0 +1,47 @@
+"""Run (or resume) a forgetting sweep described by a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from forgetscale.config import load_config
+from forgetscale.display import print_summary
+
+NAME = "sweep"
+HELP = "run or resume a forgetting sweep from a YAML config"
+EPILOG = """examples:
+  forgetscale sweep configs/demo.yaml --out runs/demo
+  forgetscale sweep my.yaml --out runs/x --set train.steps=200 --set train.lr=3e-4
+Re-running the same command resumes: finished runs are skipped, an interrupted run continues."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="sweep config (YAML)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (holds results.sqlite)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted), value parsed as YAML; repeatable")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    from forgetscale.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: must be KEY=VALUE; got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from forgetscale.sweep import run_sweep
+
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    store = run_sweep(cfg, args.out, progress=not args.no_progress)
+    print_summary(store)
+    return 0

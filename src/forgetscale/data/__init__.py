@@ -1,0 +1,79 @@
+"""Fine-tuning data and the forgetting set, as fixed token blocks built once per sweep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetscale.data.blocks import (
+    Blocks,
+    detect_format,
+    document_texts,
+    pack_documents,
+    render_chat,
+    split_heldout,
+)
+from forgetscale.data.sources import load_records
+from forgetscale.errors import DataError
+
+__all__ = ["Blocks", "FinetuneData", "build_finetune_data", "build_forgetting_blocks", "batch_indices", "load_records"]
+
+
+@dataclass
+class FinetuneData:
+    train: Blocks
+    heldout: Blocks  # capped at finetune.heldout_max_tokens
+    train_probe: Blocks  # a fixed sample of training blocks of the same size, for ft_loss_train
+    format: str
+
+
+def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir: Path | None) -> FinetuneData:
+    """Records -> held-out split (by record, fixed across seeds) -> blocks."""
+    records = load_records(cfg.dataset, config=cfg.config, split=cfg.split, cache_dir=cache_dir, max_records=cfg.max_examples)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(records[0], cfg.text_field, cfg.question_field, cfg.response_field)
+    train_records, held_records = split_heldout(records, cfg.heldout_fraction)
+
+    def to_blocks(part: list[dict[str, Any]]) -> Blocks:
+        if fmt == "documents":
+            return pack_documents(document_texts(part, cfg.text_field, cfg.dataset), tokenizer, context_length)
+        return render_chat(
+            part, tokenizer, context_length, source=cfg.dataset,
+            fields=(cfg.system_field, cfg.question_field, cfg.response_field), loss_on=cfg.loss_on,
+        )
+
+    train, heldout = to_blocks(train_records), to_blocks(held_records).limit_tokens(cfg.heldout_max_tokens)
+    probe_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(heldout)]
+    return FinetuneData(train=train, heldout=heldout, train_probe=train.select(probe_index.sort().values), format=fmt)
+
+
+def build_forgetting_blocks(cfg: Any, tokenizer: Any, block_length: int, cache_dir: Path | None) -> Blocks:
+    """The general-text set: the first `max_tokens` predicted tokens, in blocks; identical for every run."""
+    records = load_records(cfg.dataset, config=cfg.config, split=cfg.split, cache_dir=cache_dir)
+    texts = []
+    for record in records:
+        text = record.get(cfg.text_field)
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+    if not texts:
+        raise DataError(f"{cfg.dataset}: no text in field '{cfg.text_field}'; set forgetting.text_field")
+    return pack_documents(texts, tokenizer, block_length, max_tokens=cfg.max_tokens)
+
+
+def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:
+    """Blocks of update step `step` (0-based): a pure function of (step, seed), so resuming needs no loader state.
+
+    Blocks are visited in a fresh seeded permutation each epoch.
+    """
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), n_blocks - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return torch.tensor(out, dtype=torch.long)

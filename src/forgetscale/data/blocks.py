@@ -1,0 +1,172 @@
+"""Turning records into fixed-length token blocks: packed documents, or chat records with a loss mask."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from forgetscale.data.sources import record_where
+from forgetscale.errors import DataError
+
+IGNORE = -100
+SYSTEM_FIELDS = ("system_prompt", "system")
+QUESTION_FIELDS = ("question", "instruction", "prompt", "input")
+RESPONSE_FIELDS = ("response", "output", "answer", "completion")
+
+
+@dataclass
+class Blocks:
+    """A stack of equal-length sequences; labels are IGNORE where no loss is taken."""
+
+    input_ids: torch.Tensor  # [n, L] int64
+    labels: torch.Tensor  # [n, L] int64
+    attention_mask: torch.Tensor  # [n, L] int64
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | list[int] | slice) -> Blocks:
+        return Blocks(self.input_ids[index], self.labels[index], self.attention_mask[index])
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens that carry a loss (a label at position t+1 is predicted from position t)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def limit_tokens(self, budget: int) -> Blocks:
+        """The first blocks whose loss tokens fit the budget (at least one block)."""
+        counts = (self.labels[:, 1:] != IGNORE).sum(1).cumsum(0)
+        n = max(1, int((counts <= budget).sum()))
+        return self.select(slice(0, n))
+
+
+def _field(record: dict[str, Any], explicit: str | None, candidates: tuple[str, ...]) -> str | None:
+    if explicit is not None:
+        return explicit
+    return next((c for c in candidates if c in record), None)
+
+
+def detect_format(record: dict[str, Any], text_field: str, question_field: str | None, response_field: str | None) -> str:
+    if "messages" in record:
+        return "chat"
+    if _field(record, question_field, QUESTION_FIELDS) and _field(record, response_field, RESPONSE_FIELDS):
+        return "chat"
+    if text_field in record:
+        return "documents"
+    raise DataError(
+        f"cannot tell the data format from the fields {sorted(k for k in record if k != '_line')}; "
+        f"set finetune.format and finetune.text_field / question_field / response_field"
+    )
+
+
+def document_texts(records: list[dict[str, Any]], text_field: str, source: str) -> list[str]:
+    texts = []
+    for i, record in enumerate(records):
+        if text_field not in record:
+            raise DataError(f"{record_where(source, record, i)}: missing field '{text_field}'; set the text field in the config")
+        text = record[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise DataError(f"{record_where(source, record, i)}: field '{text_field}' must be text; got {type(text).__name__}")
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def pack_documents(texts: list[str], tokenizer: Any, block_length: int, max_tokens: int | None = None) -> Blocks:
+    """Tokenise, join with EOS, and cut into full blocks (the remainder is dropped)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    limit = None if max_tokens is None else max_tokens + max_tokens // block_length + block_length
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if limit is not None and len(stream) >= limit:
+            break
+    n_blocks = len(stream) // block_length
+    if max_tokens is not None:
+        # max_tokens counts predicted tokens: block_length - 1 per block
+        n_blocks = min(n_blocks, max(1, max_tokens // (block_length - 1)))
+    if n_blocks == 0:
+        raise DataError(f"the text holds {len(stream)} tokens, fewer than one block of {block_length}; add text or shorten the blocks")
+    ids = torch.tensor(stream[: n_blocks * block_length], dtype=torch.long).view(n_blocks, block_length)
+    return Blocks(ids, ids.clone(), torch.ones_like(ids))
+
+
+def chat_messages(record: dict[str, Any], fields: tuple[str | None, str | None, str | None], where: str) -> tuple[list, list]:
+    """(prompt messages, full messages) of one chat record."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise DataError(f"{where}: 'messages' must be a list ending with an assistant turn")
+        return messages[:-1], messages
+    system_f, question_f, response_f = fields
+    question, response = record.get(question_f), record.get(response_f)
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: missing or empty '{question_f}'; every chat record needs a question")
+    if not isinstance(response, str) or not response.strip():
+        raise DataError(f"{where}: missing or empty '{response_f}'; every chat record needs a response")
+    prompt = []
+    system = record.get(system_f) if system_f else None
+    if isinstance(system, str) and system.strip():
+        prompt.append({"role": "system", "content": system})
+    prompt.append({"role": "user", "content": question})
+    return prompt, [*prompt, {"role": "assistant", "content": response}]
+
+
+def render_chat(
+    records: list[dict[str, Any]], tokenizer: Any, block_length: int, *, source: str,
+    fields: tuple[str | None, str | None, str | None], loss_on: str,
+) -> Blocks:
+    """One block per record: chat template, truncated/padded to block_length, loss on the response."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{source}: chat data needs a tokenizer with a chat template; this model has none (use format: documents)")
+    pad = tokenizer.pad_token_id
+    rows_ids, rows_labels, rows_mask = [], [], []
+    for i, record in enumerate(records):
+        where = record_where(source, record, i)
+        resolved = (
+            _field(record, fields[0], SYSTEM_FIELDS),
+            _field(record, fields[1], QUESTION_FIELDS) or QUESTION_FIELDS[0],
+            _field(record, fields[2], RESPONSE_FIELDS) or RESPONSE_FIELDS[0],
+        )
+        prompt, full = chat_messages(record, resolved, where)
+        prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+        full_ids = _template_ids(tokenizer, full, add_generation_prompt=False)
+        labels = list(full_ids)
+        if loss_on == "response":
+            n_prompt = min(len(prompt_ids), len(full_ids))
+            labels[:n_prompt] = [IGNORE] * n_prompt
+        full_ids, labels = full_ids[:block_length], labels[:block_length]
+        if all(label == IGNORE for label in labels[1:]):
+            continue  # the response was cut off entirely: nothing to learn from this record
+        padding = block_length - len(full_ids)
+        rows_ids.append(full_ids + [pad] * padding)
+        rows_labels.append(labels + [IGNORE] * padding)
+        rows_mask.append([1] * len(full_ids) + [0] * padding)
+    if not rows_ids:
+        raise DataError(f"{source}: no chat record has response tokens within {block_length} tokens; raise train.context_length")
+    return Blocks(torch.tensor(rows_ids), torch.tensor(rows_labels), torch.tensor(rows_mask))
+
+
+def _template_ids(tokenizer: Any, messages: list, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def split_heldout(records: list[Any], fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """A fixed held-out part (the same for every run and seed of a sweep: split seed is 0 unless given)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(fraction * len(records)))
+    if len(records) - n_held < 1:
+        raise DataError(f"the dataset has {len(records)} record(s); need at least 2 to hold some out")
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    return [records[i] for i in train], [records[i] for i in held]

@@ -1,0 +1,118 @@
+"""Reading records from a dataset spec: `embedded:<name>`, `hf:<hub id>`, or a local file.
+
+Every source yields a list of dicts. Local files report problems with their line number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from forgetscale.data import embedded
+from forgetscale.errors import DataError, UnknownNameError, did_you_mean
+
+EMBEDDED_SETS = {
+    "news": lambda cache: [{"text": t} for t in embedded.news_articles()],
+    "wikipedia": lambda cache: [{"text": t} for t in embedded.wikipedia_articles(cache)],
+    "harmbench": lambda cache: [{"prompt": t} for t in embedded.harmbench_prompts()],
+}
+HUB_SHORTHANDS = {"wikitext": ("wikitext", "wikitext-103-raw-v1")}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def load_records(
+    source: str, *, config: str | None = None, split: str = "train", cache_dir: Path | None = None,
+    max_records: int | None = None,
+) -> list[dict[str, Any]]:
+    """All records of a source, as dicts (in the source's own order)."""
+    if source.startswith("embedded:"):
+        name = source.removeprefix("embedded:")
+        if name not in EMBEDDED_SETS:
+            raise UnknownNameError(did_you_mean("embedded dataset", name, list(EMBEDDED_SETS)))
+        records = EMBEDDED_SETS[name](cache_dir)
+    elif source.startswith("hf:"):
+        records = _hub_records(source.removeprefix("hf:"), config, split, max_records)
+    else:
+        records = _local_records(Path(source).expanduser())
+    if max_records is not None:
+        records = records[:max_records]
+    if not records:
+        raise DataError(f"{source}: dataset is empty; point it at a file or split with records")
+    return records
+
+
+def _hub_records(name: str, config: str | None, split: str, max_records: int | None) -> list[dict[str, Any]]:
+    if name in HUB_SHORTHANDS:
+        name, default_config = HUB_SHORTHANDS[name]
+        config = config or default_config
+    try:
+        import datasets
+
+        ds_split = split if max_records is None else f"{split}[:{max_records}]"
+        ds = datasets.load_dataset(name, config, split=ds_split)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds of error
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"hf:{name}: cannot load split '{split}' ({first})") from None
+    return [dict(row) for row in ds]
+
+
+def _local_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: must hold a list of records (objects), or {{\"data\": [...]}}")
+        return data
+    if path.suffix == ".txt":
+        return [{"text": doc} for doc in split_text_documents(path.read_text(encoding="utf-8"))]
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pandas' parser errors vary by engine
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+    return frame.to_dict(orient="records")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object; got {type(record).__name__}")
+            record["_line"] = lineno
+            records.append(record)
+    return records
+
+
+def split_text_documents(text: str) -> list[str]:
+    """A .txt file holds documents separated by blank lines; with no blank line, one document per line."""
+    if "\n\n" in text.strip():
+        docs = [" ".join(block.split("\n")) for block in text.split("\n\n")]
+    else:
+        docs = text.splitlines()
+    return [d.strip() for d in docs if d.strip()]
+
+
+def record_where(source: str, record: dict[str, Any], index: int) -> str:
+    """'<file>:<line>' for a local JSONL record, else '<source> record <index>'."""
+    if "_line" in record:
+        return f"{source}:{record['_line']}"
+    return f"{source} record {index}"

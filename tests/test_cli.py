@@ -1,0 +1,87 @@
+"""The CLI: one-line errors with exit code 2, export, and the demo config."""
+
+import pandas as pd
+import pytest
+import yaml
+
+from forgetscale.cli import main
+from forgetscale.cli.demo import demo_config_path
+from forgetscale.config import load_config
+from forgetscale.store import Store
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"model": "no-such-org/no-such-model-xyz"}, "model 'no-such-org/no-such-model-xyz': not an embedded name"),
+        ({"model": "/nonexistent/dir"}, "model '/nonexistent/dir': no such file or directory"),
+        ({"finetune": {"dataset": "/nonexistent/data.jsonl"}}, "/nonexistent/data.jsonl: file not found"),
+        ({"method": {"name": "lora", "ranks": [0]}}, "method.ranks: each rank must be >= 1"),
+        ({"train": {"steps": 0}}, "train.steps: input should be greater than 0"),
+        ({"train": {"steps": 4, "checkpoints": [0, 9]}}, "checkpoints: each must be between 0 and train.steps=4"),
+        ({"train": {"context_length": 4096}}, "train.context_length: must be <= the model's 2048 positions"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, tiny_cfg, write_yaml, patch, expected, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = write_yaml(tiny_cfg(**patch))
+    code, out, err = _run(["sweep", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.startswith("forgetscale: ") and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_jsonl_names_its_line(tmp_path, capsys, tiny_cfg, write_yaml):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok"}\n{"text": "ok"}\n{oops}\n')
+    code, _, err = _run(["sweep", str(write_yaml(tiny_cfg(finetune={"dataset": str(data)}))), "--out",
+                         str(tmp_path / "o")], capsys)
+    assert code == 2 and f"{data}:3: malformed JSON" in err
+
+
+def test_empty_dataset(tmp_path, capsys, tiny_cfg, write_yaml):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    code, _, err = _run(["sweep", str(write_yaml(tiny_cfg(finetune={"dataset": str(data)}))), "--out",
+                         str(tmp_path / "o")], capsys)
+    assert code == 2 and "dataset is empty" in err
+
+
+def test_bad_set_override(tmp_path, capsys, tiny_cfg, write_yaml):
+    code, _, err = _run(["sweep", str(write_yaml(tiny_cfg())), "--out", str(tmp_path), "--set", "train.steps"], capsys)
+    assert code == 2 and "--set: must be KEY=VALUE" in err
+
+
+def test_chat_sweep_and_export(tmp_path, capsys, tiny_cfg, write_yaml, chat_file):
+    cfg = tiny_cfg(finetune={"dataset": str(chat_file), "max_examples": None}, method={"name": "lora", "ranks": [2]},
+                   train={"context_length": 48})
+    out = tmp_path / "run"
+    code, stdout, _ = _run(["sweep", str(write_yaml(cfg)), "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and "forget CE" in stdout and "results.sqlite" in stdout
+    code, stdout, _ = _run(["export", str(out), "--format", "csv"], capsys)
+    assert code == 0
+    frame = pd.read_csv(out / "checkpoints.csv")
+    assert len(frame) == 3 and set(frame["method"]) == {"lora"} and frame["trainable_params"].iloc[0] == 2 * 2240
+    code, _, _ = _run(["export", str(out), "--format", "parquet", "-o", str(tmp_path / "x.parquet")], capsys)
+    assert code == 0 and pd.read_parquet(tmp_path / "x.parquet").equals(pd.read_parquet(tmp_path / "x.parquet"))
+    assert len(pd.read_parquet(tmp_path / "x.parquet")) == len(Store(out).checkpoints())
+
+
+def test_export_without_store(tmp_path, capsys):
+    code, _, err = _run(["export", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no results store here" in err
+
+
+def test_demo_config_meets_the_issue():
+    cfg = load_config(demo_config_path())
+    ranks = cfg.methods[0].ranks
+    assert max(ranks) / min(ranks) >= 16 and len(ranks) >= 3
+    assert len(cfg.train.checkpoint_steps) >= 6
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.finetune.dataset == "embedded:news"
+    assert yaml.safe_load(demo_config_path().read_text())["forgetting"]["dataset"] == "embedded:wikipedia"

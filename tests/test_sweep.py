@@ -1,0 +1,111 @@
+"""End to end on the tiny random Llama: rows, resume after a kill, failures, config changes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from forgetscale.config import parse_config
+from forgetscale.errors import ConfigError
+from forgetscale.methods import METHODS, LoraSpec, Method, _attach_lora
+from forgetscale.store import Store
+from forgetscale.sweep import plan_runs, run_sweep
+
+VALUE_COLUMNS = ("ft_loss", "ft_loss_train", "train_loss", "forget_ce", "forget_ce_hard", "base_entropy",
+                 "forget_kl", "ft_kl", "tokens_seen")
+
+
+def _values(store):
+    return {(r["run_id"], r["step"]): tuple(r[c] for c in VALUE_COLUMNS) for r in store.checkpoints()}
+
+
+def test_sweep_writes_every_checkpoint_of_every_run(tmp_path, tiny_cfg):
+    cfg = parse_config(tiny_cfg())
+    store = run_sweep(cfg, tmp_path, progress=False)
+    runs = store.runs()
+    assert [r["status"] for r in runs] == ["finished", "finished"]
+    assert sorted(r["trainable_params"] for r in runs) == [2 * 2240, 4 * 2240]
+    rows = store.checkpoints()
+    assert len(rows) == 2 * 3
+    for row in rows:
+        assert row["base_entropy"] > 0
+        assert abs(row["forget_ce"] - row["base_entropy"] - row["forget_kl"]) < 1e-6
+        if row["step"] == 0:
+            assert row["forget_kl"] == 0.0 and row["ft_kl"] == 0.0 and row["train_loss"] is None
+        else:
+            assert row["forget_kl"] > 0 and row["train_loss"] is not None
+    # lr 0.01 on a random model: the fine-tuning loss must fall
+    for run in runs:
+        steps = store.checkpoints(run["run_id"])
+        assert steps[-1]["ft_loss_train"] < steps[0]["ft_loss_train"]
+        assert steps[-1]["tokens_seen"] == 4 * 2 * 32
+    assert (tmp_path / "runs" / runs[0]["run_id"] / "adapter-step4" / "adapter_model.safetensors").is_file()
+    # same config, same numbers (CPU determinism), and a finished sweep is not re-run
+    again = run_sweep(cfg, tmp_path / "again", progress=False)
+    assert _values(again) == _values(store)
+    before = os.path.getmtime(store.path)
+    run_sweep(cfg, tmp_path, progress=False)
+    assert len(Store(tmp_path).checkpoints()) == 6 and os.path.getmtime(store.path) >= before
+
+
+def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
+    data = tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"steps": 12, "checkpoints": [0, 3, 6, 9, 12]})
+    config = write_yaml(data)
+    reference = run_sweep(parse_config(data), tmp_path / "clean", progress=False)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "forgetscale", "sweep", str(config), "--out", str(killed), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (killed / "results.sqlite").exists():
+            steps = [r["step"] for r in Store(killed).checkpoints()]
+            if 6 in steps:
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = Store(killed).checkpoints()
+    assert 0 < len(partial) < 5, "the kill must land mid-run"
+    assert Store(killed).runs()[0]["status"] == "running"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = Store(killed)
+    assert resumed.runs()[0]["status"] == "finished"
+    assert [r["step"] for r in resumed.checkpoints()] == [0, 3, 6, 9, 12]
+    assert _values(resumed) == _values(reference)
+
+
+def test_nonfinite_loss_fails_the_run_and_the_sweep_goes_on(tmp_path, tiny_cfg):
+    class NanSpec(LoraSpec):
+        name: str = "nan_lora"
+
+    def attach_nan(model, spec, rank):
+        peft_model = _attach_lora(model, spec, rank)
+        peft_model.register_forward_hook(lambda mod, args, out: out if not mod.training else
+                                         type(out)(loss=out.loss * float("nan"), logits=out.logits))
+        return peft_model
+
+    METHODS.add("nan_lora", Method(NanSpec, attach_nan, uses_adapter=True))
+    try:
+        cfg = parse_config(tiny_cfg(method=[{"name": "nan_lora", "ranks": [2]}, {"name": "lora", "ranks": [2]}]))
+        store = run_sweep(cfg, tmp_path, progress=False)
+    finally:
+        METHODS._items.pop("nan_lora")
+    status = {r["method"]: r for r in store.runs()}
+    assert status["nan_lora"]["status"] == "failed"
+    assert "non-finite training loss" in status["nan_lora"]["error"] and "step 1" in status["nan_lora"]["error"]
+    assert status["lora"]["status"] == "finished"
+
+
+def test_a_run_dir_holds_one_sweep(tmp_path, tiny_cfg):
+    run_sweep(parse_config(tiny_cfg(method={"name": "lora", "ranks": [2]})), tmp_path, progress=False)
+    rows = len(Store(tmp_path).checkpoints())
+    with pytest.raises(ConfigError, match="train.lr: differs from the sweep already stored"):
+        run_sweep(parse_config(tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"lr": 0.5})), tmp_path)
+    assert len(Store(tmp_path).checkpoints()) == rows  # nothing already written is lost
+    # adding a rank extends the sweep
+    cfg = parse_config(tiny_cfg(method={"name": "lora", "ranks": [2, 3]}))
+    store = run_sweep(cfg, tmp_path, progress=False)
+    assert len(store.runs()) == 2 and len(plan_runs(cfg)) == 2
