@@ -32,6 +32,10 @@ class MethodSpec(BaseModel):
         """The ranks this spec expands to (None for methods without a rank)."""
         return [None]
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that define one run of this method (the rank list is not one: each rank is a run)."""
+        return self.model_dump(mode="json", exclude={"ranks"})
+
     def label(self, rank: int | None) -> str:
         return self.name if rank is None else f"{self.name}-r{rank}"
 

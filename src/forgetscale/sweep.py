@@ -40,7 +40,7 @@ def plan_runs(cfg: SweepConfig) -> list[RunPlan]:
     for spec in cfg.methods:
         for rank in spec.variants():
             for seed in cfg.train.seed_list:
-                ident = {"shared": shared, "method": spec.model_dump(mode="json"), "rank": rank, "seed": seed}
+                ident = {"shared": shared, "method": spec.identity(), "rank": rank, "seed": seed}
                 run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
                 label = spec.label(rank) + (f"-s{seed}" if len(cfg.train.seed_list) > 1 else "")
                 plans.append(RunPlan(run_id=run_id, method=spec, rank=rank, seed=seed, label=label))
@@ -131,8 +131,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
     for plan in plans:
         store.add_run({
             "run_id": plan.run_id, "model": cfg.model.name, "dataset": cfg.finetune.dataset, "method": plan.method.name,
-            "method_config": plan.method.model_dump(mode="json"), "rank": plan.rank, "trainable_params": None,
-            "seed": plan.seed, "config": {**cfg.to_dict(), "method": plan.method.model_dump(mode="json"),
+            "method_config": plan.method.identity(), "rank": plan.rank, "trainable_params": None,
+            "seed": plan.seed, "config": {**cfg.to_dict(), "method": plan.method.identity(),
                                          "rank": plan.rank, "seed": plan.seed},
         })
     todo = [p for p in plans if store.run(p.run_id)["status"] != "finished" and (only is None or p.label in only)]

@@ -47,7 +47,8 @@ def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir
         )
 
     train, heldout = to_blocks(train_records), to_blocks(held_records).limit_tokens(cfg.heldout_max_tokens)
-    probe_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(heldout)]
+    # a seed no training permutation uses, so the probe is not simply the first batches
+    probe_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(2**31 - 1))[: len(heldout)]
     return FinetuneData(train=train, heldout=heldout, train_probe=train.select(probe_index.sort().values), format=fmt)
 
 
