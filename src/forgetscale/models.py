@@ -7,6 +7,7 @@ loads read that directory (a few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -64,8 +65,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers' dequantisation bar ignores its own switch; this once-per-machine step stays quiet
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"model '{gguf}': cannot read this GGUF file ({type(err).__name__}: {err})") from None
