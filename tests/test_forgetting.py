@@ -50,3 +50,14 @@ def test_metrics_match_a_naive_computation():
     assert abs(out["ce_hard"] - naive_hard) < 1e-4
     assert abs(out["nll"] - naive_nll) < 1e-4
     assert abs(out["ce"] - (out["entropy"] + out["kl"])) < 1e-6
+
+
+def test_bf16_autocast_keeps_the_output_head_in_fp32():
+    model, blocks = _setup()
+    head = model.get_output_embeddings()
+    ref = reference(model, blocks, 4, CPU, torch.bfloat16)
+    out = measure(model, blocks, 5, CPU, torch.bfloat16, ref)
+    assert out["kl"] == 0.0
+    assert not head._forward_hooks and not head._forward_pre_hooks  # hooks removed after use
+    fp32 = measure(model, blocks, 4, CPU, None, reference(model, blocks, 4, CPU))
+    assert abs(out["ce"] - fp32["ce"]) < 0.05  # bf16 body, fp32 logits: close to the fp32 numbers

@@ -204,7 +204,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "float32":
         return None
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        # native bf16 only (Ampere+): is_bf16_supported() is also True where bf16 is merely emulated (T4, V100)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
             return torch.bfloat16
         return None
     if device.type == "cpu" and dtype == "float16":

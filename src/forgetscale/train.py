@@ -90,6 +90,8 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
     optimizer = make_optimizer(tcfg.optimizer, params, lr, tcfg.weight_decay)
     warmup = tcfg.warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    # fp16 autocast needs loss scaling (gradients underflow otherwise); a no-op for fp32 and bf16
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16 and ctx.device.type == "cuda")
 
     # -- resume from the last saved checkpoint state, if any ----------------------------------------
     step, tokens_seen, wall_s, loss_sum, loss_count = 0, 0, 0.0, 0.0, 0
@@ -101,6 +103,8 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
             for name, value in state["params"].items():
                 named[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         step, tokens_seen, wall_s = state["step"], state["tokens_seen"], state["wall_s"]
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
         schedule.last_epoch = step - 1
@@ -130,7 +134,8 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
             done_steps.add(step)
             if step < tcfg.steps:
                 save_state(state_path, model, optimizer, {"step": step, "tokens_seen": tokens_seen, "wall_s": wall_s,
-                                                          "loss_sum": loss_sum, "loss_count": loss_count})
+                                                          "loss_sum": loss_sum, "loss_count": loss_count,
+                                                          "scaler": scaler.state_dict()})
             if tcfg.save_adapters == "all" or (tcfg.save_adapters == "last" and step == tcfg.steps):
                 save_adapter(run_dir / f"adapter-step{step}", model)
         if step >= tcfg.steps:
@@ -147,17 +152,21 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
             ids, labels, mask = (t.to(ctx.device) for t in (batch.input_ids, batch.labels, batch.attention_mask))
             with autocast(ctx.device, ctx.dtype):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / tcfg.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += float(loss.detach())
             tokens_seen += int(mask.sum())
         if not math.isfinite(step_loss):
             raise RunFailed(f"non-finite training loss ({step_loss}) at step {step + 1}; lower train.lr")
+        scaler.unscale_(optimizer)
         if tcfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)  # count this step's queued kernels in this step's time
         wall_s += time.perf_counter() - started
         loss_sum += step_loss
         loss_count += 1
