@@ -1,0 +1,130 @@
+"""Fit the forgetting laws on a sweep's stored checkpoints and write RUN_DIR/laws.json.
+
+Fits every law (the paper's Eq. 4, 5, 6 separately and jointly, and the multiplicative competing
+form) per fine-tuning dataset and method, with log-space Huber least squares from a grid of starts,
+95% intervals from a bootstrap over whole runs, R^2, and the error of forecasting the largest
+rank's later checkpoints from the smaller ranks' earlier ones. Only finished runs are used unless
+--include-unfinished is given; step 0 and steps below --min-step never are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from forgetscale.laws.fitall import FitOptions, fit_run_dir
+from forgetscale.laws.select import FT_COLUMNS, TARGETS
+
+NAME = "fit"
+HELP = "fit the forgetting laws on a sweep's checkpoints (writes RUN_DIR/laws.json)"
+EPILOG = """examples:
+  forgetscale fit runs/demo
+  forgetscale fit runs/demo --target forget_kl          # fit the KL part of forgetting (no base entropy)
+  forgetscale fit runs/demo --min-step 20 --bootstrap 200 --seed 1
+  forgetscale fit runs/demo --laws linear,power_joint   # only these (and what they borrow from)
+
+reading the table: an interval is the 2.5-97.5 percentile over bootstrap refits on resampled runs.
+A status 'not identifiable: X' means the data do not pin X down (its interval spans >10x or it ran
+to its bound): do not quote X, use the law's predictions (forgetscale predict), which stay usable.
+c_ft is fixed (gauge): c_ft, a and b trade off exactly, so only their combination is fitted."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="sweep output folder (holds results.sqlite)")
+    parser.add_argument("--target", choices=TARGETS, default="forget_ce",
+                        help="forgetting measure: CE against the base model (the paper's L_f) or its KL part")
+    parser.add_argument("--ft-column", choices=FT_COLUMNS, default="ft_loss",
+                        help="fine-tuning loss: held-out (default) or on training blocks")
+    parser.add_argument("--min-step", type=int, default=None,
+                        help="smallest step fitted (default: min(50, 20%% of the largest step))")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000; 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--include-unfinished", action="store_true", help="also use rows of unfinished runs")
+    parser.add_argument("--laws", default=None, help="comma-separated laws to fit (default: all)")
+    parser.add_argument("--huber-delta", type=float, default=None, help="Huber threshold on log residuals (1e-3)")
+
+
+def options_from_args(args: argparse.Namespace) -> FitOptions:
+    """FitOptions from flags; a flag left out keeps the default (never merged by truthiness)."""
+    kw: dict[str, Any] = {"target": args.target, "ft_column": args.ft_column, "n_bootstrap": args.bootstrap,
+                          "seed": args.seed, "include_unfinished": args.include_unfinished}
+    if args.min_step is not None:
+        kw["min_step"] = args.min_step
+    if args.laws is not None:
+        kw["laws"] = tuple(x.strip() for x in args.laws.split(",") if x.strip())
+    if args.huber_delta is not None:
+        kw["huber_delta"] = args.huber_delta
+    return FitOptions(**kw)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
+
+
+OUT_NAME = {"ft": "L_ft", "f": "L_f"}
+
+
+def group_tables(group: dict[str, Any], target: str) -> list[Table]:
+    """The summary and constants tables of one group."""
+    fitted = [d for d in group["laws"].values() if "params" in d]
+    any_law = fitted[0] if fitted else {}
+    runs = len(any_law.get("rows", {}))
+    summary = Table(title=f"{group['label']}: {any_law.get('n_rows', 0)} checkpoints of {runs} runs, "
+                    f"steps >= {any_law.get('min_step', '?')}, L_f = {target}", title_justify="left")
+    for col in ("law", "output", "R^2", "held-out error", "status"):
+        summary.add_column(col, overflow="fold")
+    for d in group["laws"].values():
+        if "params" not in d:
+            summary.add_row(d["law"], "", "", "", f"[red]{d['status']}[/]")
+            continue
+        for i, out in enumerate(d["outputs"]):
+            colour = "green" if d["status"] == "converged" else "yellow"
+            summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], _fmt(d["r2"].get(out)),
+                            _pct(d["heldout_mare"].get(out)), f"[{colour}]{d['status']}[/]" if i == 0 else "")
+    consts = Table(title=f"{group['label']}: constants (95% bootstrap interval)", title_justify="left")
+    for col in ("law", "constant", "value", "95% interval", "note"):
+        consts.add_column(col)
+    for d in fitted:
+        first = True
+        for name in d["names"]:
+            lo, hi = d["ci"][name]
+            if name in d["borrowed"]:
+                note = f"from {d['borrowed'][name]}"
+            elif name not in d["free"]:
+                note = "gauge (fixed)"
+            elif name in d["weak"]:
+                note = "[yellow]not identified[/]"
+            else:
+                note = ""
+            value = _fmt(d["params"][name])
+            consts.add_row(d["law"] if first else "", name, f"[dim]{value}[/]" if name in d["weak"] else value,
+                           f"[{_fmt(lo)}, {_fmt(hi)}]", note)
+            first = False
+        consts.add_section()
+    return [summary, consts]
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    with console.status("fitting laws...") as status:
+        def progress(label: str, law: str, i: int, n: int) -> None:
+            status.update(f"fitting {label}: {law} ({i + 1}/{n}, {options.n_bootstrap} resamples)")
+
+        doc, path = fit_run_dir(args.run_dir, options, progress)
+    for group in doc["groups"]:
+        for table in group_tables(group, options.target):
+            console.print(table)
+        console.print()
+    console.print(f"wrote {path}")
+    return 0

@@ -1,0 +1,99 @@
+"""Predict fine-tuning loss and forgetting at new (P, N) from the laws in RUN_DIR/laws.json.
+
+Every fitted form answers, with a 95% interval over its bootstrap refits: the paper's power laws
+(separate and joint), Eq. 4 applied to Eq. 5 ("linear of power_ft"), and the multiplicative form.
+When the forms disagree by more than their intervals, the forecast depends on the form chosen:
+trust the one with the smaller held-out error in `forgetscale fit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from forgetscale.errors import ConfigError
+from forgetscale.laws import fitall, forecast, lawfile
+
+NAME = "predict"
+HELP = "forecast L_ft and L_f at given trainable parameters and steps, with intervals"
+EPILOG = """examples:
+  forgetscale predict runs/demo --rank 64 --steps 100 200 400
+  forgetscale predict runs/demo --params 2.5e8 --steps 260
+  forgetscale predict runs/demo --dataset news --rank 8 16 --steps 150
+
+--rank R uses the exact P the sweep stored for rank R of this method; --params gives P directly.
+Run `forgetscale fit RUN_DIR` first."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="sweep output folder with laws.json")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--params", type=float, nargs="+", metavar="P", help="trainable parameter counts")
+    where.add_argument("--rank", type=int, nargs="+", metavar="R", help="adapter ranks that were run (P looked up)")
+    parser.add_argument("--steps", type=float, nargs="+", required=True, metavar="N", help="update steps")
+    parser.add_argument("--dataset", default=None, help="fine-tuning dataset (when the sweep has several)")
+    parser.add_argument("--method", default=None, help="method (when the sweep has several)")
+    parser.add_argument("--mitigation", default=None, help="mitigation arm (when the sweep has several)")
+    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+
+
+def _fmt(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.4f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.level < 1:
+        raise ConfigError(f"--level must be between 0 and 1; got {args.level}")
+    for n in args.steps:
+        if n <= 0:
+            raise ConfigError(f"--steps must be > 0; got {n:g}")
+    doc = lawfile.load(args.run_dir)
+    group = forecast.choose_group(doc, args.dataset, args.method, args.mitigation)
+    if args.rank:
+        points = [(forecast.params_for_rank(group, r), f"rank {r}") for r in args.rank]
+    else:
+        for p in args.params:
+            if p <= 0:
+                raise ConfigError(f"--params must be > 0; got {p:g}")
+        points = [(p, "") for p in args.params]
+    grid = [(p, n, label) for p, label in points for n in args.steps]
+    P = np.array([g[0] for g in grid])
+    N = np.array([g[1] for g in grid])
+    table = forecast.forecast(group, P, N, args.level)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=140)
+    results = Path(args.run_dir) / "results.sqlite"
+    if results.exists():
+        from forgetscale.store import Store
+
+        with Store(results, create=False) as store:
+            if group["label"] in fitall.stale_groups(store.frame(), {"groups": [group]}):
+                print(f"warning: results.sqlite changed since laws.json was written; re-run `forgetscale fit "
+                      f"{args.run_dir}`", file=sys.stderr)
+    for warning in forecast.outside_range(group, P, N):
+        print(f"warning: {warning}", file=sys.stderr)
+    pct = f"{100 * args.level:g}%"
+    for p, n, label in grid:
+        rows = table[(table["P"] == p) & (table["N"] == n)]
+        t = Table(title=f"{group['label']}: P = {p:,.0f}{f' ({label})' if label else ''}, N = {n:g}",
+                  title_justify="left")
+        for col in ("form", "L_ft (nats)", f"{pct} interval", "L_f (nats)", f"{pct} interval", "note"):
+            t.add_column(col)
+        for form in dict.fromkeys(rows["form"]):
+            cells = {}
+            for o in ("ft", "f"):
+                r = rows[(rows["form"] == form) & (rows["output"] == o)]
+                cells[o] = (("-", "") if r.empty else
+                            (_fmt(r["value"].iloc[0]), f"[{_fmt(r['lo'].iloc[0])}, {_fmt(r['hi'].iloc[0])}]"))
+            kinds = {s.split(":")[0] for s in rows[rows["form"] == form]["status"]} - {"converged"}
+            note = "; ".join(sorted(kinds)).replace("not identifiable", "some constants not identified")
+            t.add_row(form, *cells["ft"], *cells["f"], note)
+        out.print(t)
+    return 0

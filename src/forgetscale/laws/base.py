@@ -1,0 +1,316 @@
+"""The estimator contract every law follows (scikit-learn style), and the fit template they share.
+
+`fit(frame)` selects rows, fits the full data (multi-start), refits each run-bootstrap resample
+(warm-started, batched), refits on the held-out split, and sets the learned attributes, which end
+in `_`: `params_`, `ci_`, `boot_`, `status_` (never None), `r2_`, `heldout_mare_`, `weak_`.
+A law that reuses another law's constants (Eq. 6 reuses Eq. 4 and Eq. 5) takes that law's values
+per bootstrap resample, so the uncertainty of the shared constants carries through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from forgetscale.errors import DataError, NotFittedError
+from forgetscale.laws import fitting
+from forgetscale.laws.select import FitData, Selection, heldout_split, select_rows
+
+GAUGE_C_FT = 0.002  # c_ft is pinned here (see forms.regauge): the paper's OpenOrca value, so a, b read on its scale
+RHO_RANGE = (0.05, 100.0)  # box on rho (power laws); a fit that ends on it has not identified rho
+WEAK_RATIO = 10.0  # a constant whose 95% bootstrap interval spans more than this factor is reported as not identified
+OUTPUT_COLUMN = {"ft": "ft_loss", "f": "forgetting"}
+
+
+class Law:
+    """Base estimator. Subclasses set the class attributes and implement `_solve` and `_predict`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    outputs: ClassVar[tuple[str, ...]]  # "ft" (L_ft), "f" (L_f), or both
+    reads: ClassVar[tuple[str, ...]]  # which losses the fit reads ("ft", "f")
+    names: ClassVar[tuple[str, ...]]  # every constant of the form, in print order
+    free: ClassVar[tuple[str, ...]]  # the constants this law fits (the rest are fixed or borrowed)
+    borrowed: ClassVar[dict[str, str]] = {}  # constant -> law it is taken from
+    requires: ClassVar[tuple[str, ...]] = ()
+    min_ranks: ClassVar[int] = 2
+    min_steps: ClassVar[int] = 3
+
+    def __init__(
+        self,
+        *,
+        target: str = "forget_ce",
+        ft_column: str = "ft_loss",
+        min_step: int | str = "auto",
+        include_unfinished: bool = False,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+        huber_delta: float = fitting.HUBER_DELTA,
+        gauge_c_ft: float = GAUGE_C_FT,
+        heldout: bool = True,
+    ) -> None:
+        self.target, self.ft_column, self.min_step = target, ft_column, min_step
+        self.include_unfinished, self.n_bootstrap, self.seed = include_unfinished, n_bootstrap, seed
+        self.huber_delta, self.gauge_c_ft, self.heldout = huber_delta, gauge_c_ft, heldout
+
+    def get_params(self) -> dict[str, Any]:
+        keys = ("target", "ft_column", "min_step", "include_unfinished", "n_bootstrap", "seed",
+                "huber_delta", "gauge_c_ft", "heldout")
+        return {k: getattr(self, k) for k in keys}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _solve(self, data: FitData, w: np.ndarray, fixed: dict[str, np.ndarray], warm: np.ndarray | None,
+               deps: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fit every row of weights `w` (b, n): natural constants (b, len(names)), converged (b,), and
+        which free constants ended on their box bound (b, len(free))."""
+        raise NotImplementedError
+
+    def _predict(self, p: Mapping[str, np.ndarray], P: np.ndarray, N: np.ndarray,
+                 ft: np.ndarray | None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _jacobian(self, data: FitData, params: np.ndarray) -> np.ndarray | None:
+        """Log-residual Jacobian in the free constants at the optimum (None: nothing to check)."""
+        return None
+
+    # -- validation -----------------------------------------------------------------------------
+    def _columns(self) -> tuple[str, ...]:
+        """The stored columns this law reads: the L_ft column and/or the forgetting target."""
+        return tuple(self.ft_column if r == "ft" else self.target for r in self.reads)
+
+    def _validate(self, data: FitData) -> None:
+        law = f"law '{self.name}'"
+        ranks = np.unique(data.P)
+        if ranks.size < self.min_ranks:
+            raise DataError(
+                f"{law} needs at least {self.min_ranks} distinct ranks (trainable_params) to identify its P "
+                f"exponent; got {ranks.size} (P={', '.join(f'{p:.0f}' for p in ranks)})"
+            )
+        steps = np.unique(data.N)
+        if steps.size < self.min_steps:
+            raise DataError(f"{law} needs at least {self.min_steps} distinct steps >= min_step; got {steps.size}")
+        if self.n_bootstrap and len(data.run_ids) < 2:
+            raise DataError(f"{law} needs at least 2 runs to bootstrap its intervals; got 1 ({data.run_ids[0]})")
+        if data.n < len(self.free) + 2:
+            raise DataError(f"{law} needs at least {len(self.free) + 2} checkpoints; got {data.n}")
+        for col, values in ((self.ft_column, data.ft), (self.target, data.f)):
+            if col in self._columns() and np.ptp(values) == 0:
+                raise DataError(
+                    f"{law} needs {col} to vary across checkpoints; it is constant ({values[0]:.6g}) "
+                    f"over all {data.n} rows"
+                )
+
+    # -- fit ------------------------------------------------------------------------------------
+    def _settings_key(self) -> tuple:
+        """Settings that change a fit, other than min_step (whose effect is in the rows)."""
+        p = self.get_params()
+        return tuple(p[k] for k in sorted(p) if k != "min_step")
+
+    def _dependencies(self, sel: Selection, fingerprint: str, given: Mapping[str, Law] | None) -> dict[str, Law]:
+        """The fitted laws whose constants this one borrows: reused when fitted on the same rows and
+        settings (so they share bootstrap resamples), otherwise fitted here on our rows."""
+        from forgetscale.laws import LAWS
+
+        out: dict[str, Law] = {}
+        for name in self.requires:
+            dep = (given or {}).get(name)
+            if dep is None or getattr(dep, "fingerprint_", None) != fingerprint:
+                params = {**self.get_params(), "min_step": sel.min_step}
+                dep = LAWS.get(name)(**params).fit(sel.rows, deps={**(given or {}), **out})
+                if dep.fingerprint_ != fingerprint:
+                    raise DataError(f"law '{self.name}' and law '{name}' selected different rows; "
+                                    "make the used columns finite on the same checkpoints")
+            out[name] = dep
+        return out
+
+    def _borrow(self, deps: dict[str, Law], which: str) -> dict[str, np.ndarray]:
+        """Constants taken from other laws, as (b,) arrays: 'full', 'boot' or 'heldout' values."""
+        fixed: dict[str, np.ndarray] = {}
+        for const, law in self.borrowed.items():
+            dep = deps[law]
+            col = list(dep.names).index(const)
+            if which == "full":
+                fixed[const] = np.array([dep.params_[const]])
+            elif which == "boot":
+                fixed[const] = dep.boot_[:, col]
+            else:
+                fixed[const] = np.array([np.nan if dep.heldout_params_ is None else dep.heldout_params_[const]])
+        return fixed
+
+    def fit(self, frame: pd.DataFrame, deps: Mapping[str, Law] | None = None) -> Law:
+        """Fit on stored checkpoint rows (Store.frame() of one group); returns self."""
+        sel = select_rows(frame, law=self.name, columns=self._columns(), min_step=self.min_step,
+                          include_unfinished=self.include_unfinished)
+        data = FitData.from_frame(sel.rows, self.target, self.ft_column)
+        self._validate(data)
+        self.fingerprint_ = None
+        fingerprint = data.fingerprint(self._settings_key())
+        dep = self._dependencies(sel, fingerprint, deps)
+        names = list(self.names)
+        full, conv, bound = self._solve(data, np.ones((1, data.n)), self._borrow(dep, "full"), None,
+                                        {k: np.array([[v.params_[c] for c in v.names]]) for k, v in dep.items()})
+        self.params_ = dict(zip(names, (float(x) for x in full[0]), strict=True))
+        self.at_bound_ = [n for n, b in zip(self.free, bound[0], strict=True) if b]
+        rho = self.params_.get("rho") if "rho" in self.borrowed else None
+        pinned = rho is not None and not RHO_RANGE[0] * (1 + 1e-6) < rho < RHO_RANGE[1] * (1 - 1e-6)
+        self._borrowed_at_bound = ["rho"] if pinned else []
+        self.converged_ = bool(conv[0])
+        self.selection_ = sel
+        self.excluded_ = dict(sel.excluded)
+        self.rows_ = sel.used()
+        self.min_step_ = sel.min_step
+        self.n_rows_ = data.n
+        self.ranges_ = {"P": [float(data.P.min()), float(data.P.max())], "N": [float(data.N.min()), float(data.N.max())]}
+        self.ranks_ = self._ranks(sel.rows)
+        self.fingerprint_ = fingerprint
+        self._fit_bootstrap(data, dep, full)
+        self._fit_heldout(data, dep)
+        pred = self._predict(self._columns_of(full), data.P, data.N, data.ft)
+        self.r2_ = {o: fitting.r2(self._obs(data, o), pred[o][0]) for o in self.outputs}
+        self._set_status(data, full)
+        return self
+
+    @staticmethod
+    def _ranks(rows: pd.DataFrame) -> dict[str, float]:
+        if "rank" not in rows:
+            return {}
+        pairs = rows.dropna(subset=["rank"]).groupby("rank")["trainable_params"].first()
+        return {str(int(r)): float(p) for r, p in pairs.items()}
+
+    @staticmethod
+    def _obs(data: FitData, output: str) -> np.ndarray:
+        return data.ft if output == "ft" else data.f
+
+    def _columns_of(self, params: np.ndarray) -> dict[str, np.ndarray]:
+        return {n: params[:, i : i + 1] for i, n in enumerate(self.names)}
+
+    def _fit_bootstrap(self, data: FitData, dep: dict[str, Law], full: np.ndarray) -> None:
+        self.bootstrap_ = {"n": int(self.n_bootstrap), "seed": int(self.seed), "scheme": "none", "redrawn": 0}
+        if not self.n_bootstrap:
+            self.boot_ = np.empty((0, len(self.names)))
+            self.ci_ = {n: (float("nan"), float("nan")) for n in self.names}
+            return
+        # the same draws for every law (min_strata fixed), so borrowed constants come from the same resample
+        counts, redrawn = fitting.bootstrap_counts(data.run, data.run_strata(), int(self.n_bootstrap), int(self.seed))
+        w = counts[:, data.run].astype(float)
+        dep_boot = {k: v.boot_ for k, v in dep.items()}
+        boot, conv, _ = self._solve(data, w, self._borrow(dep, "boot"), full, dep_boot)
+        boot[~np.all(np.isfinite(boot), axis=1)] = np.nan
+        self.boot_ = boot
+        lo, hi = fitting.interval(boot)
+        if np.isnan(boot[:, 0]).sum() > 0.1 * len(boot):  # too few refits for any interval worth printing
+            lo, hi = np.full(len(self.names), np.nan), np.full(len(self.names), np.nan)
+            self.boot_ = np.full_like(boot, np.nan)
+        self.ci_ = {n: (float(a), float(b)) for n, a, b in zip(self.names, lo, hi, strict=True)}
+        self.bootstrap_.update(scheme="whole runs resampled across the group", redrawn=int(redrawn), failed=int(np.isnan(boot[:, 0]).sum()),
+                               not_converged=int((~conv).sum()))
+
+    def _fit_heldout(self, data: FitData, dep: dict[str, Law]) -> None:
+        self.heldout_params_ = None
+        self.heldout_mare_ = {o: float("nan") for o in self.outputs}
+        train, test, desc = heldout_split(data)
+        if train.any() and int(train.sum()) < len(self.free) + 2:
+            desc = f"no held-out test: {int(train.sum())} training rows for {len(self.free)} constants"
+            train = test = np.zeros_like(train)
+        self.heldout_split_ = {"description": desc, "test": [], "p_max": None, "n_cut": None}
+        if not self.heldout or not train.any():
+            return
+        tr = data.subset(train, self.target, self.ft_column)
+        dep_ho = {k: np.array([[v.heldout_params_[c] for c in v.names]]) for k, v in dep.items()
+                  if v.heldout_params_ is not None}
+        if len(dep_ho) < len(dep):
+            return
+        params, _, _ = self._solve(tr, np.ones((1, tr.n)), self._borrow(dep, "heldout"), None, dep_ho)
+        self.heldout_params_ = dict(zip(self.names, (float(x) for x in params[0]), strict=True))
+        pred = self._predict(self._columns_of(params), data.P[test], data.N[test], data.ft[test])
+        self.heldout_mare_ = {o: fitting.mare(self._obs(data, o)[test], pred[o][0]) for o in self.outputs}
+        self.heldout_split_.update(
+            p_max=float(data.P.max()), n_cut=float(data.N[train].max()),
+            test=[[str(r), int(s)] for r, s in zip(data.frame["run_id"][test], data.frame["step"][test], strict=True)],
+        )
+
+    def _set_status(self, data: FitData, full: np.ndarray) -> None:
+        """'converged', 'not converged: why' or 'not identifiable: which constants and why' (never None)."""
+        self.weak_ = []
+        if not np.all(np.isfinite(full)):
+            bad = [n for n, x in zip(self.names, full[0], strict=True) if not np.isfinite(x)]
+            self.weak_ = list(self.free)
+            self.status_ = (f"not identifiable: {', '.join(bad)} beyond floating-point range (an exponent went to 0)"
+                            if len(bad) < len(self.names) else "not converged: the optimiser found no solution")
+            return
+        if not self.converged_:
+            self.weak_ = list(self.free)
+            self.status_ = "not converged: iteration limit reached before the loss stopped falling"
+            return
+        J = self._jacobian(data, full)
+        flat = [] if J is None else fitting.weak_directions(J, list(self.free))
+        wide = []
+        for name in self.free:
+            lo, hi = self.ci_[name]
+            if self.n_bootstrap and (not np.isfinite(lo) or not np.isfinite(hi) or lo <= 0 or hi / lo > WEAK_RATIO):
+                wide.append(name)
+        reasons = []
+        pinned = [*self.at_bound_, *(f"{n} (from {self.borrowed[n]})" for n in getattr(self, "_borrowed_at_bound", []))]
+        if pinned:
+            # the other shape constants' intervals are then conditional on the bound: not to be quoted either
+            coupled = [n for n in self.free if not n.startswith(("s_", "E")) and n not in self.at_bound_]
+            reasons.append(f"{', '.join(pinned)} ran to {'its bound' if len(pinned) == 1 else 'their bounds'}" +
+                           (f" (intervals of {', '.join(coupled)} assume it)" if coupled else ""))
+            self.at_bound_ = [*self.at_bound_, *coupled]
+        flat = [n for n in flat if n not in self.at_bound_]
+        if flat:
+            reasons.append(f"{', '.join(flat)} on a flat direction of the loss")
+        wide = [n for n in wide if n not in self.at_bound_ and n not in flat]
+        if wide:
+            reasons.append(f"{', '.join(wide)} (95% interval spans >{WEAK_RATIO:g}x)")
+        self.weak_ = [*self.at_bound_, *flat, *wide]
+        failed = self.bootstrap_.get("failed", 0)
+        if self.n_bootstrap and failed > 0.1 * self.n_bootstrap:
+            self.weak_ = list(self.free)
+            self.status_ = f"not converged: {failed} of {self.n_bootstrap} bootstrap resamples failed"
+        elif reasons:
+            self.status_ = "not identifiable: " + "; ".join(reasons)
+        else:
+            self.status_ = "converged"
+
+    # -- predict --------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "params_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted; call fit() first")
+
+    def predict(self, P: Any, N: Any = None, *, output: str | None = None) -> np.ndarray:
+        """Predicted L_ft ('ft') or L_f ('f', the default when the law has it) at (P, N)."""
+        self._check_fitted()
+        return self._predict_draws(np.array([[self.params_[n] for n in self.names]]), P, N, output)[0]
+
+    def predict_interval(self, P: Any, N: Any = None, *, output: str | None = None,
+                         level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile interval of the prediction over the bootstrap resamples."""
+        self._check_fitted()
+        return fitting.interval(self._predict_draws(self.boot_, P, N, output), level)
+
+    def _predict_draws(self, params: np.ndarray, P: Any, N: Any, output: str | None) -> np.ndarray:
+        output = output or self.outputs[-1]
+        if output not in self.outputs:
+            raise DataError(f"law '{self.name}' predicts {' and '.join(self.outputs)}; got output '{output}'")
+        P = np.atleast_1d(np.asarray(P, dtype=float))
+        N = np.atleast_1d(np.asarray(N if N is not None else np.nan, dtype=float))
+        P, N = np.broadcast_arrays(P, N)
+        return self._predict(self._columns_of(params), P, N, P)[output]
+
+    def score(self, frame: pd.DataFrame) -> float:
+        """R^2 of the main output on the rows this law would select from `frame`."""
+        self._check_fitted()
+        sel = select_rows(frame, law=self.name, columns=self._columns(), min_step=self.min_step_,
+                          include_unfinished=self.include_unfinished)
+        data = FitData.from_frame(sel.rows, self.target, self.ft_column)
+        out = self.outputs[-1]
+        pred = self._predict(self._columns_of(np.array([[self.params_[n] for n in self.names]])),
+                             data.P, data.N, data.ft)
+        return fitting.r2(self._obs(data, out), pred[out][0])

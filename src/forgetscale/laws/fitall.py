@@ -1,0 +1,160 @@
+"""Fit every law on every group of a sweep and build the laws.json document (`forgetscale fit`).
+
+Groups are (dataset, method, mitigation): a law is a property of one fine-tuning dataset and one
+method, so rows of different ones are never pooled. Within a group the laws are fitted in
+dependency order and share their bootstrap resamples. A law that the group cannot support (one
+rank, too few steps, ...) is recorded as "not fitted: <why>" and the others still run; only when
+nothing at all can be fitted is the first reason raised.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from forgetscale import __version__
+from forgetscale.errors import ConfigError, DataError, ForgetscaleError
+from forgetscale.laws import LAWS, ORDER, lawfile
+from forgetscale.laws.base import GAUGE_C_FT, Law
+from forgetscale.laws.fitting import HUBER_DELTA
+from forgetscale.laws.select import FT_COLUMNS, TARGETS, FitData, group_label, groups, select_rows
+
+Progress = Callable[[str, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How `fit` fits; every field is recorded in laws.json."""
+
+    target: str = field(default="forget_ce", metadata={"help": "forgetting column: forget_ce (L_f) or forget_kl"})
+    ft_column: str = field(default="ft_loss", metadata={"help": "L_ft column: held-out ft_loss or ft_loss_train"})
+    min_step: int | str = field(default="auto", metadata={"help": "smallest step fitted; auto = min(50, 20% of max)"})
+    include_unfinished: bool = field(default=False, metadata={"help": "also fit rows of running/failed runs"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "run-bootstrap resamples for the 95% intervals"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed (same seed, same intervals)"})
+    huber_delta: float = field(default=HUBER_DELTA, metadata={"help": "Huber threshold on log residuals"})
+    gauge_c_ft: float = field(default=GAUGE_C_FT, metadata={"help": "value c_ft is pinned to (see forms.regauge)"})
+    laws: tuple[str, ...] = field(default=ORDER, metadata={"help": "which laws to fit"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("target", self.target in TARGETS, f"one of {', '.join(TARGETS)}"),
+            ("ft_column", self.ft_column in FT_COLUMNS, f"one of {', '.join(FT_COLUMNS)}"),
+            ("min_step", self.min_step == "auto" or (isinstance(self.min_step, int) and self.min_step >= 1),
+             "'auto' or an integer >= 1"),
+            ("n_bootstrap", isinstance(self.n_bootstrap, int) and (self.n_bootstrap == 0 or self.n_bootstrap >= 20),
+             "0 (no intervals) or an integer >= 20"),
+            ("huber_delta", self.huber_delta > 0, "> 0"),
+            ("gauge_c_ft", self.gauge_c_ft > 0, "> 0"),
+        ]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {rule}; got {getattr(self, key)!r}")
+        for name in self.laws:
+            LAWS.get(name)  # unknown law -> did-you-mean error
+
+    def law_params(self) -> dict[str, Any]:
+        keys = ("target", "ft_column", "min_step", "include_unfinished", "n_bootstrap", "seed", "huber_delta",
+                "gauge_c_ft")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _needed(names: tuple[str, ...]) -> list[str]:
+    """The requested laws plus the ones they borrow from, in fit order."""
+    want = set(names)
+    for name in ORDER[::-1]:
+        if name in want:
+            want.update(LAWS.get(name).requires)
+    return [n for n in ORDER if n in want]
+
+
+def fit_group(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None,
+              label: str = "") -> tuple[dict[str, Law], dict[str, str]]:
+    """Fit the laws on one group's rows: (fitted laws, reasons for the ones that could not be fitted)."""
+    fitted: dict[str, Law] = {}
+    failed: dict[str, str] = {}
+    todo = _needed(options.laws)
+    for i, name in enumerate(todo):
+        if progress:
+            progress(label, name, i, len(todo))
+        missing = [d for d in LAWS.get(name).requires if d in failed]
+        if missing:
+            failed[name] = f"needs law '{missing[0]}', which was not fitted"
+            continue
+        try:
+            fitted[name] = LAWS.get(name)(**options.law_params()).fit(frame, deps=fitted)
+        except DataError as err:
+            failed[name] = str(err)
+    return fitted, failed
+
+
+def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """The laws.json document for stored rows (all groups)."""
+    if frame.empty:
+        raise DataError("the results store has no checkpoints yet; run the sweep first")
+    out_groups = []
+    first_error = None
+    for key, sub in groups(frame):
+        label = group_label(key)
+        fitted, failed = fit_group(sub, options, progress, label)
+        laws: dict[str, Any] = {}
+        for name in _needed(options.laws):
+            if name in fitted and name in options.laws:
+                laws[name] = lawfile.law_to_dict(fitted[name])
+            elif name in failed and name in options.laws:
+                laws[name] = {"law": name, "title": LAWS.get(name).title, "status": f"not fitted: {failed[name]}"}
+                first_error = first_error or failed[name]
+        models = sorted(str(m) for m in sub["model"].dropna().unique()) if "model" in sub else []
+        out_groups.append({"key": key, "label": label, "models": models, "laws": laws})
+    if not any("params" in d for g in out_groups for d in g["laws"].values()):
+        raise DataError(first_error or "no law could be fitted")
+    return {
+        "format": lawfile.FORMAT,
+        "forgetscale_version": __version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": {**asdict(options), "laws": list(options.laws)},
+        "groups": out_groups,
+    }
+
+
+def fit_run_dir(run_dir: str | Path, options: FitOptions, progress: Progress | None = None) -> tuple[dict, Path]:
+    """Fit a sweep's stored rows and (over)write RUN_DIR/laws.json."""
+    from forgetscale.store import Store
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no such run directory; pass the --out folder of `forgetscale sweep`")
+    with Store(run_dir, create=False) as store:
+        frame = store.frame()
+    doc = fit_frame(frame, options, progress)
+    doc["run_dir"] = str(run_dir)
+    return doc, lawfile.save(run_dir, doc)
+
+
+def stale_groups(frame: pd.DataFrame, doc: dict[str, Any]) -> list[str]:
+    """Groups whose stored rows changed since laws.json was written (so its numbers are out of date)."""
+    out = []
+    by_label = {group_label(k): sub for k, sub in groups(frame)} if not frame.empty else {}
+    for group in doc["groups"]:
+        sub = by_label.get(group["label"])
+        for d in group["laws"].values():
+            if "params" not in d:
+                continue
+            law = lawfile.law_from_dict(d)
+            try:
+                if sub is None:
+                    raise ForgetscaleError("group gone")
+                sel = select_rows(sub, law=law.name, columns=law._columns(), min_step=law.min_step_,
+                                  include_unfinished=law.include_unfinished)
+                fp = FitData.from_frame(sel.rows, law.target, law.ft_column).fingerprint(law._settings_key())
+            except ForgetscaleError:
+                fp = None
+            if fp != law.fingerprint_:
+                out.append(group["label"])
+                break
+    return out

@@ -1,0 +1,207 @@
+"""Which stored checkpoints a law is fitted on, and the arrays the fitters read.
+
+Rules (the report and laws.json list the rows actually used):
+- one (dataset, method, mitigation) group per fit: laws of different data or methods differ;
+- runs with status 'finished' only, unless asked otherwise (a running or failed run's early
+  checkpoints are valid measurements, but a half-done sweep over-weights small steps);
+- step 0 never (N = 0 has no power law), and nothing below the minimum step: the paper drops
+  N < 50; a short sweep would then keep nothing, so the default is min(50, 20% of the largest
+  step), at least 1;
+- rows whose used columns are not finite are dropped; a column with no finite value is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from forgetscale.errors import DataError
+
+GROUP_KEYS = ("dataset", "method", "mitigation")
+TARGETS = ("forget_ce", "forget_kl")
+FT_COLUMNS = ("ft_loss", "ft_loss_train")
+PAPER_MIN_STEP = 50
+
+
+def default_min_step(max_step: int) -> int:
+    """The paper's N >= 50, scaled to 20% of the sweep when the sweep is shorter than 250 steps."""
+    return int(max(1, min(PAPER_MIN_STEP, round(0.2 * max_step))))
+
+
+def groups(frame: pd.DataFrame) -> list[tuple[dict[str, str], pd.DataFrame]]:
+    """Split stored rows into the groups laws are fitted on (per dataset, method and mitigation)."""
+    missing = [k for k in GROUP_KEYS if k not in frame.columns]
+    if missing:
+        raise DataError(f"results have no {', '.join(missing)} column; is this a forgetscale results store?")
+    out = []
+    for key, sub in frame.groupby(list(GROUP_KEYS), sort=True, dropna=False):
+        out.append((dict(zip(GROUP_KEYS, (str(k) for k in key), strict=True)), sub))
+    return out
+
+
+def group_label(key: dict[str, str]) -> str:
+    """'openorca / lora' with the mitigation only when there is one."""
+    parts = [key["dataset"], key["method"]]
+    if key.get("mitigation", "none") not in ("none", "nan", ""):
+        parts.append(key["mitigation"])
+    return " / ".join(parts)
+
+
+@dataclass
+class Selection:
+    """The rows a law uses and why the others were left out."""
+
+    rows: pd.DataFrame
+    min_step: int
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def used(self) -> dict[str, list[int]]:
+        """run_id -> steps used (what laws.json records)."""
+        return {r: sorted(int(s) for s in g["step"]) for r, g in self.rows.groupby("run_id", sort=True)}
+
+
+def select_rows(
+    frame: pd.DataFrame,
+    *,
+    law: str,
+    columns: tuple[str, ...],
+    min_step: int | str = "auto",
+    include_unfinished: bool = False,
+) -> Selection:
+    """Apply the rules above for one law; `columns` are the stored columns the law reads."""
+    for col in ("run_id", "step", "trainable_params", "status", *columns):
+        if col not in frame.columns:
+            raise DataError(f"law '{law}' needs column '{col}'; the results have: {', '.join(frame.columns)}")
+    keys = {k for k in GROUP_KEYS if k in frame.columns and frame[k].nunique(dropna=False) > 1}
+    if keys:
+        labels = sorted({group_label(k) for k, _ in groups(frame)})
+        raise DataError(
+            f"law '{law}' fits one (dataset, method, mitigation) group at a time; got {len(labels)}: "
+            f"{'; '.join(labels)}; filter the rows or use forgetscale.laws.fit_all"
+        )
+    excluded: dict[str, int] = {}
+    rows = frame
+    if not include_unfinished:
+        keep = rows["status"] == "finished"
+        if not keep.any():
+            states = ", ".join(f"{n} {s}" for s, n in rows["status"].value_counts().items()) or "no runs"
+            raise DataError(
+                f"law '{law}' needs finished runs; found {states}; "
+                "wait for the sweep or pass --include-unfinished"
+            )
+        excluded["unfinished runs"] = int((~keep).sum())
+        rows = rows[keep]
+    excluded["step 0"] = int((rows["step"] <= 0).sum())
+    rows = rows[rows["step"] > 0]
+    if rows.empty:
+        raise DataError(f"law '{law}' needs checkpoints after step 0; the runs have none yet")
+    if min_step == "auto":
+        min_step = default_min_step(int(rows["step"].max()))
+    min_step = int(min_step)
+    if min_step < 1:
+        raise DataError(f"min_step must be >= 1 (step 0 has no power law); got {min_step}")
+    excluded[f"step < {min_step}"] = int((rows["step"] < min_step).sum())
+    rows = rows[rows["step"] >= min_step]
+    if rows.empty:
+        raise DataError(
+            f"law '{law}' needs checkpoints at step >= {min_step}; the largest stored step is "
+            f"{int(frame['step'].max())}; lower --min-step"
+        )
+    for col in (*columns, "trainable_params"):
+        values = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
+        if not np.isfinite(values).any():
+            raise DataError(f"law '{law}' needs finite {col} values; all {len(rows)} selected rows are missing/NaN")
+    finite = np.ones(len(rows), bool)
+    for col in (*columns, "trainable_params"):
+        finite &= np.isfinite(pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float))
+    excluded["non-finite values"] = int((~finite).sum())
+    rows = rows[finite].sort_values(["run_id", "step"]).reset_index(drop=True)
+    return Selection(rows, min_step, {k: v for k, v in excluded.items() if v})
+
+
+@dataclass
+class FitData:
+    """Arrays of the selected rows, with log P and log N centred (better-conditioned optimisation)."""
+
+    frame: pd.DataFrame
+    P: np.ndarray
+    N: np.ndarray
+    ft: np.ndarray
+    f: np.ndarray
+    run: np.ndarray  # run index per row
+    run_ids: list[str]
+    lp0: float
+    ln0: float
+    uP: np.ndarray  # unique centred log P
+    iP: np.ndarray
+    uN: np.ndarray
+    iN: np.ndarray
+    kP: np.ndarray  # per distinct (P, N) design point: index into uP
+    kN: np.ndarray  # ... and into uN
+    point: np.ndarray  # design point of each row (seeds of one rank share points)
+
+    @classmethod
+    def from_frame(cls, rows: pd.DataFrame, target: str, ft_column: str) -> FitData:
+        P = rows["trainable_params"].to_numpy(dtype=float)
+        N = rows["step"].to_numpy(dtype=float)
+        nan = np.full(len(rows), np.nan)
+        ft = rows[ft_column].to_numpy(dtype=float) if ft_column in rows else nan
+        f = rows[target].to_numpy(dtype=float) if target in rows else nan
+        run_ids, run = np.unique(rows["run_id"].astype(str).to_numpy(), return_inverse=True)
+        lp, ln = np.log(P), np.log(N)
+        lp0, ln0 = float(lp.mean()), float(ln.mean())
+        uP, iP = np.unique(lp - lp0, return_inverse=True)
+        uN, iN = np.unique(ln - ln0, return_inverse=True)
+        pairs, point = np.unique(np.stack([iP, iN], axis=1), axis=0, return_inverse=True)
+        return cls(rows, P, N, ft, f, run, list(run_ids), lp0, ln0, uP, iP, uN, iN,
+                   pairs[:, 0], pairs[:, 1], np.asarray(point).ravel())
+
+    @property
+    def n(self) -> int:
+        return self.P.size
+
+    def subset(self, mask: np.ndarray, target: str, ft_column: str) -> FitData:
+        return FitData.from_frame(self.frame[mask].reset_index(drop=True), target, ft_column)
+
+    def run_strata(self) -> np.ndarray:
+        """The P of each run (bootstrap strata)."""
+        out = np.zeros(len(self.run_ids))
+        out[self.run] = self.P
+        return out
+
+    def fingerprint(self, *extra: object) -> str:
+        """Identifies the rows (and settings) a fit used, so dependent laws share bootstrap draws."""
+        h = hashlib.sha1()
+        for r, s in zip(self.frame["run_id"].astype(str), self.frame["step"].astype(int), strict=True):
+            h.update(f"{r}:{s};".encode())
+        h.update(repr(extra).encode())
+        return h.hexdigest()[:16]
+
+
+def heldout_split(data: FitData) -> tuple[np.ndarray, np.ndarray, str]:
+    """Fit on the smaller P and earlier steps, test on the largest P's later steps.
+
+    The cut is the median distinct step, or the third when there are fewer than six (the power laws
+    need three steps to fit). The split depends on the rows only, so every law is tested on the same
+    rows and borrowed constants come from the same held-out fit. Returns (train mask, test mask,
+    description); both masks are empty, with the reason as description, when the sweep is too small.
+    """
+    none = np.zeros(data.n, bool)
+    p_max = data.P.max()
+    steps = np.unique(data.N)
+    ranks = np.unique(data.P)
+    if ranks.size < 3 or steps.size < 4:
+        return none, none, (
+            f"no held-out test: needs >= 3 distinct P and >= 4 distinct steps; got {ranks.size} and {steps.size}"
+        )
+    n_cut = steps[max(3, int(np.ceil(steps.size / 2))) - 1]
+    train = (data.P < p_max) & (data.N <= n_cut)
+    test = (data.P == p_max) & (data.N > n_cut)
+    desc = (
+        f"fit on P < {p_max:.4g} and N <= {n_cut:g} ({int(train.sum())} rows); "
+        f"test on P = {p_max:.4g}, N > {n_cut:g} ({int(test.sum())} rows)"
+    )
+    return train, test, desc
