@@ -13,8 +13,8 @@ iteratively-reweighted Gauss-Newton system, whose gradient is the exact Huber gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np

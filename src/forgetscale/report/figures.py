@@ -155,6 +155,9 @@ def parity(points: pd.DataFrame, laws: Mapping[str, Law]) -> plt.Figure:
         obs = used[out].to_numpy()
         pred = _law_prediction(law, law.params_, used, out)
         ax.scatter(obs, pred, s=12, c=[col[p] for p in used["P"]], zorder=3)
+        if not np.isfinite(pred).any():
+            ax.text(0.5, 0.5, "no finite prediction:\n" + law.status_.replace(": ", ":\n", 1), ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8, wrap=True, color="#a15c00")
         test = used[used["test"]]
         if law.heldout_params_ is not None and len(test):
             tp = _law_prediction(law, law.heldout_params_, test, out)
@@ -164,7 +167,8 @@ def parity(points: pd.DataFrame, laws: Mapping[str, Law]) -> plt.Figure:
         lo, hi = np.nanmin(obs), np.nanmax(obs)
         pad = 0.05 * (hi - lo)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=1, zorder=2)
-        ax.set_title(f"{name}: {OUT[out][1]}   $R^2$ = {law.r2_[out]:.3f}")
+        r2 = law.r2_[out]
+        ax.set_title(f"{name}: {OUT[out][1]}   $R^2$ = {r2:.3f}" if np.isfinite(r2) else f"{name}: {OUT[out][1]}")
         ax.set_xlabel(f"observed {OUT[out][1]} (nats)")
         ax.set_ylabel(f"predicted {OUT[out][1]} (nats)")
     for ax in axes.ravel()[len(panels):]:
