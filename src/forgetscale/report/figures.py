@@ -93,7 +93,8 @@ def tradeoff(points: pd.DataFrame, laws: Mapping[str, Law], target: str) -> plt.
         x = np.linspace(points.loc[points["used"], "ft"].min(), points.loc[points["used"], "ft"].max(), 100)
         c, s = law.params_["c_f_ft"], law.params_["s_f_ft"]
         ax.plot(x, law.predict(x), color="black", lw=2, zorder=4,
-                label=f"Eq. 4: $L_f = -{c:.3f}\\,L_{{ft}} + {s:.3f}$  ($R^2$ = {law.r2_['f']:.3f})")
+                label=f"Eq. 4: $L_f = {'-' if c >= 0 else '+'}{abs(c):.3f}\\,L_{{ft}} + {s:.3f}$  "
+                      f"($R^2$ = {law.r2_['f']:.3f})")
         band = _band(law, x, None, "f")
         if band is not None:
             ax.fill_between(x, *band, color="black", alpha=0.15, lw=0, label="95% bootstrap band")
