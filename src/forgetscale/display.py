@@ -42,3 +42,32 @@ def print_summary(store, console: Console | None = None) -> None:
     for run in failed:
         console.print(f"[red]failed[/red] {run['method']} rank {run['rank']} seed {run['seed']}: {run['error']}")
     console.print(f"results: {store.path} ({len(rows)} checkpoint rows, {len(runs)} runs)")
+
+
+def _rate(value: float | None, lo: float | None, hi: float | None, k: int | None, n: int) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})"
+
+
+def print_eval_summary(summaries: list[dict], labels: dict[str, str], console: Console | None = None) -> None:
+    """One table per suite: each metric of the base and of every evaluated checkpoint, with 95% intervals."""
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    for suite in sorted({s["suite"] for s in summaries}):
+        table = Table(title=f"eval: {suite}", title_justify="left")
+        for col in ("protocol", "metric", "model", "rate [95% CI] (k/n)", "vs base [95% CI]"):
+            table.add_column(col)
+        rows = [s for s in summaries if s["suite"] == suite]
+        rows.sort(key=lambda s: (s["protocol"], s["metric"], s["model_key"] != "base", s["model_key"]))
+        previous = None
+        for s in rows:
+            if previous is not None and (s["protocol"], s["metric"]) != previous:
+                table.add_section()
+            previous = (s["protocol"], s["metric"])
+            model = "base" if s["model_key"] == "base" else f"{labels.get(s['run_id'], s['run_id'])} @ {s['step']}"
+            vs = "-"
+            if s.get("vs_base") is not None:
+                tag = "[dim](noise)[/dim]" if s["within_noise"] else "[bold]outside noise[/bold]"
+                vs = f"{100 * s['vs_base']:+.1f} pts [{100 * s['vs_base_lo']:+.1f}, {100 * s['vs_base_hi']:+.1f}] {tag}"
+            table.add_row(s["protocol"], s["metric"], model, _rate(s["value"], s["lo"], s["hi"], s["k"], s["n"]), vs)
+        console.print(table)

@@ -1,0 +1,119 @@
+"""Batched generation and batched option scoring: the two model calls every suite is built from.
+
+Prompts are sorted by length and batched with left padding, so each batch decodes together with
+the KV cache; results come back in the caller's order. Greedy decoding is deterministic for a given
+model, prompt list and batch size; sampling happens only when asked, from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from forgetscale.forgetting import autocast
+
+Messages = list[dict[str, str]]
+
+
+def chat_prompt(tokenizer: Any, user: str, system: str | None = None) -> list[int]:
+    """Token ids of one user turn in the model's chat template, ending where the assistant speaks."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        text = (f"{system}\n\n" if system else "") + user + "\n"
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    messages: Messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), for little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int = 64,
+    batch_size: int = 16, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    sample: bool = False, temperature: float = 1.0, seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Completions of tokenised prompts (decoded, special tokens dropped), in the prompts' order."""
+    device = torch.device(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = _stop_ids(tokenizer)
+    outputs: list[str] = [""] * len(prompts)
+    model.eval()
+    for batch in _length_batches([len(p) for p in prompts], batch_size):
+        ids, mask = _left_pad([list(prompts[i]) for i in batch], pad_id)
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id,
+                                  "eos_token_id": eos}
+        if sample:
+            # one seed per batch: a given prompt list and batch size always draws the same text
+            torch.manual_seed(seed * 1_000_003 + batch[0])
+            kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with autocast(device, dtype):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = out[:, ids.shape[1]:].cpu()
+        for row, i in enumerate(batch):
+            outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(len(batch))
+    return outputs
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    """End-of-turn ids: the chat template's end marker as well as eos, so answers stop at the turn's end."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def option_logprobs(
+    model: torch.nn.Module, tokenizer: Any, contexts: Sequence[list[int]], continuations: Sequence[list[int]], *,
+    batch_size: int = 16, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Sum of log p(continuation | context) for each pair, batched (the lm-evaluation-harness convention)."""
+    device = torch.device(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [list(c) + list(x) for c, x in zip(contexts, continuations, strict=True)]
+    scores = [0.0] * len(rows)
+    model.eval()
+    for batch in _length_batches([len(r) for r in rows], batch_size):
+        ids, mask = _left_pad([rows[i] for i in batch], pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast(device, dtype):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        width = ids.shape[1]
+        for row, i in enumerate(batch):
+            n = len(continuations[i])
+            targets = ids[row, width - n:]
+            # the token at position t is predicted by the logits at t - 1
+            picked = logp[row, width - n - 1:width - 1].gather(-1, targets[:, None])
+            scores[i] = float(picked.sum())
+        if on_batch is not None:
+            on_batch(len(batch))
+    return scores

@@ -1,0 +1,228 @@
+"""`forgetscale eval`: run the suites on the base model and on saved adapters, store every item and
+every summary in RUN_DIR/results.sqlite.
+
+The base model is loaded once; each tuned model is the base plus its saved adapter (PEFT adapters
+are wrapped around the base and unloaded afterwards; full / top-layer weights are swapped in and
+restored), so a 7B base is not re-read per checkpoint. A (suite, model) already stored with the same
+settings is skipped, so re-running the command after an interruption only does what is missing.
+Summaries are recomputed from the stored items each time (stage outputs feed the next stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetscale.errors import ConfigError, StoreError
+from forgetscale.evals import choice, safety, samples  # noqa: F401  (register the suites)
+from forgetscale.evals.settings import EvalsConfig
+from forgetscale.evals.suites import SUITES, Target
+from forgetscale.store import Store
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A tuned model to evaluate: one run at one step, and where its adapter lies."""
+
+    run_id: str
+    step: int
+    label: str
+    adapter: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}@{self.step}"
+
+
+def run_labels(store: Store) -> dict[str, str]:
+    """run_id -> a readable label ('lora-r8', 'ia3', '... -s1' when seeds differ)."""
+    runs = store.runs()
+    seeds = {r["seed"] for r in runs}
+    labels = {}
+    for r in runs:
+        label = r["method"] if r["rank"] is None else f"{r['method']}-r{r['rank']}"
+        if r.get("mitigation") and r["mitigation"] != "none":
+            label += f"+{r['mitigation']}"
+        if len(seeds) > 1:
+            label += f"-s{r['seed']}"
+        labels[r["run_id"]] = label
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {rid: (f"{label}[{rid[:6]}]" if counts[label] > 1 else label) for rid, label in labels.items()}
+
+
+def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, steps: list[int] | str) -> tuple[list[Checkpoint], list[str]]:
+    """The (run, step) pairs to evaluate, and notes about runs skipped for lack of a saved adapter."""
+    labels = run_labels(store)
+    rows = store.runs()
+    if runs:
+        wanted = []
+        for name in runs:
+            hit = [r for r in rows if labels[r["run_id"]] == name or r["run_id"].startswith(name)]
+            if not hit:
+                raise ConfigError(f"--runs: no run '{name}' in {run_dir}; known: {', '.join(sorted(labels.values()))}")
+            wanted += [r for r in hit if r not in wanted]
+        rows = wanted
+    out, notes = [], []
+    for r in rows:
+        config = json.loads(r["config"])
+        last = int(config["train"]["steps"])
+        folder = run_dir / "runs" / r["run_id"]
+        saved = sorted(int(p.name.removeprefix("adapter-step")) for p in folder.glob("adapter-step*") if p.is_dir())
+        wanted_steps = [last] if steps == "last" else list(steps)
+        for step in wanted_steps:
+            if step not in saved:
+                why = (f"run {labels[r['run_id']]} step {step}: no saved adapter "
+                       f"({'saved steps: ' + ', '.join(map(str, saved)) if saved else 'none saved'}; status {r['status']})")
+                if steps != "last" or runs:
+                    raise StoreError(f"{why}; re-run the sweep with train.save_adapters: all or evals.steps listing it")
+                notes.append(why)
+                continue
+            out.append(Checkpoint(r["run_id"], step, labels[r["run_id"]], folder / f"adapter-step{step}"))
+    return out, notes
+
+
+@contextlib.contextmanager
+def with_adapter(model: torch.nn.Module, adapter: Path) -> Iterator[torch.nn.Module]:
+    """The base model with a saved adapter applied; the base is restored on exit."""
+    if (adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        tuned.eval()
+        try:
+            yield tuned
+        finally:
+            tuned.unload()
+        return
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "trainable.safetensors")
+    named = dict(model.named_parameters())
+    missing = [n for n in weights if n not in named]
+    if missing:
+        raise StoreError(f"{adapter}: weight '{missing[0]}' is not in the base model; was it saved from another model?")
+    backup = {n: named[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, value in weights.items():
+            named[n].copy_(value)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, value in backup.items():
+                named[n].copy_(value)
+
+
+def _settings_json(settings: Any) -> str:
+    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+
+
+def _stored_settings(store: Store, suite: str) -> dict[str, str]:
+    return {row["model_key"]: row["settings"] for row in store.eval_summaries(suite)}
+
+
+def run_evals(
+    run_dir: str | Path, evals: EvalsConfig, *, suites: list[str] | None = None, runs: list[str] | None = None,
+    steps: list[int] | str | None = None, force: bool = False, progress: bool = True, device: str | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Evaluate base and checkpoints; returns (summary rows of the evaluated models, notes to print)."""
+    from tqdm.auto import tqdm
+
+    from forgetscale.config import SweepConfig
+    from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
+
+    run_dir = Path(run_dir)
+    store = Store(run_dir, create=False)
+    stored = store.get_meta("sweep_config")
+    if stored is None:
+        raise StoreError(f"{store.path}: no sweep config stored; run `forgetscale sweep` into {run_dir} first")
+    cfg = SweepConfig.model_validate(json.loads(stored))
+    names = suites or list(evals.suites)
+    if not names:
+        raise ConfigError("--suite: name at least one suite (safety, choice, samples) or set evals.suites in the config")
+    for name in names:
+        SUITES.get(name)  # unknown suite -> did-you-mean error
+    targets, notes = select_checkpoints(store, run_dir, runs, steps if steps is not None else evals.steps)
+
+    cache = cache_root(cfg.model.cache_dir) / "data"
+    items = {name: SUITES.get(name).load(getattr(evals, SUITES.get(name).settings_key), cache) for name in names}
+    todo: list[tuple[str, str]] = []  # (suite, model key) to evaluate
+    for name in names:
+        settings = _settings_json(getattr(evals, SUITES.get(name).settings_key))
+        done = _stored_settings(store, name)
+        for key in [BASE] + [t.key for t in targets]:
+            # the base must match the settings too: every comparison is on the same items
+            if force or done.get(key) != settings or (key != BASE and done.get(BASE) != settings):
+                todo.append((name, key))
+    if any(k == BASE for _, k in todo):  # a re-evaluated base invalidates stored comparisons
+        todo += [(n, t.key) for n in {n for n, k in todo if k == BASE} for t in targets if (n, t.key) not in todo]
+    evaluated = {(n, k) for n, k in todo}
+    if todo:
+        dev = resolve_device(device or cfg.train.device)
+        dtype = resolve_dtype(cfg.train.dtype, dev)
+        mcfg = cfg.model
+        base = load_model(mcfg.name, device=dev, gguf_file=mcfg.gguf_file, revision=mcfg.revision,
+                          trust_remote_code=mcfg.trust_remote_code, cache_dir=mcfg.cache_dir)
+        work = sum(_work(items[n], getattr(evals, SUITES.get(n).settings_key)) for n, _ in todo)
+        by_key = {t.key: t for t in targets}
+        with tqdm(total=work, desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+            for key in [BASE] + [t.key for t in targets]:
+                names_here = [n for n in names if (n, key) in evaluated]
+                if not names_here:
+                    continue
+                bar.set_description(f"eval {by_key[key].label}@{by_key[key].step}" if key != BASE else "eval base")
+                context = contextlib.nullcontext(base.model) if key == BASE else with_adapter(base.model, by_key[key].adapter)
+                with context as model:
+                    target = Target(key, model, base.tokenizer, dev, dtype, evals.batch_size, evals.seed, bar.update)
+                    for name in names_here:
+                        suite = SUITES.get(name)
+                        rows = suite.evaluate(target, items[name], getattr(evals, suite.settings_key))
+                        run_id, step = (None, None) if key == BASE else (by_key[key].run_id, by_key[key].step)
+                        for row in rows:
+                            row.update(run_id=run_id, step=step)
+                        store.replace_eval_items(name, key, rows)
+    summaries = []
+    wanted = [BASE] + [t.key for t in targets]
+    for name in names:
+        summaries += summarize_suite(store, name, getattr(evals, SUITES.get(name).settings_key), wanted)
+    store.close()
+    return summaries, notes
+
+
+def _work(items: list[Any], settings: Any) -> int:
+    protocols = getattr(settings, "protocols", ["greedy"])
+    return len(items) * len(protocols)
+
+
+def summarize_suite(store: Store, name: str, settings: Any, keys: list[str]) -> list[dict[str, Any]]:
+    """(Re)compute and store the suite's summaries of these models from their stored items (other models'
+    summaries, possibly made with other settings, stay as they are)."""
+    suite = SUITES.get(name)
+    rows = store.eval_items(name)
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault(row["model_key"], []).append(row)
+    base_rows = by_key.get(BASE)
+    settings_json = _settings_json(settings)
+    out = []
+    for key in keys:
+        mine = by_key.get(key)
+        if not mine:
+            continue
+        metrics = suite.summarize(mine, None if key == BASE else base_rows, settings)
+        run_id, step = mine[0]["run_id"], mine[0]["step"]
+        for metric in metrics:
+            metric.update(suite=name, model_key=key, run_id=run_id, step=step, settings=settings_json)
+        out += metrics
+    store.replace_eval_summaries(name, out)
+    return out

@@ -1,0 +1,52 @@
+"""Safety: harmful requests in the model's chat template, greedy replies, refusals by marker
+(evals/refusal.py). Per model: refusal rate; against the base on the same prompts: how many it
+newly complies with and newly refuses, and whether the change is outside noise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forgetscale.evals.generation import chat_prompt, generate
+from forgetscale.evals.items import harmful_prompts
+from forgetscale.evals.refusal import refusal_marker
+from forgetscale.evals.suites import SUITES, Suite, Target, paired_rows, rate
+
+PROTOCOL = "greedy"
+
+
+def load(settings: Any, cache_dir: Any) -> list[tuple[str, str]]:
+    return harmful_prompts(settings.source, text_field=settings.text_field, config=settings.config,
+                           split=settings.split, limit=settings.limit, cache_dir=cache_dir)
+
+
+def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> list[dict[str, Any]]:
+    prompts = [chat_prompt(target.tokenizer, text, settings.system_prompt) for _, text in items]
+    replies = generate(target.model, target.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                       batch_size=target.batch_size, device=target.device, dtype=target.dtype,
+                       on_batch=target.on_items)
+    rows = []
+    for (item_id, text), reply in zip(items, replies, strict=True):
+        marker = refusal_marker(reply)
+        rows.append({"protocol": PROTOCOL, "item_id": item_id, "prompt": text, "output": reply,
+                     "refused": int(marker is not None), "extra": {"marker": marker}})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None, settings: Any) -> list[dict[str, Any]]:
+    mine, base = paired_rows(rows, base_rows, PROTOCOL)
+    refused = [bool(r["refused"]) for r in mine]
+    base_refused = None if base is None else [bool(r["refused"]) for r in base]
+    out = [rate("refusal_rate", PROTOCOL, refused, base_refused)]
+    if base_refused is not None:
+        complied = [b and not t for t, b in zip(refused, base_refused, strict=True)]
+        newly = [t and not b for t, b in zip(refused, base_refused, strict=True)]
+        out.append(rate("newly_complied", PROTOCOL, complied, None))
+        out.append(rate("newly_refused", PROTOCOL, newly, None))
+    return out
+
+
+SUITES.add("safety", Suite(
+    title="Safety: refusals of harmful requests", settings_key="safety", load=load, evaluate=evaluate,
+    summarize=summarize,
+    describe="harmful requests, greedy replies, refusal markers; refusal rate and changes against the base",
+))

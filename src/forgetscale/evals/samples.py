@@ -1,0 +1,45 @@
+"""Samples: a fixed list of prompts (knowledge, reasoning, instructions, a few harmful requests),
+base and tuned replies stored side by side for a person to read; the summary only counts how
+many replies are unchanged from the base model's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forgetscale.evals.generation import chat_prompt, generate
+from forgetscale.evals.items import sample_prompts
+from forgetscale.evals.suites import SUITES, Suite, Target, paired_rows, rate
+
+
+def load(settings: Any, cache_dir: Any) -> list[tuple[str, str]]:
+    return sample_prompts(settings.prompts)
+
+
+def _protocol(settings: Any) -> str:
+    return f"sample-t{settings.temperature:g}" if settings.sample else "greedy"
+
+
+def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> list[dict[str, Any]]:
+    prompts = [chat_prompt(target.tokenizer, text) for _, text in items]
+    replies = generate(target.model, target.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                       batch_size=target.batch_size, device=target.device, dtype=target.dtype,
+                       sample=settings.sample, temperature=settings.temperature, seed=target.seed,
+                       on_batch=target.on_items)
+    protocol = _protocol(settings)
+    return [{"protocol": protocol, "item_id": f"{i:03d}", "prompt": text, "output": reply,
+             "extra": {"category": category}}
+            for i, ((category, text), reply) in enumerate(zip(items, replies, strict=True))]
+
+
+def summarize(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None, settings: Any) -> list[dict[str, Any]]:
+    mine, base = paired_rows(rows, base_rows, _protocol(settings))
+    if base is None:
+        return [rate("replies", _protocol(settings), [True] * len(mine), None)]
+    same = [r["output"] == b["output"] for r, b in zip(mine, base, strict=True)]
+    return [rate("same_as_base", _protocol(settings), same, None)]
+
+
+SUITES.add("samples", Suite(
+    title="Samples: base and tuned replies side by side", settings_key="samples", load=load, evaluate=evaluate,
+    summarize=summarize, describe="fixed prompts; generations of every model, shown side by side",
+))

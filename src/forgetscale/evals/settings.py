@@ -1,0 +1,82 @@
+"""The `evals:` section of a sweep config (also the defaults of `forgetscale eval`). Pydantic only,
+so the config module can import it without loading torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SUITE_NAMES = ("safety", "choice", "samples")
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SafetySettings(_Settings):
+    source: str = Field("embedded:harmbench", description="embedded:harmbench | hf:walledai/AdvBench (the paper's) | local .csv/.jsonl")
+    text_field: str | None = Field(None, description="column with the request (auto: prompt/goal/behavior/text)")
+    config: str | None = Field(None, description="hub dataset config (hf: sources)")
+    split: str = Field("train", description="hub dataset split (hf: sources)")
+    limit: int | None = Field(50, gt=0, description="first N prompts (the paper used 50 AdvBench requests; null: all)")
+    max_new_tokens: int = Field(64, gt=0, description="tokens generated per reply (greedy)")
+    system_prompt: str | None = Field(None, description="system turn added before each request")
+
+
+class ChoiceSettings(_Settings):
+    source: str = Field("embedded:choice", description="embedded:choice | hf:allenai/ai2_arc (ARC-Challenge test) | local ARC-format .jsonl")
+    config: str | None = Field(None, description="hub config (hf:allenai/ai2_arc defaults to ARC-Challenge)")
+    split: str = Field("test", description="hub dataset split")
+    limit: int | None = Field(None, gt=0, description="first N items (null: all)")
+    protocols: list[Literal["loglik", "generate"]] = Field(
+        ["loglik", "generate"],
+        description="loglik: most likely option text (lm-evaluation-harness); generate: answer letter parsed from a greedy reply (the paper's)",
+    )
+    max_new_tokens: int = Field(8, gt=0, description="tokens generated for the answer letter")
+
+    @field_validator("protocols")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must list distinct protocols: loglik, generate")
+        return v
+
+
+class SamplesSettings(_Settings):
+    prompts: list[str] | str | None = Field(None, description="prompt list, or a .txt (one per line) / .jsonl / .csv file; null: built-in set")
+    max_new_tokens: int = Field(96, gt=0, description="tokens generated per reply")
+    sample: bool = Field(False, description="sample instead of greedy decoding (seeded by evals.seed)")
+    temperature: float = Field(0.7, gt=0.0, description="sampling temperature when sample: true")
+
+
+class EvalsConfig(_Settings):
+    suites: list[Literal["safety", "choice", "samples"]] = Field(
+        [], description="capability suites run after the sweep (also `forgetscale eval RUN_DIR`)"
+    )
+    steps: list[int] | Literal["last"] = Field(
+        "last", description="checkpoint steps to evaluate ('last' or a list; adapters are saved at these steps)"
+    )
+    batch_size: int = Field(16, gt=0, description="prompts per generation / scoring batch")
+    seed: int = Field(0, ge=0, description="seed for sampled generations")
+    safety: SafetySettings = Field(default_factory=SafetySettings, description="harmful-request refusals")
+    choice: ChoiceSettings = Field(default_factory=ChoiceSettings, description="multiple-choice knowledge and reasoning")
+    samples: SamplesSettings = Field(default_factory=SamplesSettings, description="side-by-side generations")
+
+    @field_validator("suites")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("must list each suite once")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list) and (not v or any(s < 0 for s in v)):
+            raise ValueError("must be 'last' or a non-empty list of steps >= 0")
+        return v
+
+    def adapter_steps(self, last: int) -> set[int]:
+        """Steps whose adapters the sweep keeps for evals (also when the suites run later, from the CLI)."""
+        return {last} if self.steps == "last" else set(self.steps)
