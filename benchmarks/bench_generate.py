@@ -1,0 +1,89 @@
+"""Batched generation and option scoring against a one-prompt-at-a-time loop, side by side.
+
+The suites' settings on the embedded model (SmolLM2-135M-Instruct): the safety suite's greedy
+replies (HarmBench prompts in the chat template, 64 new tokens) and the choice suite's loglik
+scoring (4 options per item). Each timing is the median of interleaved repeats (batched, loop,
+batched, loop, ...), so machine drift hits both alike; the printed figure is the ratio.
+
+    python benchmarks/bench_generate.py [--prompts 16] [--tokens 64] [--batch 16] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from forgetscale.data.embedded import harmbench_prompts
+from forgetscale.evals.choice_set import embedded_choice_items
+from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
+from forgetscale.models import EMBEDDED, load_model
+
+
+def timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--items", type=int, default=32, help="choice items scored (x4 options)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(EMBEDDED)
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = [chat_prompt(tok, p) for p in harmbench_prompts()[: args.prompts]]
+
+    def batched():
+        return generate(model, tok, prompts, max_new_tokens=args.tokens, batch_size=args.batch)
+
+    def loop():
+        return [generate(model, tok, [p], max_new_tokens=args.tokens, batch_size=1)[0] for p in prompts]
+
+    items = embedded_choice_items()[: args.items]
+    contexts, conts = [], []
+    for item in items:
+        ctx = list(tok(f"Question: {item.question}\nAnswer:")["input_ids"])
+        for option in item.options:
+            contexts.append(ctx)
+            conts.append(list(tok(f" {option}", add_special_tokens=False)["input_ids"]))
+
+    def score_batched():
+        return option_logprobs(model, tok, contexts, conts, batch_size=2 * args.batch)
+
+    def score_loop():
+        return [option_logprobs(model, tok, [c], [x], batch_size=1)[0] for c, x in zip(contexts, conts, strict=True)]
+
+    times: dict[str, list[float]] = {"gen_batched": [], "gen_loop": [], "score_batched": [], "score_loop": []}
+    outs: dict[str, object] = {}
+    for _ in range(args.repeats):
+        for name, fn in (("gen_batched", batched), ("gen_loop", loop), ("score_batched", score_batched),
+                         ("score_loop", score_loop)):
+            t, outs[name] = timed(fn)
+            times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs["gen_batched"])
+    same = sum(a == b for a, b in zip(outs["gen_batched"], outs["gen_loop"], strict=True))
+    max_diff = max(abs(a - b) for a, b in zip(outs["score_batched"], outs["score_loop"], strict=True))
+    print(f"model {EMBEDDED}, torch threads {torch.get_num_threads()}, median of {args.repeats} interleaved repeats")
+    print(f"generation: {args.prompts} safety prompts x {args.tokens} new tokens (greedy), batch {args.batch}")
+    print(f"  batched      {med['gen_batched']:7.2f} s  ({new_tokens / med['gen_batched']:6.1f} generated tokens/s)")
+    print(f"  one by one   {med['gen_loop']:7.2f} s")
+    print(f"  speed-up     {med['gen_loop'] / med['gen_batched']:7.2f}x   identical replies: {same}/{args.prompts}")
+    print(f"option scoring: {args.items} choice items x 4 options, batch {2 * args.batch}")
+    print(f"  batched      {med['score_batched']:7.2f} s")
+    print(f"  one by one   {med['score_loop']:7.2f} s")
+    print(f"  speed-up     {med['score_loop'] / med['score_batched']:7.2f}x   max |log-prob difference|: {max_diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
