@@ -20,7 +20,6 @@ from forgetscale.evals.settings import EvalsConfig
 from forgetscale.evals.stats import paired_difference, wilson
 from forgetscale.models import TINY, load_model
 from forgetscale.store import Store
-from forgetscale.sweep import run_sweep
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
@@ -176,13 +175,24 @@ SMALL = {"batch_size": 4, "safety": {"limit": 4, "max_new_tokens": 6}, "choice":
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
+    import yaml
+
     from tests.conftest import tiny_config
 
     out = tmp_path_factory.mktemp("evals")
-    cfg = parse_config(tiny_config(method=[{"name": "lora", "ranks": [2]}, {"name": "top_layers", "k": 1}],
-                                   evals={**SMALL, "steps": [2, 4]}))
-    run_sweep(cfg, out, progress=False)
-    return out, cfg
+    data = tiny_config(method=[{"name": "lora", "ranks": [2]}, {"name": "top_layers", "k": 1}],
+                       evals={**SMALL, "steps": [2, 4], "suites": ["samples"]})
+    path = out / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    # the sweep command runs the suites its config lists, once training is done
+    assert main(["sweep", str(path), "--out", str(out / "run"), "--no-progress"]) == 0
+    return out / "run", parse_config(data)
+
+
+def test_sweep_runs_the_configured_suites(tiny_sweep):
+    out, _ = tiny_sweep
+    keys = {r["model_key"] for r in Store(out).eval_items("samples")}
+    assert len(keys) == 1 + 2 * 2 and "base" in keys
 
 
 def test_eval_stores_items_and_summaries_and_resumes(tiny_sweep):
