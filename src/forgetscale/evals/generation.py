@@ -103,16 +103,19 @@ def option_logprobs(
     for batch in _length_batches([len(r) for r in rows], batch_size):
         ids, mask = _left_pad([rows[i] for i in batch], pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # left padding puts every continuation at the right edge: the output head only needs the last
+        # `keep` positions (the vocabulary projection is a large share of a short sequence's cost)
+        keep = max(len(continuations[i]) for i in batch) + 1
         with autocast(device, dtype):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device)).logits
+                           position_ids=positions.to(device), logits_to_keep=keep).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         width = ids.shape[1]
         for row, i in enumerate(batch):
             n = len(continuations[i])
             targets = ids[row, width - n:]
-            # the token at position t is predicted by the logits at t - 1
-            picked = logp[row, width - n - 1:width - 1].gather(-1, targets[:, None])
+            # the token at position t is predicted by the logits at t - 1 (logp holds the last `keep`)
+            picked = logp[row, keep - n - 1:keep - 1].gather(-1, targets[:, None])
             scores[i] = float(picked.sum())
         if on_batch is not None:
             on_batch(len(batch))
