@@ -34,4 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(demo_config_path(), parse_overrides(args.overrides))
     store = run_sweep(cfg, args.out, progress=not args.no_progress)
     print_summary(store)
+    from forgetscale.cli.eval import run_after_sweep
+
+    run_after_sweep(cfg, args.out, progress=not args.no_progress)
     return 0

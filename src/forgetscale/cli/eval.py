@@ -93,3 +93,18 @@ def run(args: argparse.Namespace) -> int:
     print_eval_summary(summaries, labels)
     print(f"results: {path} (tables eval_items, eval_summaries)")
     return 0
+
+
+def run_after_sweep(cfg, run_dir: Path, progress: bool) -> None:
+    """The suites a sweep config asks for (`evals.suites`), run on its saved adapters and printed."""
+    if not cfg.evals.suites:
+        return
+    from forgetscale.display import print_eval_summary
+    from forgetscale.evals.runner import run_evals, run_labels
+    from forgetscale.store import Store
+
+    summaries, notes = run_evals(run_dir, cfg.evals, progress=progress)
+    for note in notes:
+        print(f"skipped: {note}")
+    with Store(run_dir, create=False) as store:
+        print_eval_summary(summaries, run_labels(store))
