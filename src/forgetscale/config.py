@@ -10,13 +10,24 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from forgetscale.errors import ConfigError, ForgetscaleError
+from forgetscale.evals.settings import EvalsConfig
 from forgetscale.methods import METHODS, MethodSpec
+from forgetscale.mitigations import MITIGATIONS, MitigationSpec
 
 
 class _Section(BaseModel):
@@ -119,6 +130,61 @@ class TrainConfig(_Section):
         return list(self.seeds) if self.seeds else [self.seed]
 
 
+class ResourcesConfig(_Section):
+    """What each run asks the executor for. Never part of a run's identity: it may change between invocations."""
+
+    gpus_per_run: float | None = Field(
+        None, ge=0.0, description="GPUs each Ray task reserves; a fraction below 1 packs small runs onto one GPU "
+        "(default: 1 when the Ray cluster has GPUs, else 0)",
+    )
+    cpus_per_run: float = Field(1.0, gt=0.0, description="CPU cores each Ray task reserves; also its torch threads "
+                                "when train.threads is unset")
+    memory_gb_per_run: float | None = Field(None, gt=0.0, description="host memory (GB) each Ray task reserves, so "
+                                            "the scheduler never packs more runs onto a node than fit")
+    max_parallel: int | None = Field(None, gt=0, description="most runs in flight at once (default: as many as "
+                                     "the cluster's free resources fit)")
+    max_retries: int = Field(2, ge=0, description="Ray: extra attempts for a run whose worker dies or raises "
+                             "(a non-finite loss is a result, never retried)")
+    artefacts: Literal["auto", "shared", "stream"] = Field(
+        "auto", description="Ray: shared: workers write RUN_DIR directly (same path on every node, e.g. NFS); "
+        "stream: files come back to the driver through Ray; auto: shared on the driver's node, stream elsewhere",
+    )
+
+    @field_validator("gpus_per_run")
+    @classmethod
+    def _whole_gpus_above_one(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and not float(v).is_integer():
+            raise ValueError("must be a fraction below 1 or a whole number (Ray's rule)")
+        return v
+
+
+class _ArmName(BaseModel):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        MITIGATIONS.get(v)  # unknown arm -> did-you-mean message
+        return v
+
+
+def _mitigation(item: Any) -> Any:
+    """One `mitigation:` entry (a bare arm name, or a mapping with `name`) -> that arm's spec."""
+    if isinstance(item, MitigationSpec):
+        return item
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict):
+        raise ValueError("must be a mitigation name or a mapping with a 'name'")
+    return MITIGATIONS.get(_ArmName.model_validate({k: v for k, v in item.items() if k == "name"}).name).model_validate(item)
+
+
+# mitigation arms (src/forgetscale/mitigations/): one entry, or a list; errors point at the entry's key and line
+MitigationConfig = Annotated[SerializeAsAny[MitigationSpec], BeforeValidator(_mitigation)]
+MitigationList = Annotated[list[MitigationConfig], BeforeValidator(lambda v: [] if v is None else
+                                                                    v if isinstance(v, list) else [v])]
+
+
 class SweepConfig(_Section):
     name: str = Field("sweep", description="a label for this sweep")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
@@ -129,6 +195,10 @@ class SweepConfig(_Section):
         description="one method mapping, or a list of them (see `forgetscale methods`)",
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation settings shared by every run")
+    mitigation: MitigationList = Field(default_factory=list, description="mitigation arms, each compared with "
+                                       "'none' on the same data, ranks and seeds (see docs/mitigations.md)")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="what each run asks the executor for")
+    evals: EvalsConfig = Field(default_factory=EvalsConfig, description="capability suites run on saved adapters (see `forgetscale eval`)")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -227,6 +297,12 @@ def parse_config(data: Any, source: str = "config", text: str = "") -> SweepConf
         except ValidationError as err:
             prefix = ("method",) if ("method", "name") in lines else ("method", i)
             raise ConfigError(_message(err, source, lines, prefix)) from None
+    if isinstance(cfg.evals.steps, list):
+        off = [s for s in cfg.evals.steps if s not in cfg.train.checkpoint_steps]
+        if off:
+            line = lines.get(("evals", "steps"))
+            raise ConfigError(f"{source}{':' + str(line) if line else ''} evals.steps: must be checkpoint steps "
+                              f"({', '.join(map(str, cfg.train.checkpoint_steps))}); got {off[0]}")
     return cfg
 
 

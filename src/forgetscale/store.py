@@ -10,7 +10,12 @@ runs         one row per planned fine-tuning run
   rank INTEGER          adapter rank (NULL for methods without one)
   trainable_params INT  P: exact count of trainable parameters
   seed INTEGER
-  mitigation TEXT       'none' unless a mitigation arm is configured
+  mitigation TEXT       'none' unless a mitigation arm is configured: the arm's name plus any setting
+                        changed from its default ('kl', 'ewc:lam=0.0001'); config.mitigation holds all of
+                        its settings (see forgetscale/mitigations/). Runs of the 'scale' arm are derived,
+                        not trained: one per s, measured from the control run's saved weights, with
+                        config.mitigation = {name: scale, s, source_run}, rows only at steps whose
+                        weights were kept, wall_s = 0 and train_loss NULL
   config TEXT           JSON of the full run config
   status TEXT           pending | running | finished | failed
   error TEXT            why a run failed
@@ -27,6 +32,18 @@ checkpoints  one row per (run, checkpoint step); PRIMARY KEY (run_id, step)
   ft_kl                 KL(p_base || p_tuned) on held-out fine-tuning tokens (cheap predictor)
   tokens_seen           training tokens consumed so far
   wall_s                training wall time so far (seconds, excludes evaluation)
+
+eval_items   one row per (suite, evaluated model, protocol, item): what `forgetscale eval` saw and said
+  suite, protocol       e.g. safety/greedy, choice/loglik, choice/generate, samples/greedy
+  model_key             'base' or '<run_id>@<step>' (run_id NULL and step NULL for the base model)
+  item_id, prompt       the item and the exact text the model was given
+  output                the generation (choice/loglik: JSON of the option log-probabilities)
+  prediction, gold      parsed answer and gold label (choice); NULL elsewhere
+  correct, refused      0/1 (NULL where the suite has no such notion)
+  extra                 JSON: category, refusal marker, ...
+eval_summaries  one row per (suite, protocol, model_key, metric): k of n, value, 95% interval, and the
+  paired difference to the base model on the same items (vs_base, vs_base_lo, vs_base_hi,
+  within_noise = the interval contains 0); settings is the suite's settings JSON
 
 meta         key/value: schema_version, sweep_config (JSON)
 """
@@ -88,7 +105,52 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     wall_s REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
+CREATE TABLE IF NOT EXISTS eval_items (
+    suite TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    run_id TEXT,
+    step INTEGER,
+    item_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    output TEXT,
+    prediction TEXT,
+    gold TEXT,
+    correct INTEGER,
+    refused INTEGER,
+    extra TEXT,
+    PRIMARY KEY (suite, protocol, model_key, item_id)
+);
+CREATE TABLE IF NOT EXISTS eval_summaries (
+    suite TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    run_id TEXT,
+    step INTEGER,
+    k INTEGER,
+    n INTEGER NOT NULL,
+    value REAL,
+    lo REAL,
+    hi REAL,
+    vs_base REAL,
+    vs_base_lo REAL,
+    vs_base_hi REAL,
+    within_noise INTEGER,
+    settings TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (suite, protocol, model_key, metric)
+);
 """
+
+EVAL_ITEM_COLUMNS = (
+    "suite", "protocol", "model_key", "run_id", "step", "item_id", "prompt", "output", "prediction", "gold",
+    "correct", "refused", "extra",
+)
+EVAL_SUMMARY_COLUMNS = (
+    "suite", "protocol", "model_key", "metric", "run_id", "step", "k", "n", "value", "lo", "hi", "vs_base",
+    "vs_base_lo", "vs_base_hi", "within_noise", "settings", "created_at",
+)
 
 
 def _clean(value: Any) -> Any:
@@ -207,6 +269,49 @@ class Store:
             "FROM checkpoints c JOIN runs r USING (run_id) ORDER BY r.dataset, r.method, r.rank, r.seed, c.step"
         )
         return pd.read_sql_query(query, self.conn)
+
+    # -- evals ------------------------------------------------------------------------------------
+    def replace_eval_items(self, suite: str, model_key: str, rows: list[dict[str, Any]]) -> None:
+        """Store one model's items for a suite, replacing what an earlier evaluation stored (one transaction)."""
+        cols = ", ".join(EVAL_ITEM_COLUMNS)
+        marks = ", ".join(f":{c}" for c in EVAL_ITEM_COLUMNS)
+        values = []
+        for row in rows:
+            value = {c: _clean(row.get(c)) for c in EVAL_ITEM_COLUMNS}
+            value["suite"], value["model_key"] = suite, model_key
+            if value["extra"] is not None and not isinstance(value["extra"], str):
+                value["extra"] = json.dumps(value["extra"], sort_keys=True)
+            values.append(value)
+        with self.conn:
+            self.conn.execute("DELETE FROM eval_items WHERE suite = ? AND model_key = ?", (suite, model_key))
+            self.conn.executemany(f"INSERT INTO eval_items({cols}) VALUES ({marks})", values)
+
+    def eval_items(self, suite: str | None = None, model_key: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM eval_items WHERE 1=1", []
+        if suite is not None:
+            query, args = query + " AND suite = ?", [*args, suite]
+        if model_key is not None:
+            query, args = query + " AND model_key = ?", [*args, model_key]
+        return [dict(r) for r in self.conn.execute(query + " ORDER BY suite, protocol, model_key, rowid", args)]
+
+    def replace_eval_summaries(self, suite: str, rows: list[dict[str, Any]]) -> None:
+        """Replace a suite's summaries for the models in `rows` (the others stay)."""
+        cols = ", ".join(EVAL_SUMMARY_COLUMNS)
+        marks = ", ".join(f":{c}" for c in EVAL_SUMMARY_COLUMNS)
+        now = time.time()
+        values = [{**{c: _clean(row.get(c)) for c in EVAL_SUMMARY_COLUMNS}, "suite": suite, "created_at": now}
+                  for row in rows]
+        keys = sorted({v["model_key"] for v in values})
+        with self.conn:
+            self.conn.executemany("DELETE FROM eval_summaries WHERE suite = ? AND model_key = ?",
+                                  [(suite, k) for k in keys])
+            self.conn.executemany(f"INSERT INTO eval_summaries({cols}) VALUES ({marks})", values)
+
+    def eval_summaries(self, suite: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM eval_summaries", []
+        if suite is not None:
+            query, args = query + " WHERE suite = ?", [suite]
+        return [dict(r) for r in self.conn.execute(query + " ORDER BY suite, protocol, model_key, metric", args)]
 
     def close(self) -> None:
         self.conn.close()

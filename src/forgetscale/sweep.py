@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,35 +18,58 @@ import torch
 from forgetscale.config import SweepConfig
 from forgetscale.data import Blocks, FinetuneData, build_finetune_data, build_forgetting_blocks
 from forgetscale.errors import ConfigError, StoreError
+from forgetscale.executors import EXECUTORS, make_executor
 from forgetscale.forgetting import Reference, reference
+from forgetscale.mitigations import ArmInputs, arms, check_arms, prepare_arms
 from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
 from forgetscale.store import Store
-from forgetscale.train import RunFailed, RunPlan, train_run
+from forgetscale.train import RunPlan
 
 # keys that may change between invocations on the same RUN_DIR without invalidating stored runs
-_EXTENDABLE = ("name", "method")
+_EXTENDABLE = ("name", "method", "mitigation")
 _RUN_IRRELEVANT_TRAIN_KEYS = ("seed", "seeds", "threads", "eval_batch_size", "save_adapters", "device")
+_RUN_IRRELEVANT_SECTIONS = ("resources", "evals")  # how a run is executed, never what it computes
 
 
 def plan_runs(cfg: SweepConfig) -> list[RunPlan]:
-    """Every (method, rank, seed) of the config, with a stable run_id."""
+    """Every (method, rank, mitigation arm, seed) of the config, with a stable run_id.
+
+    The control arm's run_id is the one a sweep without mitigations gives (the arm is not part of its
+    identity), so adding arms to a sweep reuses its runs. Derived runs (the scale arm's, measured from the
+    control run's weights) come last, after the runs they read."""
     shared = cfg.to_dict()
     shared.pop("name")
     shared.pop("method")
+    shared.pop("mitigation", None)
+    for section in _RUN_IRRELEVANT_SECTIONS:
+        shared.pop(section, None)
     for key in _RUN_IRRELEVANT_TRAIN_KEYS:
         shared["train"].pop(key)
-    plans = []
+    check_arms(cfg.mitigation, cfg.methods)
+    plans, derived = [], []
     for spec in cfg.methods:
         for rank in spec.variants():
-            for seed in cfg.train.seed_list:
-                ident = {"shared": shared, "method": spec.identity(), "rank": rank, "seed": seed}
-                run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-                label = spec.label(rank) + (f"-s{seed}" if len(cfg.train.seed_list) > 1 else "")
-                plans.append(RunPlan(run_id=run_id, method=spec, rank=rank, seed=seed, label=label))
+            for seed in cfg.train.seed_list:  # seed-major: arms alternate, so machine drift hits them alike
+                for arm in arms(cfg.mitigation):
+                    for variant in arm.variants():
+                        ident = {"shared": shared, "method": spec.identity(), "rank": rank, "seed": seed}
+                        control = _hash(ident)
+                        if arm.name != "none":
+                            ident["mitigation"] = arm.identity(variant)
+                        label = (spec.label(rank) + ("" if arm.name == "none" else f"-{arm.label(variant)}")
+                                 + (f"-s{seed}" if len(cfg.train.seed_list) > 1 else ""))
+                        plan = RunPlan(run_id=_hash(ident), method=spec, rank=rank, seed=seed, label=label,
+                                       mitigation=arm, variant=variant, source=control if arm.derived else None)
+                        (derived if arm.derived else plans).append(plan)
+    plans += derived
     labels = [p.run_id for p in plans]
     if len(set(labels)) != len(labels):
         raise ConfigError("method: two entries describe the same run; remove the duplicate")
     return plans
+
+
+def _hash(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -64,6 +86,7 @@ class SweepContext:
     forgetting_ref: Reference
     heldout_ref: Reference
     load_base: Callable[[], torch.nn.Module]
+    arm_inputs: ArmInputs | None = None  # once-per-sweep inputs of the mitigation arms
 
 
 def build_context(cfg: SweepConfig, out_dir: Path) -> SweepContext:
@@ -87,12 +110,16 @@ def build_context(cfg: SweepConfig, out_dir: Path) -> SweepContext:
     batch = cfg.train.eval_batch_size
     forgetting_ref = reference(base.model, forgetting, batch, device, dtype)
     heldout_ref = reference(base.model, data.heldout, batch, device, dtype)
+    # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
+    arm_inputs = prepare_arms(cfg, cfg.mitigation, base.model, base.tokenizer, forgetting, length, data_cache,
+                              out_dir, device, dtype)
     del base
 
     def load_base() -> torch.nn.Module:
         return load_model(mcfg.name, device="cpu", **kwargs).model
 
-    return SweepContext(cfg, out_dir, device, dtype, None, data, forgetting, forgetting_ref, heldout_ref, load_base)
+    return SweepContext(cfg, out_dir, device, dtype, None, data, forgetting, forgetting_ref, heldout_ref, load_base,
+                        arm_inputs=arm_inputs)
 
 
 def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
@@ -102,7 +129,7 @@ def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
     if stored is not None:
         old = json.loads(stored)
         for section in current:
-            if section in _EXTENDABLE:
+            if section in _EXTENDABLE or section in _RUN_IRRELEVANT_SECTIONS:
                 continue
             new_part, old_part = current[section], old.get(section)
             if new_part != old_part:
@@ -118,10 +145,11 @@ def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
     store.set_meta("sweep_config", json.dumps(current, sort_keys=True))
 
 
-def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, only: list[str] | None = None) -> Store:
-    """Run (or resume) every planned run; failures are recorded and the sweep goes on."""
-    from tqdm.auto import tqdm
-
+def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, only: list[str] | None = None,
+              executor: str = "local", address: str | None = None) -> Store:
+    """Run (or resume) every planned run with the named executor (see forgetscale.executors); failures are
+    recorded and the sweep goes on."""
+    EXECUTORS.get(executor)  # an unknown name fails before anything is written
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: exists and is not a directory")
@@ -132,31 +160,17 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
         store.add_run({
             "run_id": plan.run_id, "model": cfg.model.name, "dataset": cfg.finetune.dataset, "method": plan.method.name,
             "method_config": plan.method.identity(), "rank": plan.rank, "trainable_params": None,
-            "seed": plan.seed, "config": {**cfg.to_dict(), "method": plan.method.identity(),
-                                         "rank": plan.rank, "seed": plan.seed},
+            "seed": plan.seed, "mitigation": plan.mitigation.tag(),
+            "config": {**cfg.to_dict(), "method": plan.method.identity(), "rank": plan.rank, "seed": plan.seed,
+                       "mitigation": plan.arm_config()},
         })
     todo = [p for p in plans if store.run(p.run_id)["status"] != "finished" and (only is None or p.label in only)]
     if not todo:
         return store
-    ctx = build_context(cfg, out_dir)
-    total = len(todo) * cfg.train.steps
-    with tqdm(total=total, desc="sweep", unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for plan in todo:
-            bar.set_description(plan.label)
-
-            def on_step(step: int, loss: float) -> None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-
-            started, bar_start = time.perf_counter(), bar.n
-            try:
-                train_run(plan, ctx, store, on_step)
-            except (RunFailed, torch.cuda.OutOfMemoryError) as err:
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                store.update_run(plan.run_id, status="failed", error=reason)
-                bar.write(f"run {plan.label} failed: {reason}")
-            else:
-                store.update_run(plan.run_id, status="finished", error=None)
-                bar.write(f"run {plan.label} finished in {time.perf_counter() - started:.0f} s")
-            bar.update(bar_start + cfg.train.steps - bar.n)  # resumed runs skip steps: count them as done
+    runner = make_executor(executor, cfg, address=address)  # before the context: a bad setting fails fast
+    try:
+        ctx = build_context(cfg, out_dir)
+        runner.execute(todo, ctx, store, progress=progress)
+    finally:
+        runner.close()
     return store

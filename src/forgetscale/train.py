@@ -19,6 +19,7 @@ import torch
 from forgetscale.data import batch_indices
 from forgetscale.forgetting import autocast, measure
 from forgetscale.methods import METHODS, attach, trainable_parameters
+from forgetscale.mitigations import CONTROL
 
 
 class RunFailed(Exception):
@@ -32,6 +33,13 @@ class RunPlan:
     rank: int | None
     seed: int
     label: str
+    mitigation: Any = CONTROL  # a MitigationSpec (the control arm: no mitigation)
+    variant: Any = None  # the arm's per-run value (scale's s), if it has one
+    source: str | None = None  # derived runs (scale): the control run whose weights they are measured from
+
+    def arm_config(self) -> dict[str, Any]:
+        """The arm's settings as stored in the run's config."""
+        return {**self.mitigation.identity(self.variant), **({"source_run": self.source} if self.source else {})}
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -72,6 +80,8 @@ def save_adapter(directory: Path, model: torch.nn.Module) -> None:
 
 def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train one run and write its checkpoint rows; returns the final row. Raises RunFailed."""
+    if plan.source is not None:  # a derived run (scale): measured from the control run's weights, not trained
+        return plan.mitigation.derive(plan, ctx, store)
     _cfg, tcfg = ctx.config, ctx.config.train
     run_dir = ctx.out_dir / "runs" / plan.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +94,7 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
     torch.manual_seed(plan.seed)
     model = attach(ctx.load_base(), plan.method, plan.rank)
     model.to(ctx.device)
+    arm = plan.mitigation.hooks(ctx, model, plan)  # the mitigation arm's setup (may freeze layers) and hooks
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = trainable_parameters(model)
     store.update_run(plan.run_id, trainable_params=n_params, status="running", error=None)
@@ -136,7 +147,8 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
                 save_state(state_path, model, optimizer, {"step": step, "tokens_seen": tokens_seen, "wall_s": wall_s,
                                                           "loss_sum": loss_sum, "loss_count": loss_count,
                                                           "scaler": scaler.state_dict()})
-            if tcfg.save_adapters == "all" or (tcfg.save_adapters == "last" and step == tcfg.steps):
+            keep = tcfg.save_adapters == "all" or (tcfg.save_adapters == "last" and step == tcfg.steps)
+            if keep or step in _cfg.evals.adapter_steps(tcfg.steps):  # evals read these later
                 save_adapter(run_dir / f"adapter-step{step}", model)
         if step >= tcfg.steps:
             break
@@ -146,16 +158,21 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
         started = time.perf_counter()
         torch.manual_seed(step_seed(plan.seed, step))
         index = batch_indices(step, tokens_per_step, len(ctx.data.train), plan.seed)
+        blocks = arm.mix(step, ctx.data.train.select(index))  # replay arms put general text into some rows
         step_loss = 0.0
-        for micro in index.split(tcfg.batch_size):
-            batch = ctx.data.train.select(micro)
+        for start in range(0, len(blocks), tcfg.batch_size):
+            batch = blocks.select(slice(start, start + tcfg.batch_size))
             ids, labels, mask = (t.to(ctx.device) for t in (batch.input_ids, batch.labels, batch.attention_mask))
             with autocast(ctx.device, ctx.dtype):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / tcfg.grad_accum
             scaler.scale(loss).backward()
             step_loss += float(loss.detach())
             tokens_seen += int(mask.sum())
-        if not math.isfinite(step_loss):
+        with autocast(ctx.device, ctx.dtype):
+            penalty = arm.penalty(model, step)  # kl, l2sp, ewc: an extra loss term, once per update step
+        if penalty is not None:
+            scaler.scale(penalty).backward()
+        if not math.isfinite(step_loss) or (penalty is not None and not math.isfinite(float(penalty.detach()))):
             raise RunFailed(f"non-finite training loss ({step_loss}) at step {step + 1}; lower train.lr")
         scaler.unscale_(optimizer)
         if tcfg.max_grad_norm is not None:

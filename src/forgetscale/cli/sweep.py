@@ -7,13 +7,17 @@ from pathlib import Path
 
 from forgetscale.config import load_config
 from forgetscale.display import print_summary
+from forgetscale.executors import EXECUTORS
 
 NAME = "sweep"
 HELP = "run or resume a forgetting sweep from a YAML config"
 EPILOG = """examples:
   forgetscale sweep configs/demo.yaml --out runs/demo
   forgetscale sweep my.yaml --out runs/x --set train.steps=200 --set train.lr=3e-4
-Re-running the same command resumes: finished runs are skipped, an interrupted run continues."""
+  forgetscale sweep my.yaml --out runs/x --executor ray                      # a local Ray instance
+  forgetscale sweep my.yaml --out /shared/x --executor ray --address auto   # join the cluster on this node
+Re-running the same command resumes: finished runs are skipped, an interrupted run continues.
+Ray needs `pip install 'forgetscale[ray]'`; sizing and artefacts: docs/distributed.md."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted), value parsed as YAML; repeatable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--executor", default="local", choices=EXECUTORS.names(),
+                        help="local: runs one after another in this process (default); ray: each run a Ray task "
+                        "with the config's `resources`")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="ray: the cluster to join (e.g. auto, HOST:6379); default $RAY_ADDRESS, else a new "
+                        "local instance")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -42,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from forgetscale.sweep import run_sweep
 
     cfg = load_config(args.config, parse_overrides(args.overrides))
-    store = run_sweep(cfg, args.out, progress=not args.no_progress)
+    store = run_sweep(cfg, args.out, progress=not args.no_progress, executor=args.executor, address=args.address)
     print_summary(store)
+    from forgetscale.cli.eval import run_after_sweep
+
+    run_after_sweep(cfg, args.out, progress=not args.no_progress)
     return 0
