@@ -14,10 +14,13 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from forgetscale.laws import crossmethod
 from forgetscale.laws.fitall import FitOptions, fit_run_dir
 from forgetscale.laws.select import FT_COLUMNS, TARGETS
+from forgetscale.mitigations.report import console_tables as mitigation_console
 
 NAME = "fit"
 HELP = "fit the forgetting laws on a sweep's checkpoints (writes RUN_DIR/laws.json)"
@@ -26,6 +29,11 @@ EPILOG = """examples:
   forgetscale fit runs/demo --target forget_kl          # fit the KL part of forgetting (no base entropy)
   forgetscale fit runs/demo --min-step 20 --bootstrap 200 --seed 1
   forgetscale fit runs/demo --laws linear,power_joint   # only these (and what they borrow from)
+
+a sweep with several methods (or settings: LoRA on attention only is its own method, 'lora[attn]')
+is fitted per method, then compared: the LoRA laws (all-linear LoRA, >= 2 ranks) predict every other
+method's L_f (signed/mean/max relative error; negative signed = the law underestimates forgetting),
+all methods are fitted pooled, and own vs pooled vs LoRA-only fits forecast each run's later steps.
 
 reading the table: an interval is the 2.5-97.5 percentile over bootstrap refits on resampled runs.
 A status 'not identifiable: X' means the data do not pin X down (its interval spans >10x or it ran
@@ -75,21 +83,28 @@ OUT_NAME = {"ft": "L_ft", "f": "L_f"}
 def group_tables(group: dict[str, Any], target: str) -> list[Table]:
     """The summary and constants tables of one group."""
     fitted = [d for d in group["laws"].values() if "params" in d]
-    any_law = fitted[0] if fitted else {}
+    if not fitted:  # e.g. a method with one run: the cross-method comparison still uses its rows
+        reasons = sorted({d["status"] for d in group["laws"].values()})
+        lines = Table(title=f"{escape(group['label'])}: no law fitted", title_justify="left", show_header=False)
+        lines.add_column("why", overflow="fold")
+        for reason in reasons:
+            lines.add_row(f"[red]{escape(reason)}[/]")
+        return [lines]
+    any_law = fitted[0]
     runs = len(any_law.get("rows", {}))
-    summary = Table(title=f"{group['label']}: {any_law.get('n_rows', 0)} checkpoints of {runs} runs, "
+    summary = Table(title=f"{escape(group['label'])}: {any_law.get('n_rows', 0)} checkpoints of {runs} runs, "
                     f"steps >= {any_law.get('min_step', '?')}, L_f = {target}", title_justify="left")
     for col in ("law", "output", "R^2", "held-out error", "status"):
         summary.add_column(col, overflow="fold")
     for d in group["laws"].values():
         if "params" not in d:
-            summary.add_row(d["law"], "", "", "", f"[red]{d['status']}[/]")
+            summary.add_row(d["law"], "", "", "", f"[red]{escape(d['status'])}[/]")
             continue
         for i, out in enumerate(d["outputs"]):
             colour = "green" if d["status"] == "converged" else "yellow"
             summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], _fmt(d["r2"].get(out)),
-                            _pct(d["heldout_mare"].get(out)), f"[{colour}]{d['status']}[/]" if i == 0 else "")
-    consts = Table(title=f"{group['label']}: constants (95% bootstrap interval)", title_justify="left")
+                            _pct(d["heldout_mare"].get(out)), f"[{colour}]{escape(d['status'])}[/]" if i == 0 else "")
+    consts = Table(title=f"{escape(group['label'])}: constants (95% bootstrap interval)", title_justify="left")
     for col in ("law", "constant", "value", "95% interval", "note"):
         consts.add_column(col)
     for d in fitted:
@@ -112,6 +127,72 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
     return [summary, consts]
 
 
+def _err(e: dict[str, Any], key: str) -> str:
+    lo, hi = e[f"{key}_ci"]
+    ci = "" if lo is None or hi is None else f" [{_pct(lo)}, {_pct(hi)}]"
+    return f"{_pct(e[key])}{ci}"
+
+
+def cross_method_tables(block: dict[str, Any]) -> list[Table]:
+    """The comparison across methods of one dataset: distance from the LoRA laws, held-out forecasts."""
+    runs = Table(title=escape(f"{block['dataset']}: methods, each run's last checkpoint"), title_justify="left")
+    for col in ("method", "rank", "P (trainable)", "step", "L_ft held-out", "L_ft train", "L_f (CE)", "KL", "status"):
+        runs.add_column(col, justify="left" if col in ("method", "status") else "right")
+    for variant, info in block["variants"].items():
+        for i, r in enumerate(info["runs"]):
+            runs.add_row(escape(variant) if i == 0 else "", "-" if r["rank"] is None else str(r["rank"]),
+                         f"{r['P']:,.0f}", str(r["step"]), *(_fmt(r.get(c)) for c in
+                                                            ("ft_loss", "ft_loss_train", "forget_ce", "forget_kl")),
+                         r["status"])
+    title = escape(f"{block['dataset']}: methods against the laws fitted on LoRA ({block.get('reference') or '-'})")
+    dist = Table(title=title + f", steps >= {block.get('min_step', '?')}", title_justify="left")
+    for col in ("method", "P", "rows", "law", "signed error [95%]", "mean |error| [95%]", "max |error|", "note"):
+        dist.add_column(col, overflow="fold")
+    for variant, info in block["variants"].items():
+        P = sorted({r["P"] for r in info["runs"]})
+        p_text = ", ".join(f"{p:,.0f}" for p in P) if len(P) <= 3 else f"{P[0]:,.0f}-{P[-1]:,.0f}"
+        name = escape(f"{variant} (reference)" if variant == block.get("reference") else variant)
+        if info.get("status") != "compared":
+            dist.add_row(name, p_text, "", "", "", "", "", escape(info.get("status", block.get("status", ""))))
+            dist.add_section()
+            continue
+        for i, (law, e) in enumerate(info["errors"].items()):
+            note = {"under": "[yellow]underestimates[/]", "over": "[yellow]overestimates[/]"}.get(e["bias"], "")
+            if variant == block["reference"]:
+                note = "in-sample (fitted on these rows)"
+            elif e["bias"] == "no finite prediction":
+                note = "[red]no finite prediction[/]"
+            if i == 0 and info.get("outside"):
+                note = "; ".join([*([note] if note else []), *map(escape, info["outside"])])
+            dist.add_row(name if i == 0 else "", p_text if i == 0 else "", str(info["n_rows"]) if i == 0 else "",
+                         law, _err(e, "signed"), _err(e, "mean"), _pct(e["max"]), note)
+        dist.add_section()
+    tables = [runs, dist]
+    ho = block.get("heldout") or {}
+    if ho.get("by_variant"):
+        t = Table(title=escape(f"{block['dataset']}: forecast of later steps, MARE ({ho['description']})"),
+                  title_justify="left")
+        for col in ("method", "law", "own fit", "pooled fit", "LoRA-only fit"):
+            t.add_column(col, overflow="fold")
+        for variant, r in ho["by_variant"].items():
+            for i, law in enumerate(r["pooled"] or r["lora"]):
+                t.add_row(escape(variant) if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)),
+                          _pct(r["lora"].get(law)))
+            t.add_section()
+        tables.append(t)
+    pooled = (block.get("pooled") or {}).get("laws") or {}
+    if pooled:
+        t = Table(title=escape(f"{block['pooled']['label']}: every method fitted together"), title_justify="left")
+        for col in ("law", "R^2", "held-out error", "status"):
+            t.add_column(col, overflow="fold")
+        for d in pooled.values():
+            fitted = "params" in d
+            t.add_row(d["law"], ", ".join(_fmt(v) for v in d["r2"].values()) if fitted else "",
+                      ", ".join(_pct(v) for v in d["heldout_mare"].values()) if fitted else "", escape(d["status"]))
+        tables.append(t)
+    return tables
+
+
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     console = Console()
@@ -126,5 +207,13 @@ def run(args: argparse.Namespace) -> int:
         for table in group_tables(group, options.target):
             console.print(table)
         console.print()
+    for block in doc.get("cross_method", []):
+        for table in cross_method_tables(block):
+            console.print(table)
+        for line in crossmethod.verdict(block):
+            console.print(f"- {escape(line)}", highlight=False)
+        console.print()
+    for item in mitigation_console(doc.get("mitigation", [])):  # arms vs the control (docs/mitigations.md)
+        console.print(item)
     console.print(f"wrote {path}")
     return 0

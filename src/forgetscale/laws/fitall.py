@@ -1,7 +1,9 @@
 """Fit every law on every group of a sweep and build the laws.json document (`forgetscale fit`).
 
-Groups are (dataset, method, mitigation): a law is a property of one fine-tuning dataset and one
-method, so rows of different ones are never pooled. Within a group the laws are fitted in
+Groups are (dataset, method variant, mitigation): a law is a property of one fine-tuning dataset and
+one method with its settings, so rows of different ones are never pooled in a group's fit. Where a
+sweep holds several methods, crossmethod.py then compares them with the LoRA-fitted laws and fits
+them pooled (the `cross_method` block). Within a group the laws are fitted in
 dependency order and share their bootstrap resamples. A law that the group cannot support (one
 rank, too few steps, ...) is recorded as "not fitted: <why>" and the others still run; only when
 nothing at all can be fitted is the first reason raised.
@@ -74,8 +76,10 @@ def _needed(names: tuple[str, ...]) -> list[str]:
 
 
 def fit_group(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None,
-              label: str = "") -> tuple[dict[str, Law], dict[str, str]]:
-    """Fit the laws on one group's rows: (fitted laws, reasons for the ones that could not be fitted)."""
+              label: str = "", heldout: bool = True) -> tuple[dict[str, Law], dict[str, str]]:
+    """Fit the laws on one group's rows: (fitted laws, reasons for the ones that could not be fitted).
+
+    heldout=False skips each law's held-out refit (for fits that are themselves a held-out test)."""
     fitted: dict[str, Law] = {}
     failed: dict[str, str] = {}
     todo = _needed(options.laws)
@@ -87,21 +91,25 @@ def fit_group(frame: pd.DataFrame, options: FitOptions, progress: Progress | Non
             failed[name] = f"needs law '{missing[0]}', which was not fitted"
             continue
         try:
-            fitted[name] = LAWS.get(name)(**options.law_params()).fit(frame, deps=fitted)
+            fitted[name] = LAWS.get(name)(**options.law_params(), heldout=heldout).fit(frame, deps=fitted)
         except DataError as err:
             failed[name] = str(err)
     return fitted, failed
 
 
 def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None) -> dict[str, Any]:
-    """The laws.json document for stored rows (all groups)."""
+    """The laws.json document for stored rows (all groups, and the comparison across methods)."""
+    from forgetscale.laws import crossmethod
+
     if frame.empty:
         raise DataError("the results store has no checkpoints yet; run the sweep first")
     out_groups = []
     first_error = None
+    by_label: dict[str, dict[str, Law]] = {}
     for key, sub in groups(frame):
         label = group_label(key)
         fitted, failed = fit_group(sub, options, progress, label)
+        by_label[label] = fitted
         laws: dict[str, Any] = {}
         for name in _needed(options.laws):
             if name in fitted and name in options.laws:
@@ -119,6 +127,7 @@ def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | Non
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "options": {**asdict(options), "laws": list(options.laws)},
         "groups": out_groups,
+        "cross_method": crossmethod.compare(frame, by_label, options, progress),
     }
 
 
@@ -133,6 +142,9 @@ def fit_run_dir(run_dir: str | Path, options: FitOptions, progress: Progress | N
         frame = store.frame()
     doc = fit_frame(frame, options, progress)
     doc["run_dir"] = str(run_dir)
+    from forgetscale.laws import mitigation
+
+    mitigation.add_to_doc(doc, run_dir, options)  # mitigation arms vs the control at matched L_ft
     return doc, lawfile.save(run_dir, doc)
 
 

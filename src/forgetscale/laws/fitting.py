@@ -189,6 +189,29 @@ def multistart(model: Model, starts: np.ndarray, y: np.ndarray, w: np.ndarray, p
     return lm_huber(model, sol.theta[best:best + 1], y, np.asarray(w)[:1] if np.ndim(w) == 2 else w, point, **strict)
 
 
+def scale_offset(g: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relative least squares for the linear coefficients of a start: (C, s) minimising
+    sum_i ((C g_i + s) / y_i - 1)^2 for every row of g (b, m), in closed form (a 2x2 system).
+
+    Why relative: the laws are fitted on log residuals, so a start should match every observation to
+    the same fraction, not the largest ones best. Rows whose system is singular give NaN.
+    """
+    Z = g / y
+    one = 1.0 / y
+    a11, a12, a22 = (Z * Z).sum(1), (Z * one).sum(1), (one * one).sum()
+    b1, b2 = Z.sum(1), one.sum()
+    det = a11 * a22 - a12 * a12
+    with np.errstate(all="ignore"):
+        return (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
+
+
+def scale_given_offset(g: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The same relative least squares for C alone, with the offset s (b,) held fixed."""
+    Z = g / y
+    with np.errstate(all="ignore"):
+        return (Z * (1 - s[:, None] * (1.0 / y))).sum(1) / (Z * Z).sum(1)
+
+
 def bootstrap_counts(run_codes: np.ndarray, strata: np.ndarray, n_boot: int, seed: int,
                      min_strata: int = 2) -> tuple[np.ndarray, int]:
     """How often each run enters each resample: (n_boot, runs) counts, and how many draws were redone.

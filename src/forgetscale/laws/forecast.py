@@ -32,16 +32,32 @@ FORECASTS = (
 
 def choose_group(doc: dict[str, Any], dataset: str | None = None, method: str | None = None,
                  mitigation: str | None = None) -> dict[str, Any]:
-    """The one group matching the filters; a sweep with one group needs none."""
-    want = {"dataset": dataset, "method": method, "mitigation": mitigation}
+    """The one group matching the filters; a sweep with one group (or one group with fitted laws) needs none.
+
+    `method` matches a method name ('lora') or a variant label ('lora[attn]'); where both LoRA on every
+    linear module ('lora') and another LoRA variant exist, 'lora' means the variant labelled 'lora'.
+    """
+    def variant(g: dict[str, Any]) -> str:
+        return g["key"].get("variant", g["key"]["method"])
+
+    want = {"dataset": dataset, "mitigation": mitigation}
     hits = [g for g in doc["groups"] if all(v is None or g["key"].get(k) == v for k, v in want.items())]
+    if method is not None:
+        exact = [g for g in hits if variant(g) == method]
+        hits = exact or [g for g in hits if g["key"]["method"] == method]
+    if len(hits) > 1:  # groups where no law could be fitted (a method with one run) cannot forecast
+        fitted = [g for g in hits if any("params" in d for d in g["laws"].values())]
+        hits = fitted if len(fitted) == 1 else hits
     if len(hits) == 1:
         return hits[0]
     labels = [g["label"] for g in doc["groups"]]
     if not hits:
-        key = next((k for k, v in want.items() if v is not None and v not in {g["key"].get(k) for g in doc["groups"]}),
-                   "dataset")
-        raise UnknownNameError(did_you_mean(key, str(want[key]), sorted({g["key"][key] for g in doc["groups"]})))
+        known = {"dataset": {g["key"]["dataset"] for g in doc["groups"]},
+                 "method": {variant(g) for g in doc["groups"]} | {g["key"]["method"] for g in doc["groups"]},
+                 "mitigation": {g["key"].get("mitigation") for g in doc["groups"]}}
+        given = {"dataset": dataset, "method": method, "mitigation": mitigation}
+        key = next((k for k, v in given.items() if v is not None and v not in known[k]), "dataset")
+        raise UnknownNameError(did_you_mean(key, str(given[key]), sorted(str(x) for x in known[key])))
     raise DataError(f"laws.json holds {len(hits)} groups ({'; '.join(labels)}); choose one with --dataset/--method")
 
 

@@ -40,6 +40,9 @@ def _num(x: Any) -> Any:
     return x
 
 
+json_safe = _num  # public name for other modules that build parts of laws.json
+
+
 def _float(x: Any) -> float:
     return float("nan") if x is None else float(x)
 

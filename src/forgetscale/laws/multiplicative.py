@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from forgetscale.laws import forms
+from forgetscale.laws import fitting, forms
 from forgetscale.laws.nonlinear import NonlinearLaw
 
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -67,17 +67,11 @@ class _Mult(NonlinearLaw):
         y = self._obs_of(data)
         lp, ln = data.uP[data.iP], data.uN[data.iN]
         grid = np.array(list(itertools.product(GRID, GRID)))
-        g = np.exp(-grid[:, :1] * lp - grid[:, 1:] * ln) / y  # relative least squares: (k g + E) / y ~ 1
-        one = 1.0 / y
-        a11, a12, a22 = (g * g).sum(1), (g * one).sum(1), (one * one).sum()
-        b1, b2 = g.sum(1), one.sum()
-        det = a11 * a22 - a12 * a12
-        with np.errstate(all="ignore"):
-            k = (b1 * a22 - b2 * a12) / det
-            E = (a11 * b2 - a12 * b1) / det
+        g = np.exp(-grid[:, :1] * lp - grid[:, 1:] * ln)
+        k, E = fitting.scale_offset(g, y)  # start: (k g + E) / y ~ 1, relative least squares
         A = self.sign * k
         ok = np.isfinite(A) & (A > 0) & (E > 0)
-        ok &= np.all(self.sign * A[:, None] * g * y + E[:, None] > 0, axis=1)
+        ok &= np.all(self.sign * A[:, None] * g + E[:, None] > 0, axis=1)
         if not ok.any():  # fall back to a flat start: E at the mean, A small
             A, E, ok = np.full(len(grid), 0.01 * y.mean()), np.full(len(grid), y.mean()), np.ones(len(grid), bool)
         return np.column_stack([np.log(A[ok]), np.log(grid[ok, 0]), np.log(grid[ok, 1]), np.log(E[ok])])

@@ -18,7 +18,7 @@ import itertools
 
 import numpy as np
 
-from forgetscale.laws import forms
+from forgetscale.laws import fitting, forms
 from forgetscale.laws.base import RHO_RANGE
 from forgetscale.laws.nonlinear import NonlinearLaw
 from forgetscale.laws.select import FitData
@@ -130,17 +130,11 @@ class PowerFT(NonlinearLaw):
         grid = _block_grid(data)
         X = _block(data, *grid[:, :4].T, False)[0][:, data.point]
         rho = grid[:, 4:5]
-        Z = X**rho / data.ft  # relative least squares for C and s: (C Z + s) / y ~ 1
-        one = 1.0 / data.ft
-        a11, a12, a22 = (Z * Z).sum(1), (Z * one).sum(1), (one * one).sum()
-        b1, b2 = Z.sum(1), one.sum()
-        det = a11 * a22 - a12 * a12
-        with np.errstate(all="ignore"):
-            C = (b1 * a22 - b2 * a12) / det
-            s = (a11 * b2 - a12 * b1) / det
-            bad_s = ~(s > 0) | (s >= data.ft.min())
-            s = np.where(bad_s, 0.5 * data.ft.min(), s)
-            C = np.where(bad_s, ((Z * (1 - s[:, None] * one)).sum(1)) / a11, C)
+        g = X**rho
+        C, s = fitting.scale_offset(g, data.ft)  # start: (C g + s) / L_ft ~ 1, relative least squares
+        bad_s = ~(s > 0) | (s >= data.ft.min())
+        s = np.where(bad_s, 0.5 * data.ft.min(), s)
+        C = np.where(bad_s, fitting.scale_given_offset(g, data.ft, s), C)
         ok = np.isfinite(C) & (C > 0)
         log_m = np.log(C[ok] / self.gauge_c_ft) / rho[ok, 0]
         starts = _rescale(grid[ok], log_m)

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from forgetscale.laws import forms, lawfile, paper
-from forgetscale.laws.select import GROUP_KEYS
+from forgetscale.laws import crossmethod, forms, lawfile, paper
+from forgetscale.laws.select import group_label, group_rows
+from forgetscale.laws.variants import VARIANT, add_variants, non_default
 from forgetscale.report import figures
 from forgetscale.report.sections import Markup, ReportContext, register_section, table
 
@@ -39,9 +40,7 @@ def _fitted(group: dict[str, Any]) -> dict[str, Any]:
 def group_points(ctx: ReportContext, group: dict[str, Any]) -> pd.DataFrame:
     """The group's stored checkpoints (step > 0), marked with whether a fit used them / held them out."""
     options = ctx.laws["options"]
-    frame = ctx.frame
-    for k in GROUP_KEYS:
-        frame = frame[frame[k].astype(str) == group["key"][k]]
+    frame = group_rows(ctx.frame, group["key"])
     frame = frame[frame["step"] > 0]
     fitted = _fitted(group)
     used, test = set(), set()
@@ -79,6 +78,14 @@ def summary(ctx: ReportContext) -> str:
         "(gauge). Intervals are 2.5-97.5 percentiles over the resamples. Held-out error: fit on the smaller ranks' "
         "earlier steps, mean absolute relative error on the largest rank's later steps.</p>")
     for group in ctx.laws["groups"]:
+        if not _fitted(group):  # e.g. a method with one run: say why once, not law by law
+            why = sorted({re.sub(r"^not fitted: law '\w+' ", "", d["status"]) for d in group["laws"].values()
+                          if "needs law '" not in d["status"]})
+            parts.append(f"<h3>{html.escape(group['label'])}</h3><p>No law fitted: "
+                         f"{html.escape('; '.join(why))}."
+                         + (" Its rows still enter the comparison across methods." if ctx.laws.get("cross_method")
+                            else "") + "</p>")
+            continue
         rows = []
         for d in group["laws"].values():
             if "params" not in d:
@@ -101,6 +108,113 @@ def tradeoff(ctx: ReportContext) -> str:
                                                                           "L_f against L_ft"))
     return "".join(out) + "<p class='cap'>Filled: checkpoints the fit used; hollow: earlier steps or unfinished " \
                           "runs. Line: Eq. 4 by least squares, band: 95% bootstrap interval of the line.</p>"
+
+
+def _method_points(ctx: ReportContext, block: dict[str, Any]) -> pd.DataFrame:
+    """Every checkpoint (step > 0) of one dataset's method variants, marked with whether the comparison used it."""
+    o = ctx.laws["options"]
+    frame = add_variants(ctx.frame)
+    frame = frame[(frame["dataset"].astype(str) == block["dataset"])
+                  & (frame["mitigation"].astype(str) == block["mitigation"]) & (frame["step"] > 0)]
+    used = frame["step"] >= block.get("min_step", 1)
+    if not o.get("include_unfinished"):
+        used &= frame["status"] == "finished"
+    return pd.DataFrame({
+        "variant": frame[VARIANT].to_numpy(), "P": frame["trainable_params"].to_numpy(float),
+        "N": frame["step"].to_numpy(float), "ft": frame[o["ft_column"]].to_numpy(float),
+        "f": frame[o["target"]].to_numpy(float), "rank": frame["rank"].to_numpy(), "used": used.to_numpy(),
+    }).dropna(subset=["ft", "f", "P"]).reset_index(drop=True)
+
+
+def _err(e: dict[str, Any], key: str) -> Markup:
+    lo, hi = e[f"{key}_ci"]
+    ci = "" if lo is None or hi is None else f'<br><span class="ci">[{_pct(lo)}, {_pct(hi)}]</span>'
+    return Markup(f"{_pct(e[key])}{ci}")
+
+
+def _methods_table(block: dict[str, Any]) -> str:
+    rows = []
+    for variant, info in block["variants"].items():
+        for i, r in enumerate(info["runs"]):
+            changed = non_default(info["method"], info["settings"])
+            rows.append([variant if i == 0 else "", "" if i else json.dumps(changed, sort_keys=True) if changed else "defaults",
+                         "-" if r["rank"] is None else r["rank"], f"{r['P']:,.0f}", r["step"], _fmt(r.get("ft_loss")),
+                         _fmt(r.get("forget_ce")), _fmt(r.get("forget_kl")), r["status"]])
+    return table(["method", "settings (non-default)", "rank", "P (trainable)", "last step", "L_ft held-out", "L_f (CE)", "KL",
+                  "status"], rows)
+
+
+def _distance_table(block: dict[str, Any]) -> str:
+    rows = []
+    for variant, info in block["variants"].items():
+        ref = variant == block["reference"]
+        P = sorted({r["P"] for r in info["runs"]})
+        p_text = Markup("<br>".join(f"{p:,.0f}" for p in P) + "".join(
+            f'<br><span class="ci">{html.escape(o)}</span>' for o in info.get("outside", [])))
+        if info.get("status") != "compared":
+            rows.append([variant, p_text, "", "", "", "", "", info.get("status", "")])
+            continue
+        for i, (law, e) in enumerate(info["errors"].items()):
+            bias = {"under": "underestimates", "over": "overestimates"}.get(e["bias"], e["bias"].replace("unclear", ""))
+            note = "in-sample (fitted on these rows)" if ref else (
+                Markup(f'<span class="warn">{bias}</span>') if e["bias"] in ("under", "over") else bias)
+            rows.append([f"{variant} (reference)" if ref and i == 0 else (variant if i == 0 else ""),
+                         p_text if i == 0 else "", info["n_rows"] if i == 0 else "", law, _err(e, "signed"),
+                         _err(e, "mean"), _pct(e["max"]), note])
+    return table(["method", "P", "rows", "law fitted on LoRA", "signed mean error", "mean |error|", "max |error|",
+                  "bias (95% interval)"], rows, "consts")
+
+
+def _heldout_tables(block: dict[str, Any]) -> str:
+    out = []
+    ho = block.get("heldout") or {}
+    out.append(f"<p>{html.escape(ho.get('description', ''))}.</p>")
+    if ho.get("by_variant"):
+        rows = [[v if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)), _pct(r["lora"].get(law))]
+                for v, r in ho["by_variant"].items() for i, law in enumerate(r["pooled"] or r["lora"])]
+        out.append(table(["method", "law", "own fit", "pooled fit", "LoRA-only fit"], rows, "consts"))
+    pooled = (block.get("pooled") or {}).get("laws") or {}
+    if pooled:
+        rows = [[d["law"], ", ".join(_fmt(v) for v in d["r2"].values()) if "params" in d else "",
+                 ", ".join(_pct(v) for v in d["heldout_mare"].values()) if "params" in d else "", d["status"]]
+                for d in pooled.values()]
+        out.append(f"<p>{html.escape(block['pooled']['label'])}: every method fitted together as one group "
+                   "(held-out error: its own largest-P split, see docs/laws.md).</p>"
+                   + table(["law", "R²", "held-out error", "status"], rows))
+    return "".join(out)
+
+
+@register_section("methods", "Methods compared: do the LoRA laws hold for other methods? (paper appendix)", 25)
+def methods(ctx: ReportContext) -> str | None:
+    blocks = ctx.laws.get("cross_method") or []
+    if not blocks:
+        return None
+    target = ctx.laws["options"]["target"]
+    out = []
+    for block in blocks:
+        key = {"dataset": block["dataset"], "method": "lora", "mitigation": block["mitigation"]}
+        slug = _slug({"label": " ".join(v for v in (block["dataset"], block["mitigation"]) if v not in ("none", "nan"))})
+        out.append(f"<h3>{html.escape(block['dataset'])}</h3>" + _methods_table(block))
+        out.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in crossmethod.verdict(block)) + "</ul>")
+        if block.get("status") != "compared":
+            continue
+        ref = block["reference"]
+        group = next((g for g in ctx.laws["groups"] if g["label"] == group_label({**key, "variant": ref})), None)
+        laws = lawfile.fitted_laws(group) if group else {}
+        pts = _method_points(ctx, block)
+        fig = figures.methods_tradeoff(pts, ref, laws.get("linear"), target, ctx.laws["options"]["ft_column"])
+        out.append(ctx.figure(f"{slug}_methods_tradeoff", fig, "every method against the LoRA linear law"))
+        parity_fig = figures.methods_parity(pts, ref, laws, target)
+        if parity_fig is not None:
+            out.append(ctx.figure(f"{slug}_methods_parity", parity_fig, "LoRA power laws on every method"))
+        out.append(f"<p>Reference: <b>{html.escape(ref)}</b>, its laws as fitted above; every other method's "
+                   f"checkpoints at steps &ge; {block['min_step']} are predicted by them. Relative error = (predicted "
+                   "&minus; observed) / observed L_f: a negative signed mean means the law <b>underestimates</b> "
+                   "forgetting. Intervals: 2.5-97.5 percentiles over the LoRA laws' bootstrap refits (parameter "
+                   "uncertainty of the LoRA fit, not the scatter of the other method's own points).</p>"
+                   + _distance_table(block))
+        out.append("<h4>Own, pooled or LoRA-only fit: which forecasts later steps best?</h4>" + _heldout_tables(block))
+    return "".join(out)
 
 
 @register_section("curves", "Losses against steps (paper Fig. 3)", 30)

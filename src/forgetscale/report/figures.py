@@ -6,6 +6,7 @@ fitted laws, and returns a Figure. Colours: one per rank (viridis, small to larg
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 
 import matplotlib
@@ -24,6 +25,8 @@ plt.rcParams.update({
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
 })
 FT_LABEL = "fine-tuning loss $L_{ft}$ (nats/token)"
+FT_LABELS = {"ft_loss": "fine-tuning loss $L_{ft}$, held-out (nats/token)",
+             "ft_loss_train": "fine-tuning loss $L_{ft}$, training blocks (nats/token)"}
 TARGET_LABEL = {"forget_ce": "forgetting $L_f$ (CE vs base, nats/token)",
                 "forget_kl": "forgetting KL(base $\\|$ tuned) (nats/token)"}
 STEP_LABEL = "update steps $N$ (log scale)"
@@ -70,6 +73,11 @@ def _legend_below(fig, axes, ncol: int = 4) -> None:
     fig.tight_layout(rect=(0, 0.045 * int(np.ceil(len(labels) / ncol)), 1, 1))
 
 
+def _line(c: float, s: float) -> str:
+    """Eq. 4 as mathtext with its fitted signs: L_f = -c L_ft + s (either constant may be negative)."""
+    return (f"$L_f = {'-' if c >= 0 else ''}{abs(c):.3f}\\,L_{{ft}} {'+' if s >= 0 else '-'} {abs(s):.3f}$")
+
+
 def _band(law: Law, P, N, output: str) -> tuple[np.ndarray, np.ndarray] | None:
     if not len(law.boot_):
         return None
@@ -93,7 +101,7 @@ def tradeoff(points: pd.DataFrame, laws: Mapping[str, Law], target: str) -> plt.
         x = np.linspace(points.loc[points["used"], "ft"].min(), points.loc[points["used"], "ft"].max(), 100)
         c, s = law.params_["c_f_ft"], law.params_["s_f_ft"]
         ax.plot(x, law.predict(x), color="black", lw=2, zorder=4,
-                label=f"Eq. 4: $L_f = {'-' if c >= 0 else '+'}{abs(c):.3f}\\,L_{{ft}} + {s:.3f}$  "
+                label=f"Eq. 4: {_line(c, s)}  "
                       f"($R^2$ = {law.r2_['f']:.3f})")
         band = _band(law, x, None, "f")
         if band is not None:
@@ -212,4 +220,94 @@ def extrapolation(points: pd.DataFrame, laws: Mapping[str, Law], target: str, n_
         ax.set_ylabel(FT_LABEL if out == "ft" else TARGET_LABEL[target])
         ax.set_title(f"Forecast of {OUT[out][1]} at P = {human(p_max)} from smaller P, N $\\leq$ {n_cut:g}")
     _legend_below(fig, axes, ncol=3)
+    return fig
+
+
+MARKERS = ("s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
+
+
+def method_styles(points: pd.DataFrame, reference: str) -> dict[str, dict]:
+    """Scatter style per method variant: the reference LoRA as circles, every other one its own marker and colour."""
+    others = [v for v in sorted(points["variant"].unique()) if v != reference]
+    cmap = plt.get_cmap("tab10")
+    styles = {v: {"marker": MARKERS[i % len(MARKERS)], "color": cmap((i + 1) % 10)} for i, v in enumerate(others)}
+    styles[reference] = {"marker": "o", "color": None}
+    return styles
+
+
+def _method_scatter(ax, points: pd.DataFrame, reference: str, x: str, y: pd.Series | None = None) -> None:
+    """Every checkpoint, one marker per method (LoRA coloured by rank); hollow where no fit used it."""
+    styles = method_styles(points, reference)
+    ref = points[points["variant"] == reference]
+    col = colours(ref) if len(ref) else {}
+    for variant, g in points.groupby("variant", sort=True):
+        st = styles[variant]
+        yy = g["f"] if y is None else y.loc[g.index]
+        for used, part in ((True, g["used"]), (False, ~g["used"])):
+            if not part.any():
+                continue
+            c = [col[p] for p in g.loc[part, "P"]] if variant == reference else [st["color"]] * int(part.sum())
+            kw = {"c": c} if used else {"facecolors": "none", "edgecolors": c, "alpha": 0.5}
+            ax.scatter(g.loc[part, x], yy[part], s=30 if used else 24, marker=st["marker"], zorder=3, lw=1, **kw)
+        if variant != reference:
+            P = g["P"].unique()
+            ptext = human(P[0]) if len(P) == 1 else f"{human(P.min())}-{human(P.max())}"
+            ax.scatter([], [], marker=st["marker"], color=st["color"], s=30, label=f"{variant} (P = {ptext})")
+    for p in sorted(col):
+        ax.scatter([], [], marker="o", color=col[p], s=30, label=f"{reference}: {_rank_label(ref, p)}")
+
+
+def methods_tradeoff(points: pd.DataFrame, reference: str, linear: Law | None, target: str,
+                     ft_column: str = "ft_loss") -> plt.Figure:
+    """L_f against L_ft for every method, with the Eq. 4 line fitted on the reference LoRA runs only."""
+    fig, ax = plt.subplots(figsize=(11, 5.6))
+    _method_scatter(ax, points, reference, "ft")
+    if linear is not None:
+        ref_used = points[(points["variant"] == reference) & points["used"]]
+        lo, hi = ref_used["ft"].min(), ref_used["ft"].max()
+        x_all = np.linspace(min(lo, points["ft"].min()), max(hi, points["ft"].max()), 200)
+        inside = (x_all >= lo) & (x_all <= hi)
+        c, s = linear.params_["c_f_ft"], linear.params_["s_f_ft"]
+        y_all = linear.predict(x_all)
+        ax.plot(x_all[inside], y_all[inside], color="black", lw=2, zorder=4,
+                label=f"Eq. 4 fitted on {reference}: {_line(c, s)}")
+        ax.plot(x_all, y_all, color="black", lw=1.2, ls="--", zorder=4, label="same line outside LoRA's $L_{ft}$ range")
+        band = _band(linear, x_all, None, "f")
+        if band is not None:
+            ax.fill_between(x_all, *band, color="black", alpha=0.12, lw=0, label="95% bootstrap band (LoRA fit)")
+    if (~points["used"]).any():
+        ax.scatter([], [], s=24, facecolors="none", edgecolors="grey", label="not compared (early step / unfinished)")
+    ax.set_xlabel(FT_LABELS.get(ft_column, FT_LABEL))
+    ax.set_ylabel(TARGET_LABEL[target])
+    ax.set_title("Every method against the linear law fitted on LoRA only")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def methods_parity(points: pd.DataFrame, reference: str, laws: Mapping[str, Law], target: str) -> plt.Figure | None:
+    """Observed L_f against the reference LoRA laws' predictions in (P, N), one marker per method."""
+    panels = []
+    for name in ("power_f", "power_joint", "mult_f"):
+        law = laws.get(name)
+        if law is not None:
+            pred = pd.Series(law.predict(points["P"].to_numpy(), points["N"].to_numpy(), output="f"), index=points.index)
+            if np.isfinite(pred).any():
+                panels.append((name, pred))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
+    obs = points["f"]
+    lo, hi = np.nanmin(obs), np.nanmax(obs)
+    for ax, (name, pred) in zip(axes[0], panels, strict=True):
+        _method_scatter(ax, points, reference, "f", y=pred)
+        lo2, hi2 = min(lo, np.nanmin(pred)), max(hi, np.nanmax(pred))
+        pad = 0.04 * (hi2 - lo2)
+        ax.plot([lo2 - pad, hi2 + pad], [lo2 - pad, hi2 + pad], color="grey", lw=1, zorder=2)
+        status = laws[name].status_
+        note = "" if status == "converged" else "\n" + textwrap.fill(textwrap.shorten(status, 96, placeholder="..."), 48)
+        ax.set_title(f"{name} fitted on {reference}{note}", fontsize=None if not note else 10)
+        ax.set_xlabel(f"observed $L_f$ ({'CE' if target == 'forget_ce' else 'KL'}, nats)")
+        ax.set_ylabel("predicted $L_f$ (nats)")
+    _legend_below(fig, axes[0][:1], ncol=4)
     return fig

@@ -24,7 +24,7 @@ import pandas as pd
 from forgetscale.registry import Registry
 
 # Modules that may register sections when installed (e.g. the evals package's capability checks).
-OPTIONAL_PROVIDERS = ("forgetscale.evals.report",)
+OPTIONAL_PROVIDERS = ("forgetscale.evals.report", "forgetscale.mitigations.report")
 
 
 @dataclass
