@@ -25,7 +25,8 @@ def print_summary(store, console: Console | None = None) -> None:
         table.add_column(col, justify="right" if col not in ("method", "status") else "left")
     rows = store.checkpoints()
     order = sorted(rows, key=lambda c: (runs[c["run_id"]]["method"], runs[c["run_id"]]["rank"] or 0,
-                                        runs[c["run_id"]]["seed"], c["step"]))
+                                        runs[c["run_id"]].get("mitigation") or "", runs[c["run_id"]]["seed"],
+                                        c["step"]))
     previous = None
     for row in order:
         run = runs[row["run_id"]]
@@ -33,7 +34,8 @@ def print_summary(store, console: Console | None = None) -> None:
         if first and previous is not None:
             table.add_section()
         previous = row["run_id"]
-        table.add_row(run["method"] if first else "", _fmt(run["rank"]) if first else "", _fmt(run["seed"]) if first else "",
+        arm = run.get("mitigation") or "none"
+        table.add_row((run["method"] + ("" if arm == "none" else f"+{arm}")) if first else "", _fmt(run["rank"]) if first else "", _fmt(run["seed"]) if first else "",
                       _fmt(run["trainable_params"]) if first else "", str(row["step"]), _fmt(row["ft_loss"]),
                       _fmt(row["ft_loss_train"]), _fmt(row["forget_ce"]), _fmt(row["forget_kl"], 5),
                       run["status"] if first else "")
@@ -58,7 +60,8 @@ def print_eval_summary(summaries: list[dict], labels: dict[str, str], console: C
         for col in ("protocol", "metric", "model", "rate [95% CI] (k/n)", "vs base [95% CI]"):
             table.add_column(col)
         rows = [s for s in summaries if s["suite"] == suite]
-        rows.sort(key=lambda s: (s["protocol"], s["metric"], s["model_key"] != "base", s["model_key"]))
+        rows.sort(key=lambda s: (s["protocol"], s["metric"], s["model_key"] != "base",
+                                 labels.get(s["run_id"], s["model_key"]), s["step"] or 0))
         previous = None
         for s in rows:
             if previous is not None and (s["protocol"], s["metric"]) != previous:

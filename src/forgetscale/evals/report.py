@@ -46,7 +46,9 @@ def _vs(s: dict[str, Any]) -> Markup:
 def _metric_table(summaries: list[dict[str, Any]], labels: dict[str, str], metrics: list[str]) -> str:
     """One row per (protocol, model): the metrics side by side, base first."""
     by = {(s["protocol"], s["model_key"], s["metric"]): s for s in summaries}
-    keys = sorted({(s["protocol"], s["model_key"]) for s in summaries}, key=lambda k: (k[0], k[1] != "base", k[1]))
+    order = {s["model_key"]: (labels.get(s["run_id"], s["model_key"]), s["step"] or 0) for s in summaries}
+    keys = sorted({(s["protocol"], s["model_key"]) for s in summaries},
+                  key=lambda k: (k[0], k[1] != "base", order[k[1]]))
     rows = []
     for protocol, key in keys:
         any_row = next(by[(protocol, key, m)] for m in metrics + ["replies"] if (protocol, key, m) in by)
