@@ -1,0 +1,40 @@
+"""freeze: tune only the upper layers; the first k decoder layers stay exactly as in the base model.
+
+Applied after the method is attached and before the optimizer is built: every trainable parameter
+inside the first k layers (for LoRA: their adapters, which then stay at B = 0) is frozen, so P, the
+stored trainable-parameter count, drops. The paper predicts fewer parameters only slide a run along
+the trade-off line; this arm tests that for the lower layers in particular.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from forgetscale.errors import ConfigError
+from forgetscale.methods import _decoder_layers
+from forgetscale.mitigations import MITIGATIONS, Hooks, MitigationSpec
+
+
+class FreezeSpec(MitigationSpec):
+    name: Literal["freeze"] = "freeze"
+    layers: int | None = Field(None, ge=1, description="how many of the lowest decoder layers stay untouched "
+                                                       "(default: half of them)")
+
+    def hooks(self, ctx: Any, model: torch.nn.Module, plan: Any) -> Hooks:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layers = _decoder_layers(base)
+        k = self.layers if self.layers is not None else len(layers) // 2
+        if k >= len(layers):
+            raise ConfigError(f"mitigation freeze.layers: must be < the model's {len(layers)} layers; got {k}")
+        for layer in layers[:k]:
+            layer.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"mitigation freeze.layers: freezing {k} layers leaves method '{plan.method.name}' "
+                              "nothing to train; lower it")
+        return Hooks()
+
+
+MITIGATIONS.add("freeze", FreezeSpec)

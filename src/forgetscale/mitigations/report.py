@@ -1,0 +1,166 @@
+"""How the mitigation comparison is shown: a report section (registered like any other, see
+report/sections.py) and the tables `forgetscale fit` prints. Both read laws.json's 'mitigation' block
+(laws/mitigation.py) and never fit; the figure plots the stored rows and draws the stored lines."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from forgetscale.report.sections import Markup, ReportContext, register_section, table
+
+HEADER = ["arm", "seeds", "matched L_ft (depth)", "KL control", "KL arm", "KL reduction [95%]", "L_f arm - control [95%]",
+          "line gap at L* [95%]", "verdict", "train time x control"]
+
+
+def _v(x: Any) -> float:
+    """A number from laws.json (where NaN is stored as null)."""
+    return math.nan if x is None else float(x)
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _ci(pair: list[Any], digits: int = 4, pct: bool = False) -> str:
+    lo, hi = pair
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f" [{100 * lo:.0f}%, {100 * hi:.0f}%]" if pct else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+
+def rows(cell: dict[str, Any]) -> list[list[str]]:
+    """The matched-loss table of one cell, as text (control first)."""
+    control = cell["control"]
+    out = [["none (control)", ",".join(map(str, control["seeds"])), "", "", "", "", "", "", "", "1.00"]]
+    for a in cell["arms"]:
+        cost = a["cost"]
+        cost_text = _f(cost["ratio"], 2) + (" (reuses control)" if cost.get("note") else "")
+        if "matched" not in a:
+            out.append([a["arm"], ",".join(map(str, a["seeds"])), "", "", "", "", "", "", a.get("status", ""), cost_text])
+            continue
+        p = a["matched"][-1]
+        gap = a["gap"]["f"]
+        out.append([
+            a["arm"], ",".join(map(str, a["paired_seeds"])), f"{_f(p['ft'])} ({_pct(a['depth'])})", _f(p["kl_none"]),
+            _f(p["kl_arm"]), _pct(p["reduction"]) + _ci(p["reduction_ci"], pct=True),
+            f"{p['f_diff']:+.4f}" + _ci(p["f_diff_ci"]) if math.isfinite(_v(p["f_diff"])) else "-",
+            f"{gap['value']:+.4f}" + _ci(gap["ci"]) if math.isfinite(_v(gap["value"])) else "-",
+            a["verdict"] if a["status"] == "compared" else f"{a['verdict']} ({a['status']})", cost_text,
+        ])
+    return out
+
+
+def line_rows(cell: dict[str, Any]) -> list[list[str]]:
+    """Eq. 4 per arm: slope and intercept with their intervals (L_f = forget_ce)."""
+    out = []
+    for name, line in [("none (control)", cell["control"]["line"]["f"]), *((a["arm"], a["line"]["f"]) for a in cell["arms"])]:
+        if "slope" not in line:
+            out.append([name, "", "", "", line["status"]])
+            continue
+        out.append([name, f"{line['slope']:.3f}" + _ci(line["slope_ci"], 3), f"{line['intercept']:.3f}"
+                    + _ci(line["intercept_ci"], 3), _f(line["r2"], 3), line["status"]])
+    return out
+
+
+def console_tables(cells: list[dict[str, Any]]) -> list[Any]:
+    """Rich tables (and one line per arm) for `forgetscale fit`."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from forgetscale.laws.mitigation import summary_lines
+
+    items: list[Any] = []
+    for cell in cells:
+        t = Table(title=escape(f"{cell['label']}: forgetting at matched held-out L_ft (base {cell['base_ft']:.4f}); "
+                               "intervals over paired seeds"), title_justify="left")
+        for col in HEADER:
+            t.add_column(col, overflow="fold")
+        for row in rows(cell):
+            t.add_row(*(escape(c) for c in row))
+        lines = Table(title=escape(f"{cell['label']}: Eq. 4 per arm, L_f = slope * L_ft + intercept"),
+                      title_justify="left")
+        for col in ("arm", "slope [95%]", "intercept [95%]", "R^2", "status"):
+            lines.add_column(col, overflow="fold")
+        for row in line_rows(cell):
+            lines.add_row(*(escape(c) for c in row))
+        items += [t, lines, *(f"- {escape(s)}" for s in summary_lines(cell)), ""]
+    return items
+
+
+def figure(frame: Any, cell: dict[str, Any]) -> Any:
+    """KL and L_f against held-out L_ft for every arm of a cell, with each arm's fitted Eq. 4 line."""
+    import matplotlib.pyplot as plt
+
+    from forgetscale.report import figures  # noqa: F401  (Agg backend and the report's style)
+
+    arms = ["none", *(a["arm"] for a in cell["arms"])]
+    colours = {arm: ("black" if arm == "none" else plt.get_cmap("tab10")(i % 10)) for i, arm in enumerate(arms)}
+    lines = {"none": cell["control"]["line"], **{a["arm"]: a["line"] for a in cell["arms"]}}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, (col, key, ylabel) in zip(axes, (("forget_kl", "kl", "forgetting KL(base $\\|$ tuned) (nats/token)"),
+                                             ("forget_ce", "f", "forgetting $L_f$ (CE vs base, nats/token)")), strict=True):
+        for arm in arms:
+            sub = frame[frame["mitigation"] == arm]
+            for _, run in sub.groupby("run_id"):
+                run = run.sort_values("step")
+                style = {"ls": "none", "marker": "D"} if float(run["wall_s"].max()) == 0.0 else {"ls": "-", "marker": "o"}
+                ax.plot(run["ft_loss"], run[col], color=colours[arm], lw=0.8, ms=3.5, alpha=0.7, **style)
+            line = lines[arm].get(key, {})
+            if "slope" in line and len(sub):
+                x = np.linspace(sub["ft_loss"].min(), sub["ft_loss"].max(), 50)
+                ax.plot(x, line["slope"] * x + line["intercept"], color=colours[arm], lw=2.2,
+                        label=f"{arm}: slope {line['slope']:.2f}")
+            elif len(sub):
+                ax.plot([], [], color=colours[arm], lw=2.2, label=f"{arm}: no line fitted")
+        ax.set_xlabel("held-out fine-tuning loss $L_{ft}$ (nats/token)")
+        ax.set_ylabel(ylabel)
+        ax.invert_xaxis()
+    axes[0].set_title("KL against L_ft (training runs right to left)")
+    axes[1].set_title("Eq. 4 line per arm")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 5), 1, 1))
+    return fig
+
+
+@register_section("mitigation", "Mitigation: does an arm move the trade-off line?", 25)
+def section(ctx: ReportContext) -> str | None:
+    cells = ctx.laws.get("mitigation")
+    if not cells:
+        return None
+    from forgetscale.laws.mitigation import summary_lines
+    from forgetscale.laws.variants import VARIANT, add_variants
+
+    frame = add_variants(ctx.frame)
+    parts = []
+    for cell in cells:
+        rows_ = frame[(frame["dataset"] == cell["dataset"]) & (frame[VARIANT] == cell["variant"])]
+        if cell["rank"] is not None:
+            rows_ = rows_[rows_["rank"] == cell["rank"]]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", cell["label"]).strip("-").lower()
+        parts.append(f"<h3>{html.escape(cell['label'])}</h3>")
+        parts.append(ctx.figure(f"{slug}_mitigation", figure(rows_, cell), "forgetting against L_ft per arm"))
+        parts.append(table(HEADER, rows(cell)))
+        parts.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(cell)) + "</ul>")
+        parts.append("<p>Eq. 4 fitted per arm (L_f = forget_ce, steps &ge; the fit's minimum step):</p>"
+                     + table(["arm", "slope [95%]", "intercept [95%]", "R²", "status"], line_rows(cell)))
+    parts.append(Markup(
+        "<p class='cap'>Matched L_ft: the lowest held-out fine-tuning loss that every run of the arm and of the "
+        "control reaches (depth: its distance from the base as a share of the control's own gain); KL and L_f are "
+        "interpolated along each run's trajectory (points that set a new lowest L_ft) and compared seed by seed. "
+        "Reduction: 1 - KL_arm / KL_control, mean and t interval over paired seeds. Line gap: the arm's Eq. 4 line "
+        "minus the control's at L*, 95% bootstrap interval over runs; an interval that excludes 0 means the arm "
+        "moved the line, otherwise it slid along it. Train time: training wall time (evaluation excluded), mean over "
+        "seeds, against the control; the scale arm trains nothing (diamonds: its s-curves at the last step). "
+        "Lines in the figure: each run's checkpoints in step order.</p>"))
+    return "".join(parts)
