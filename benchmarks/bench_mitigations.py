@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "mitigations.yaml"))
     parser.add_argument("--out", default="/tmp/bench-mitigations", help="RUN_DIR for the cached self-generated text")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
+    parser.add_argument("--gen-samples", type=int, default=64,
+                        help="also time sampling this many sequences from the base model (0: skip)")
     args = parser.parse_args()
 
     from forgetscale.config import load_config
@@ -62,7 +65,8 @@ def main() -> None:
     from forgetscale.sweep import build_context, plan_runs
     from forgetscale.train import make_optimizer
 
-    cfg = load_config(args.config)
+    overrides = {"train.threads": args.threads} if args.threads else None
+    cfg = load_config(args.config, overrides)
     started = time.perf_counter()
     ctx = build_context(cfg, Path(args.out))
     print(f"context (data, base predictions, arm inputs) built in {time.perf_counter() - started:.0f} s")
@@ -90,7 +94,18 @@ def main() -> None:
         for key, info in json.loads(inputs.read_text()).items():
             seconds = info.get("generation_seconds", info.get("seconds"))
             if seconds is not None:
-                print(f"one-time: {key}: {seconds:.1f} s (= {seconds / median['none']:.0f} 'none' steps)")
+                print(f"one-time: {key}: {seconds:.1f} s (= {seconds / median['none']:.0f} 'none' steps)"
+                      + (" [as recorded when the text was generated]" if key.startswith("generated") else ""))
+    if args.gen_samples:
+        from forgetscale.mitigations.inputs import generate_blocks
+        from forgetscale.models import load_model
+
+        base = load_model(cfg.model.name, cache_dir=cfg.model.cache_dir)
+        started = time.perf_counter()
+        generate_blocks(base.model, base.tokenizer, args.gen_samples, cfg.train.context_length, 1.0, 0, ctx.device)
+        seconds = time.perf_counter() - started
+        print(f"one-time: sampling {args.gen_samples} sequences of {cfg.train.context_length} tokens from the base: "
+              f"{seconds:.1f} s (= {seconds / median['none']:.0f} 'none' steps)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from forgetscale.data import load_records
 from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
 from forgetscale.laws.fitall import FitOptions
-from forgetscale.laws.mitigation import at_loss, compare, frontier
+from forgetscale.laws.mitigation import at_loss, compare, frontier, verdict
 from forgetscale.methods import attach
 from forgetscale.mitigations import MITIGATIONS, ArmInputs
 from forgetscale.mitigations.inputs import WINDOW, general_pool, generate_blocks
@@ -164,6 +164,13 @@ def test_every_arm_runs_and_stores_its_tag(swept):
     assert any(k.startswith("general:") for k in info) and any(k.startswith("fisher:") for k in info)
 
 
+def test_eval_labels_are_the_sweeps_run_labels(swept):
+    from forgetscale.evals.runner import run_labels
+
+    cfg, _, store, _, _ = swept
+    assert set(run_labels(store).values()) == {p.label for p in plan_runs(cfg)}  # scale runs apart by their s
+
+
 def test_scale_zero_is_the_base_and_one_is_the_control(swept):
     _, _, _, runs, rows = swept
     control = rows["none"]
@@ -301,6 +308,15 @@ def test_comparison_tells_a_moved_line_from_a_slide(tmp_path):
     scale = arms["scale"]
     assert scale["verdict"] == "slid along the line" and scale["cost"]["ratio"] == 1.0
     assert scale["cost"]["note"]
+
+
+def test_no_verdict_on_the_line_when_either_line_is_not_identified():
+    gap, ok = {"value": -0.3, "ci": [-0.4, -0.2], "at": 3.0}, {"status": "converged", "r2": 0.9}
+    assert verdict(gap, 0.9, 0.5, {"control": ok, "arm": ok}) == "moved the line down"
+    flat = {"status": "not identifiable: c_f_ft interval spans 40x", "r2": 0.12}
+    said = verdict(gap, 0.9, 0.5, {"control": flat, "arm": ok})
+    assert said.startswith("no verdict: the control's Eq. 4 line is not identified (R^2 0.12)")
+    assert verdict(gap, 0.1, 0.5, {"control": flat, "arm": ok}).startswith("not comparable")  # depth first
 
 
 def test_fit_and_report_show_the_matched_comparison(tmp_path):

@@ -47,6 +47,12 @@ def config_keys() -> list[tuple[str, str, str]]:
             if name == "name":
                 continue
             rows.append((f"method.{name} ({method})", repr(field.default), field.description or ""))
+    from forgetscale.mitigations import MITIGATIONS
+
+    for arm in MITIGATIONS.names():  # each `mitigation:` entry is one arm's settings (docs/mitigations.md)
+        for name, field in MITIGATIONS.get(arm).model_fields.items():
+            if name != "name":
+                rows.append((f"mitigation.{name} ({arm})", repr(field.default), field.description or ""))
     return rows
 
 

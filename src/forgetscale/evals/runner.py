@@ -42,15 +42,28 @@ class Checkpoint:
         return f"{self.run_id}@{self.step}"
 
 
+def _scale_factor(run: dict) -> float | None:
+    """The s of a scale-mitigation run (its tag is just 'scale'; s lives in the run's config)."""
+    if run.get("mitigation") != "scale":
+        return None
+    try:
+        return float(json.loads(run["config"])["mitigation"]["s"])
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 def run_labels(store: Store) -> dict[str, str]:
-    """run_id -> a readable label ('lora-r8', 'ia3', '... -s1' when seeds differ)."""
+    """run_id -> a readable label, the sweep's own ('lora-r8', 'ia3', 'lora-r8-kl', '... -s1' when seeds differ)."""
     runs = store.runs()
     seeds = {r["seed"] for r in runs}
     labels = {}
     for r in runs:
         label = r["method"] if r["rank"] is None else f"{r['method']}-r{r['rank']}"
         if r.get("mitigation") and r["mitigation"] != "none":
-            label += f"+{r['mitigation']}"
+            label += f"-{r['mitigation']}"  # the sweep's own run label: 'lora-r8-kl-s0'
+            variant = _scale_factor(r)
+            if variant is not None:  # one derived run per s: 'lora-r8-scale0.5'
+                label += f"{variant:g}"
         if len(seeds) > 1:
             label += f"-s{r['seed']}"
         labels[r["run_id"]] = label

@@ -15,7 +15,9 @@ Per cell (fine-tuning dataset, method variant, rank) holding the control arm ('n
 3. Lines. Eq. 4, L_f = -c L_ft + s, is fitted per arm (LinearLaw: OLS, runs bootstrapped, steps >= the
    fit's min_step). The gap between the arm's line and the control's at L* carries a bootstrap interval
    from the two fits' resamples: if it excludes 0 and the gap is at least MIN_GAP of the control's KL
-   at L*, the arm moved the line; otherwise it slid along it.
+   at L*, the arm moved the line; otherwise it slid along it. When either line is not identified (its
+   slope's interval spans >10x, e.g. held-out L_ft stalls while forgetting grows) there is no line to
+   move and no verdict: the matched-loss numbers still stand.
 4. Cost: training wall time at the last step (evaluation excluded), mean over seeds, arm / control.
 """
 
@@ -121,7 +123,8 @@ def _line_dict(law: LinearLaw | str) -> dict[str, Any]:
         return {"status": f"not fitted: {law}"}
     c, s = law.params_["c_f_ft"], law.params_["s_f_ft"]
     return {"status": law.status_, "slope": -c, "slope_ci": [-law.ci_["c_f_ft"][1], -law.ci_["c_f_ft"][0]],
-            "intercept": s, "intercept_ci": list(law.ci_["s_f_ft"]), "r2": law.r2_["f"], "n_rows": law.n_rows_}
+            "intercept": s, "intercept_ci": list(law.ci_["s_f_ft"]), "r2": law.r2_["f"], "n_rows": law.n_rows_,
+            "min_step": law.min_step_}
 
 
 def _gap(arm: LinearLaw | str, control: LinearLaw | str, at: float) -> dict[str, Any]:
@@ -141,12 +144,17 @@ def _gap(arm: LinearLaw | str, control: LinearLaw | str, at: float) -> dict[str,
     return {"value": value, "ci": [float(lo[0]), float(hi[0])], "at": at}
 
 
-def verdict(gap: dict[str, Any], depth: float, kl_control: float) -> str:
-    """'moved the line down/up' when the gap's interval excludes 0 and the gap is at least MIN_GAP of the
-    control's KL at L* (with 3 seeds a bootstrap interval can exclude 0 for a gap of no practical size)."""
+def verdict(gap: dict[str, Any], depth: float, kl_control: float, lines: dict[str, dict[str, Any]]) -> str:
+    """'moved the line down/up' when both lines are identified, the gap's interval excludes 0 and the gap is
+    at least MIN_GAP of the control's KL at L* (with 3 seeds a bootstrap interval can exclude 0 for a gap
+    of no practical size); 'slid along the line' otherwise."""
     if not depth >= MIN_DEPTH:
         return (f"not comparable: reaches {100 * depth:.0f}% of the control's L_ft gain "
                 f"(needs {100 * MIN_DEPTH:.0f}%)")
+    for who, line in lines.items():
+        if line.get("status") != "converged":
+            r2 = f" (R^2 {line['r2']:.2f})" if line.get("r2") is not None else ""
+            return f"no verdict: the {who}'s Eq. 4 line is not identified{r2}; read the matched-loss numbers"
     lo, hi = gap["ci"]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "no verdict: no interval for the line's gap"
@@ -212,7 +220,8 @@ def compare_cell(rows: pd.DataFrame, arm_config: dict[str, dict[str, Any]], opti
             points.append(point)
         entry["matched"] = points
         entry["gap"] = {t: _gap(lines[t], control_line[t], lowest) for t in TARGETS}
-        entry["verdict"] = verdict(entry["gap"]["f"], entry["depth"], points[-1]["kl_none"])
+        entry["verdict"] = verdict(entry["gap"]["f"], entry["depth"], points[-1]["kl_none"],
+                                   {"control": out["control"]["line"]["f"], "arm": entry["line"]["f"]})
         entry["status"] = "compared" if len(pairs) >= 2 else f"compared on {len(pairs)} paired seed(s): no interval"
         out["arms"].append(entry)
     return out

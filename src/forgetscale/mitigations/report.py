@@ -114,13 +114,14 @@ def figure(frame: Any, cell: dict[str, Any]) -> Any:
             for _, run in sub.groupby("run_id"):
                 run = run.sort_values("step")
                 style = {"ls": "none", "marker": "D"} if float(run["wall_s"].max()) == 0.0 else {"ls": "-", "marker": "o"}
-                ax.plot(run["ft_loss"], run[col], color=colours[arm], lw=0.8, ms=3.5, alpha=0.7, **style)
+                ax.plot(run["ft_loss"], run[col], color=colours[arm], lw=0.8, ms=3.5, alpha=0.6, **style)
             line = lines[arm].get(key, {})
-            if "slope" in line and len(sub):
-                x = np.linspace(sub["ft_loss"].min(), sub["ft_loss"].max(), 50)
+            fitted = sub[sub["step"] >= line.get("min_step", 1)]  # the line over the rows it was fitted on
+            if "slope" in line and len(fitted):
+                x = np.linspace(fitted["ft_loss"].min(), fitted["ft_loss"].max(), 50)
                 ax.plot(x, line["slope"] * x + line["intercept"], color=colours[arm], lw=2.2,
                         label=f"{arm}: slope {line['slope']:.2f}")
-            elif len(sub):
+            elif len(sub):  # no line: still name the arm
                 ax.plot([], [], color=colours[arm], lw=2.2, label=f"{arm}: no line fitted")
         ax.set_xlabel("held-out fine-tuning loss $L_{ft}$ (nats/token)")
         ax.set_ylabel(ylabel)
@@ -152,7 +153,10 @@ def section(ctx: ReportContext) -> str | None:
         parts.append(ctx.figure(f"{slug}_mitigation", figure(rows_, cell), "forgetting against L_ft per arm"))
         parts.append(table(HEADER, rows(cell)))
         parts.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(cell)) + "</ul>")
-        parts.append("<p>Eq. 4 fitted per arm (L_f = forget_ce, steps &ge; the fit's minimum step):</p>"
+        min_step = cell["control"]["line"]["f"].get("min_step")
+        steps = f"steps &ge; {min_step}" if min_step is not None else "steps &ge; the fit's minimum step"
+        parts.append(f"<p>Eq. 4 fitted per arm (L_f = forget_ce, {steps}; <code>forgetscale fit --min-step</code> "
+                     "changes it, the matched-loss numbers above do not depend on it):</p>"
                      + table(["arm", "slope [95%]", "intercept [95%]", "R²", "status"], line_rows(cell)))
     parts.append(Markup(
         "<p class='cap'>Matched L_ft: the lowest held-out fine-tuning loss that every run of the arm and of the "
