@@ -313,9 +313,10 @@ def test_comparison_tells_a_moved_line_from_a_slide(tmp_path):
 def test_no_verdict_on_the_line_when_either_line_is_not_identified():
     gap, ok = {"value": -0.3, "ci": [-0.4, -0.2], "at": 3.0}, {"status": "converged", "r2": 0.9}
     assert verdict(gap, 0.9, 0.5, {"control": ok, "arm": ok}) == "moved the line down"
-    flat = {"status": "not identifiable: c_f_ft interval spans 40x", "r2": 0.12}
+    flat = {"status": "not identifiable: c_f_ft interval spans 40x", "r2": 0.12, "min_step": 10}
     said = verdict(gap, 0.9, 0.5, {"control": flat, "arm": ok})
-    assert said.startswith("no verdict: the control's Eq. 4 line is not identified (R^2 0.12)")
+    assert said.startswith("no verdict: the control's Eq. 4 line is not identified (R^2 0.12) on steps >= 10")
+    assert said.endswith("(or refit from an earlier step: fit --min-step)")
     assert verdict(gap, 0.1, 0.5, {"control": flat, "arm": ok}).startswith("not comparable")  # depth first
 
 

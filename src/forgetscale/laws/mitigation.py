@@ -154,7 +154,10 @@ def verdict(gap: dict[str, Any], depth: float, kl_control: float, lines: dict[st
     for who, line in lines.items():
         if line.get("status") != "converged":
             r2 = f" (R^2 {line['r2']:.2f})" if line.get("r2") is not None else ""
-            return f"no verdict: the {who}'s Eq. 4 line is not identified{r2}; read the matched-loss numbers"
+            since = f" on steps >= {line['min_step']}" if line.get("min_step") else ""
+            hint = " (or refit from an earlier step: fit --min-step)" if line.get("min_step", 0) > 1 else ""
+            return (f"no verdict: the {who}'s Eq. 4 line is not identified{r2}{since}; read the matched-loss "
+                    f"numbers{hint}")
     lo, hi = gap["ci"]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "no verdict: no interval for the line's gap"

@@ -165,6 +165,7 @@ def section(ctx: ReportContext) -> str | None:
         "Reduction: 1 - KL_arm / KL_control, mean and t interval over paired seeds. Line gap: the arm's Eq. 4 line "
         "minus the control's at L*, 95% bootstrap interval over runs; an interval that excludes 0 means the arm "
         "moved the line, otherwise it slid along it. Train time: training wall time (evaluation excluded), mean over "
-        "seeds, against the control; the scale arm trains nothing (diamonds: its s-curves at the last step). "
+        "seeds, against the control, as timed while the runs ran (other jobs on the machine change it; "
+        "benchmarks/bench_mitigations.py interleaves the arms' steps for a drift-free ratio); the scale arm trains nothing (diamonds: its s-curves at the last step). "
         "Lines in the figure: each run's checkpoints in step order.</p>"))
     return "".join(parts)
