@@ -167,6 +167,32 @@ def test_batched_option_scores_equal_a_manual_forward_pass(tiny):
         assert score == pytest.approx(manual, abs=1e-4)
 
 
+def test_shared_context_scores_equal_full_sequences_and_a_manual_pass(tiny):
+    """Options of one question reuse its context's KV cache: same numbers as scoring each pair whole,
+    with contexts of different lengths (left padding), options of 1-4 tokens (right padding after the
+    prefix), and batches that split the questions."""
+    tok = tiny.tokenizer
+    questions = ["Question: short?\nAnswer:", "Question: a much longer question about things here?\nAnswer:",
+                 "Question: mid length one?\nAnswer:"]
+    options = [" yes", " no way at all", " A", " maybe so"]
+    contexts, conts = [], []
+    for q in questions:
+        for o in options:
+            contexts.append(tok(q)["input_ids"])
+            conts.append(tok(o, add_special_tokens=False)["input_ids"])
+    assert min(len(c) for c in conts) == 1 and max(len(c) for c in conts) >= 3
+    whole = option_logprobs(tiny.model, tok, contexts, conts, batch_size=5, share_context=False)
+    for batch_size in (1, 4, 64):
+        counted = []
+        shared = option_logprobs(tiny.model, tok, contexts, conts, batch_size=batch_size, on_batch=counted.append)
+        assert shared == pytest.approx(whole, abs=1e-4) and sum(counted) == len(conts)
+    ids = torch.tensor([contexts[5] + conts[5]])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.model(ids).logits[0].float(), -1)
+    manual = sum(float(logp[len(contexts[5]) - 1 + j, t]) for j, t in enumerate(conts[5]))
+    assert shared[5] == pytest.approx(manual, abs=1e-4)
+
+
 # -- forgetscale eval on a tiny sweep ------------------------------------------------------------
 
 SMALL = {"batch_size": 4, "safety": {"limit": 4, "max_new_tokens": 6}, "choice": {"limit": 6, "max_new_tokens": 3},

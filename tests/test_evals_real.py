@@ -1,5 +1,6 @@
 """The capability suites on the real embedded model (SmolLM2-135M-Instruct): batched generation equals
-one prompt at a time, the refusal classifier on live replies, and both choice protocols."""
+one prompt at a time, the refusal classifier on live replies, both choice protocols, and option scores
+with a shared context equal to whole sequences."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 from forgetscale.evals.choice import evaluate as choice_evaluate
 from forgetscale.evals.choice_set import embedded_choice_items
-from forgetscale.evals.generation import chat_prompt, generate
+from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
 from forgetscale.evals.refusal import is_refusal
 from forgetscale.evals.settings import ChoiceSettings
 from forgetscale.evals.suites import Target
@@ -62,3 +63,16 @@ def test_both_choice_protocols_on_the_embedded_set(smollm):
     # the generated letter is parsed from nearly every reply of the instruct model
     assert sum(r["prediction"] is None for r in generated) <= 3
     assert all(r["correct"] == int(r["prediction"] == r["gold"]) for r in generated)
+
+
+def test_shared_context_option_scores_equal_whole_sequences(smollm):
+    tok = smollm.tokenizer
+    contexts, conts = [], []
+    for item in embedded_choice_items()[:12]:
+        context = list(tok(f"Question: {item.question}\nAnswer:")["input_ids"])
+        for option in item.options:
+            contexts.append(context)
+            conts.append(list(tok(f" {option}", add_special_tokens=False)["input_ids"]))
+    shared = option_logprobs(smollm.model, tok, contexts, conts, batch_size=16)
+    whole = option_logprobs(smollm.model, tok, contexts, conts, batch_size=16, share_context=False)
+    assert shared == pytest.approx(whole, abs=1e-4)

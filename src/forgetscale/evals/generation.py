@@ -92,11 +92,20 @@ def _stop_ids(tokenizer: Any) -> list[int]:
 def option_logprobs(
     model: torch.nn.Module, tokenizer: Any, contexts: Sequence[list[int]], continuations: Sequence[list[int]], *,
     batch_size: int = 16, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None, share_context: bool = True,
 ) -> list[float]:
-    """Sum of log p(continuation | context) for each pair, batched (the lm-evaluation-harness convention)."""
+    """Sum of log p(continuation | context) for each pair, batched (the lm-evaluation-harness convention).
+
+    Pairs that share a context (a question's options) are scored with the context run once and its KV
+    cache reused for every option (`share_context`); otherwise each pair is one full sequence."""
     device = torch.device(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    if share_context and len({tuple(c) for c in contexts}) < len(contexts):
+        shared = _shared_context_logprobs(model, contexts, continuations, batch_size, device, dtype, pad_id, on_batch)
+        if shared is not None:
+            return shared
     rows = [list(c) + list(x) for c, x in zip(contexts, continuations, strict=True)]
     scores = [0.0] * len(rows)
     model.eval()
@@ -119,4 +128,63 @@ def option_logprobs(
             scores[i] = float(picked.sum())
         if on_batch is not None:
             on_batch(len(batch))
+    return scores
+
+
+@torch.no_grad()
+def _shared_context_logprobs(
+    model: torch.nn.Module, contexts: Sequence[list[int]], continuations: Sequence[list[int]], batch_size: int,
+    device: torch.device, dtype: torch.dtype | None, pad_id: int, on_batch: Callable[[int], None] | None,
+) -> list[float] | None:
+    """option_logprobs with each distinct context encoded once: its last logits score every option's first
+    token and its KV cache, repeated per option, is the prefix the options' remaining tokens are run on.
+    An item's context is usually ~10x its options, so this does a fraction of the work. None when the
+    model's cache cannot be reordered by batch row (the caller then scores full sequences)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, context in enumerate(contexts):
+        groups.setdefault(tuple(context), []).append(i)
+    keys = list(groups)
+    per_batch = max(1, batch_size // max(1, round(len(contexts) / len(keys))))  # ~batch_size option rows per batch
+    scores = [0.0] * len(contexts)
+    model.eval()
+    for batch in _length_batches([len(k) for k in keys], per_batch):
+        ids, mask = _left_pad([list(keys[g]) for g in batch], pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast(device, dtype):
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        if not callable(getattr(cache, "batch_select_indices", None)):
+            return None
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # predicts each option's first token
+        pairs = [(row, i) for row, g in enumerate(batch) for i in groups[keys[g]]]
+        rest = [list(continuations[i])[:-1] for _, i in pairs]  # inputs that predict tokens 1..n-1
+        for row, i in pairs:
+            scores[i] = float(first[row, continuations[i][0]])
+        width = max(len(r) for r in rest)
+        if width:
+            # the options' later tokens, right-padded after the shared prefix (padding sits after every real
+            # token, so causal attention keeps it out of the scores)
+            source = torch.tensor([row for row, _ in pairs])
+            cache.batch_select_indices(source.to(device))
+            tail = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+            tail_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+            for r, tokens in enumerate(rest):
+                if tokens:
+                    tail[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                    tail_mask[r, :len(tokens)] = 1
+            lengths = mask.sum(-1)[source]
+            tail_positions = lengths[:, None] + torch.arange(width)[None, :]
+            full_mask = torch.cat([mask[source], tail_mask], dim=1)
+            with autocast(device, dtype):
+                logits = model(input_ids=tail.to(device), attention_mask=full_mask.to(device),
+                               position_ids=tail_positions.to(device), past_key_values=cache, use_cache=True).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for r, (_, i) in enumerate(pairs):
+                tokens = list(continuations[i])
+                # token t (t >= 1) of the option is predicted at tail position t - 1, after tokens 0..t-1
+                for t in range(1, len(tokens)):
+                    scores[i] += float(logp[r, t - 1, tokens[t]])
+        if on_batch is not None:
+            on_batch(len(pairs))
     return scores
