@@ -186,6 +186,8 @@ def test_shared_context_scores_equal_full_sequences_and_a_manual_pass(tiny):
         counted = []
         shared = option_logprobs(tiny.model, tok, contexts, conts, batch_size=batch_size, on_batch=counted.append)
         assert shared == pytest.approx(whole, abs=1e-4) and sum(counted) == len(conts)
+    with_empty = option_logprobs(tiny.model, tok, contexts[:2], [conts[0], []], batch_size=4)  # falls back
+    assert with_empty[1] == 0.0 and with_empty[0] == pytest.approx(whole[0], abs=1e-4)
     ids = torch.tensor([contexts[5] + conts[5]])
     with torch.no_grad():
         logp = torch.log_softmax(tiny.model(ids).logits[0].float(), -1)

@@ -102,7 +102,8 @@ def option_logprobs(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-    if share_context and len({tuple(c) for c in contexts}) < len(contexts):
+    # shared scoring needs every continuation to have a first token (an empty one scores 0 either way)
+    if share_context and all(continuations) and len({tuple(c) for c in contexts}) < len(contexts):
         shared = _shared_context_logprobs(model, contexts, continuations, batch_size, device, dtype, pad_id, on_batch)
         if shared is not None:
             return shared
