@@ -7,6 +7,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from forgetscale.mitigations import stored_arm_label
+
 
 def _fmt(value: object, digits: int = 4) -> str:
     if value is None:
@@ -25,7 +27,7 @@ def print_summary(store, console: Console | None = None) -> None:
         table.add_column(col, justify="right" if col not in ("method", "status") else "left")
     rows = store.checkpoints()
     order = sorted(rows, key=lambda c: (runs[c["run_id"]]["method"], runs[c["run_id"]]["rank"] or 0,
-                                        runs[c["run_id"]].get("mitigation") or "", runs[c["run_id"]]["seed"],
+                                        stored_arm_label(runs[c["run_id"]]), runs[c["run_id"]]["seed"],
                                         c["step"]))
     previous = None
     for row in order:
@@ -34,8 +36,8 @@ def print_summary(store, console: Console | None = None) -> None:
         if first and previous is not None:
             table.add_section()
         previous = row["run_id"]
-        arm = run.get("mitigation") or "none"
-        table.add_row((run["method"] + ("" if arm == "none" else f"+{arm}")) if first else "", _fmt(run["rank"]) if first else "", _fmt(run["seed"]) if first else "",
+        arm = stored_arm_label(run)
+        table.add_row((run["method"] + (f"-{arm}" if arm else "")) if first else "", _fmt(run["rank"]) if first else "", _fmt(run["seed"]) if first else "",
                       _fmt(run["trainable_params"]) if first else "", str(row["step"]), _fmt(row["ft_loss"]),
                       _fmt(row["ft_loss_train"]), _fmt(row["forget_ce"]), _fmt(row["forget_kl"], 5),
                       run["status"] if first else "")

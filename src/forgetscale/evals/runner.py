@@ -23,6 +23,7 @@ from forgetscale.errors import ConfigError, StoreError
 from forgetscale.evals import choice, safety, samples  # noqa: F401  (register the suites)
 from forgetscale.evals.settings import EvalsConfig
 from forgetscale.evals.suites import SUITES, Target
+from forgetscale.mitigations import stored_arm_label
 from forgetscale.store import Store
 
 BASE = "base"
@@ -42,16 +43,6 @@ class Checkpoint:
         return f"{self.run_id}@{self.step}"
 
 
-def _scale_factor(run: dict) -> float | None:
-    """The s of a scale-mitigation run (its tag is just 'scale'; s lives in the run's config)."""
-    if run.get("mitigation") != "scale":
-        return None
-    try:
-        return float(json.loads(run["config"])["mitigation"]["s"])
-    except (TypeError, ValueError, KeyError):
-        return None
-
-
 def run_labels(store: Store) -> dict[str, str]:
     """run_id -> a readable label, the sweep's own ('lora-r8', 'ia3', 'lora-r8-kl', '... -s1' when seeds differ)."""
     runs = store.runs()
@@ -59,11 +50,9 @@ def run_labels(store: Store) -> dict[str, str]:
     labels = {}
     for r in runs:
         label = r["method"] if r["rank"] is None else f"{r['method']}-r{r['rank']}"
-        if r.get("mitigation") and r["mitigation"] != "none":
-            label += f"-{r['mitigation']}"  # the sweep's own run label: 'lora-r8-kl-s0'
-            variant = _scale_factor(r)
-            if variant is not None:  # one derived run per s: 'lora-r8-scale0.5'
-                label += f"{variant:g}"
+        arm = stored_arm_label(r)
+        if arm:  # the sweep's own run label: 'lora-r8-kl-s0', 'lora-r8-scale0.5-s0'
+            label += f"-{arm}"
         if len(seeds) > 1:
             label += f"-s{r['seed']}"
         labels[r["run_id"]] = label

@@ -207,15 +207,16 @@ def compare_cell(rows: pd.DataFrame, arm_config: dict[str, dict[str, Any]], opti
         for q in QUANTILES:
             target = base - q * (base - lowest)
             point: dict[str, Any] = {"q": q, "ft": target}
+            at: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # target -> (arm, control) per paired seed
             for t in TARGETS:
-                a = np.array([at_loss(p, target, t) for _, p, _ in pairs])
-                c = np.array([at_loss(p, target, t) for _, _, p in pairs])
+                a = np.array([at_loss(p, target, t) for _, p, _ in pairs], dtype=float)
+                c = np.array([at_loss(p, target, t) for _, _, p in pairs], dtype=float)
+                at[t] = (a, c)
                 point[f"{t}_arm"] = float(np.nanmean(a)) if np.isfinite(a).any() else math.nan
                 point[f"{t}_none"] = float(np.nanmean(c)) if np.isfinite(c).any() else math.nan
                 point[f"{t}_diff"], lo, hi = t_interval(a - c)
                 point[f"{t}_diff_ci"] = [lo, hi]
-            kl_arm = np.array([at_loss(p, target, "kl") for _, p, _ in pairs], dtype=float)
-            kl_none = np.array([at_loss(p, target, "kl") for _, _, p in pairs], dtype=float)
+            kl_arm, kl_none = at["kl"]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(kl_none > 0, 1.0 - kl_arm / kl_none, np.nan)
             point["reduction"], lo, hi = t_interval(ratio)

@@ -92,6 +92,21 @@ MITIGATIONS.add("none", ControlSpec)
 CONTROL = ControlSpec()
 
 
+def stored_arm_label(run: dict[str, Any]) -> str:
+    """A stored run's arm as its plan label wrote it (MitigationSpec.label: the tag, plus the variant of an
+    arm that expands into one run per value, e.g. 'scale0.5'); '' for the control."""
+    tag = run.get("mitigation") or "none"
+    if tag == "none":
+        return ""
+    try:
+        settings = json.loads(run["config"])["mitigation"]
+        key = MITIGATIONS.get(settings["name"]).variant_key
+        variant = settings[key] if key else None
+    except (TypeError, ValueError, KeyError):  # an older or hand-edited row (or unknown arm): the tag alone
+        return tag
+    return tag if variant is None else f"{tag}{variant:g}"
+
+
 def arms(listed: list[MitigationSpec]) -> list[MitigationSpec]:
     """The arms of a sweep: the control first (always, when anything is listed), then the listed ones."""
     seen: dict[str, int] = {}
@@ -117,4 +132,4 @@ from forgetscale.mitigations import freeze, kl, l2sp, replay, scale, self_replay
 from forgetscale.mitigations.inputs import ArmInputs, prepare_arms  # noqa: E402
 
 __all__ = ["CONTROL", "MITIGATIONS", "ArmInputs", "ControlSpec", "Hooks", "MitigationSpec", "arms", "check_arms",
-           "prepare_arms"]
+           "prepare_arms", "stored_arm_label"]

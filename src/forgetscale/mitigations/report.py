@@ -37,7 +37,6 @@ def _pct(x: Any) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{100 * x:.0f}%"
 
 
-
 def rows(cell: dict[str, Any]) -> list[list[str]]:
     """The matched-loss table of one cell, as text (control first)."""
     control = cell["control"]
@@ -59,7 +58,6 @@ def rows(cell: dict[str, Any]) -> list[list[str]]:
         ])
     return out
 
-
 def line_rows(cell: dict[str, Any]) -> list[list[str]]:
     """Eq. 4 per arm: slope and intercept with their intervals (L_f = forget_ce)."""
     out = []
@@ -70,7 +68,6 @@ def line_rows(cell: dict[str, Any]) -> list[list[str]]:
         out.append([name, f"{line['slope']:.3f}" + _ci(line["slope_ci"], 3), f"{line['intercept']:.3f}"
                     + _ci(line["intercept_ci"], 3), _f(line["r2"], 3), line["status"]])
     return out
-
 
 def console_tables(cells: list[dict[str, Any]]) -> list[Any]:
     """Rich tables (and one line per arm) for `forgetscale fit`."""
@@ -95,7 +92,6 @@ def console_tables(cells: list[dict[str, Any]]) -> list[Any]:
             lines.add_row(*(escape(c) for c in row))
         items += [t, lines, *(f"- {escape(s)}" for s in summary_lines(cell)), ""]
     return items
-
 
 def figure(frame: Any, cell: dict[str, Any]) -> Any:
     """KL and L_f against held-out L_ft for every arm of a cell, with each arm's fitted Eq. 4 line."""
@@ -132,7 +128,6 @@ def figure(frame: Any, cell: dict[str, Any]) -> Any:
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 5), 1, 1))
     return fig
-
 
 @register_section("mitigation", "Mitigation: does an arm move the trade-off line?", 25)
 def section(ctx: ReportContext) -> str | None:
