@@ -32,7 +32,7 @@ def one(method: dict, rank: int | None, steps: int) -> dict:
     import torch
 
     from forgetscale.config import parse_config
-    from forgetscale.methods import attach, trainable_parameters
+    from forgetscale.methods.attach import attach, trainable_parameters
     from forgetscale.models import EMBEDDED, load_model
     from forgetscale.train import make_optimizer
 

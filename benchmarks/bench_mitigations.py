@@ -61,7 +61,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from forgetscale.config import load_config
-    from forgetscale.methods import attach
+    from forgetscale.methods.attach import attach
+    from forgetscale.mitigations.runtime import hook_setup
     from forgetscale.sweep import build_context, plan_runs
     from forgetscale.train import make_optimizer
 
@@ -77,7 +78,7 @@ def main() -> None:
     for plan in plans:
         torch.manual_seed(plan.seed)
         model = attach(ctx.load_base(), plan.method, plan.rank).to(ctx.device)
-        hooks = plan.mitigation.hooks(ctx, model, plan)
+        hooks = hook_setup(plan, ctx)(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg.train.optimizer, params, plan.method.lr or cfg.train.lr, cfg.train.weight_decay)
         arms.append((plan.mitigation.tag(), model, hooks, optimizer, params, []))

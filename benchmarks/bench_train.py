@@ -20,7 +20,7 @@ import torch
 from forgetscale import forgetting, sweep
 from forgetscale.config import parse_config
 from forgetscale.data import batch_indices
-from forgetscale.methods import attach
+from forgetscale.methods.attach import attach
 from forgetscale.models import EMBEDDED, load_model
 
 

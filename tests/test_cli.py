@@ -69,8 +69,44 @@ def test_chat_sweep_and_export(tmp_path, capsys, tiny_cfg, write_yaml, chat_file
     frame = pd.read_csv(out / "checkpoints.csv")
     assert len(frame) == 3 and set(frame["method"]) == {"lora"} and frame["trainable_params"].iloc[0] == 2 * 2240
     code, _, _ = _run(["export", str(out), "--format", "parquet", "-o", str(tmp_path / "x.parquet")], capsys)
-    assert code == 0 and pd.read_parquet(tmp_path / "x.parquet").equals(pd.read_parquet(tmp_path / "x.parquet"))
-    assert len(pd.read_parquet(tmp_path / "x.parquet")) == len(Store(out).checkpoints())
+    assert code == 0
+    _assert_export_matches_store(pd.read_parquet(tmp_path / "x.parquet"), out / "results.sqlite")
+
+
+def _same(a, b) -> bool:
+    """Equal values, with SQLite's NULL and pandas' NaN/None/NA all meaning 'missing'."""
+    missing_a, missing_b = a is None or bool(pd.isna(a)), b is None or bool(pd.isna(b))
+    return missing_a == missing_b and (missing_a or a == b)
+
+
+def _assert_export_matches_store(exported, db):
+    """The export holds exactly the store's rows: every checkpoint column and every run column it carries,
+    value by value, read from the SQLite tables directly (not through Store, which the export itself uses)."""
+    import sqlite3
+
+    from forgetscale.store import CHECKPOINT_COLUMNS, RUN_COLUMNS
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    checkpoints = {(r["run_id"], r["step"]): dict(r) for r in conn.execute("SELECT * FROM checkpoints")}
+    runs = {r["run_id"]: dict(r) for r in conn.execute("SELECT * FROM runs")}
+    conn.close()
+    columns = list(exported.columns)
+    assert len(columns) == len(set(columns)), f"duplicate columns: {columns}"
+    missing = [c for c in CHECKPOINT_COLUMNS if c not in columns]
+    assert not missing, f"export lacks checkpoint column(s) {missing}"
+    unknown = [c for c in columns if c not in CHECKPOINT_COLUMNS and c not in RUN_COLUMNS]
+    assert not unknown, f"export has column(s) in neither table: {unknown}"
+    assert len(exported) == len(checkpoints) > 0
+    keys = [(r, int(s)) for r, s in zip(exported["run_id"], exported["step"], strict=True)]
+    assert sorted(keys) == sorted(checkpoints), "exported (run_id, step) pairs differ from the store's"
+    for column in columns:
+        table = checkpoints if column in CHECKPOINT_COLUMNS else None
+        for key, value in zip(keys, exported[column], strict=True):
+            stored = table[key][column] if table is not None else runs[key[0]][column]
+            assert _same(value, stored), f"column {column!r}, row {key}: exported {value!r}, stored {stored!r}"
+    # the order the laws read: the store's own frame, columns and rows as they are
+    pd.testing.assert_frame_equal(exported, Store(db).frame(), check_dtype=False)
 
 
 def test_export_without_store(tmp_path, capsys):

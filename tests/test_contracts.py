@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from forgetscale.config import parse_config
-from forgetscale.methods import METHODS, attach, trainable_parameters
+from forgetscale.methods import METHODS
+from forgetscale.methods.attach import ATTACH, attach, trainable_parameters
 from forgetscale.models import load_model
 
 # hand counts for the tiny Llama: hidden 64, 4 heads of 16 (k/v: 2 heads -> 32), MLP 160, 2 layers
@@ -23,7 +24,7 @@ TINY_CASES = [
 @pytest.mark.parametrize("method, rank, expected", TINY_CASES, ids=lambda c: str(c))
 def test_method_trains_exactly_its_parameters(method, rank, expected):
     spec = parse_config({"method": method}).methods[0]
-    assert spec.variants() == ([rank] if rank is not None else [None])
+    assert spec.run_ranks() == ([rank] if rank is not None else [None])
     torch.manual_seed(0)
     base = load_model("tiny-random-llama").model
     ids = torch.randint(0, 1000, (2, 16))
@@ -44,7 +45,7 @@ def test_method_trains_exactly_its_parameters(method, rank, expected):
 
 
 def test_every_registered_method_is_in_the_matrix():
-    assert {c[0]["name"] for c in TINY_CASES} == set(METHODS.names())
+    assert {c[0]["name"] for c in TINY_CASES} == set(METHODS.names()) == set(ATTACH.names())
 
 
 def test_method_errors_name_the_key():

@@ -9,6 +9,7 @@ import torch
 
 from forgetscale.cli import main
 from forgetscale.config import parse_config
+from forgetscale.config.evals import EvalsConfig
 from forgetscale.errors import DataError, StoreError
 from forgetscale.evals.choice import parse_answer
 from forgetscale.evals.choice_set import embedded_choice_items
@@ -16,7 +17,6 @@ from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
 from forgetscale.evals.items import ChoiceItem, choice_items, harmful_prompts, sample_prompts
 from forgetscale.evals.refusal import is_refusal, refusal_marker
 from forgetscale.evals.runner import run_evals
-from forgetscale.evals.settings import EvalsConfig
 from forgetscale.evals.stats import paired_difference, wilson
 from forgetscale.models import TINY, load_model
 from forgetscale.store import Store

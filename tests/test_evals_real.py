@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from forgetscale.config.evals import ChoiceSettings
 from forgetscale.evals.choice import evaluate as choice_evaluate
 from forgetscale.evals.choice_set import embedded_choice_items
 from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
 from forgetscale.evals.refusal import is_refusal
-from forgetscale.evals.settings import ChoiceSettings
 from forgetscale.evals.suites import Target
 from forgetscale.models import EMBEDDED, load_model
 

@@ -5,7 +5,7 @@ from forgetscale.config import parse_config
 from forgetscale.data.blocks import pack_documents
 from forgetscale.data.embedded import news_articles
 from forgetscale.forgetting import measure, reference
-from forgetscale.methods import attach
+from forgetscale.methods.attach import attach
 from forgetscale.models import load_model
 
 CPU = torch.device("cpu")

@@ -47,7 +47,7 @@ def test_variant_defaults_mirror_the_registered_methods():
 
     assert variants.ALL_LINEAR == ALL_LINEAR and variants.ATTENTION == ATTENTION
     for name in METHODS.names():
-        spec = METHODS.get(name).spec()
+        spec = METHODS.get(name)()
         assert {k: v for k, v in spec.identity().items() if k != "name"} == DEFAULTS[name], name
 
 

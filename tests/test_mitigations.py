@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from forgetscale.artefacts import load_weights
 from forgetscale.cli import main
 from forgetscale.config import load_config, parse_config
 from forgetscale.data import load_records
@@ -19,12 +20,11 @@ from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
 from forgetscale.laws.fitall import FitOptions
 from forgetscale.laws.mitigation import at_loss, compare, frontier, verdict
-from forgetscale.methods import attach
-from forgetscale.mitigations import MITIGATIONS, ArmInputs
-from forgetscale.mitigations.inputs import WINDOW, general_pool, generate_blocks
+from forgetscale.methods.attach import attach
+from forgetscale.mitigations import MITIGATIONS
+from forgetscale.mitigations.inputs import WINDOW, ArmInputs, general_pool, generate_blocks
 from forgetscale.mitigations.kl import kl_to_base
 from forgetscale.mitigations.replay import POOL_SEED, ReplayHooks, pool_rows, replay_count
-from forgetscale.mitigations.scale import load_weights
 from forgetscale.models import load_model
 from forgetscale.store import Store
 from forgetscale.sweep import plan_runs, run_sweep
@@ -66,7 +66,7 @@ def test_config_errors_name_the_entry_and_line(write_yaml):
                                           r"did you mean 'kl'\?"):
         load_config(path)
     path = write_yaml(tiny_config(mitigation={"name": "replay", "p": 1.5}))
-    with pytest.raises(ConfigError, match=r"sweep\.yaml:\d+ mitigation\[0\]\.p: input should be less than 1"):
+    with pytest.raises(ConfigError, match=r"sweep\.yaml:\d+ mitigation\.p: input should be less than 1"):
         load_config(path)
     cfg = parse_config(tiny_config(method=[{"name": "full"}], mitigation=["replay", "kl"]))
     with pytest.raises(ConfigError, match=r"^mitigation\[1\] \(kl\): .*method 'full' has no adapter") as err:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from forgetscale.config import parse_config
-from forgetscale.methods import attach, trainable_parameters
+from forgetscale.methods.attach import attach, trainable_parameters
 from forgetscale.models import EMBEDDED, load_model
 from forgetscale.sweep import run_sweep
 

@@ -10,7 +10,8 @@ import pytest
 
 from forgetscale.config import parse_config
 from forgetscale.errors import ConfigError
-from forgetscale.methods import METHODS, LoraSpec, Method, _attach_lora
+from forgetscale.methods import METHODS, LoraSpec
+from forgetscale.methods.attach import ATTACH, _attach_lora
 from forgetscale.store import Store
 from forgetscale.sweep import plan_runs, run_sweep
 
@@ -87,12 +88,14 @@ def test_nonfinite_loss_fails_the_run_and_the_sweep_goes_on(tmp_path, tiny_cfg):
                                          type(out)(loss=out.loss * float("nan"), logits=out.logits))
         return peft_model
 
-    METHODS.add("nan_lora", Method(NanSpec, attach_nan, uses_adapter=True))
+    METHODS.add("nan_lora", NanSpec)
+    ATTACH.add("nan_lora", attach_nan)
     try:
         cfg = parse_config(tiny_cfg(method=[{"name": "nan_lora", "ranks": [2]}, {"name": "lora", "ranks": [2]}]))
         store = run_sweep(cfg, tmp_path, progress=False)
     finally:
         METHODS._items.pop("nan_lora")
+        ATTACH._items.pop("nan_lora")
     status = {r["method"]: r for r in store.runs()}
     assert status["nan_lora"]["status"] == "failed"
     assert "non-finite training loss" in status["nan_lora"]["error"] and "step 1" in status["nan_lora"]["error"]

@@ -42,3 +42,8 @@ def did_you_mean(kind: str, name: str, known: list[str] | tuple[str, ...] | set[
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown {kind} '{name}'{hint} known: {', '.join(known)}"
+
+
+class RunFailed(Exception):
+    """One run that cannot go on (non-finite loss, a missing source run): the executor records it as failed
+    and the sweep continues. Not a ForgetscaleError: nothing the user typed is wrong."""

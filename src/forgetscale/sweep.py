@@ -1,4 +1,5 @@
-"""A sweep: config -> run plan -> (shared data and base predictions, computed once) -> runs -> store.
+"""A sweep: config -> run plan (plan.py) -> shared context (data and base predictions, computed once) ->
+an executor runs the plans -> rows in the store.
 
 Resuming is the default: the run_id is a hash of everything that defines a run, finished runs are
 skipped, and an interrupted run continues from its last saved checkpoint state.
@@ -6,90 +7,31 @@ skipped, and an interrupted run continues from its last saved checkpoint state.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from forgetscale.config import SweepConfig
-from forgetscale.data import Blocks, FinetuneData, build_finetune_data, build_forgetting_blocks
+from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.executors import EXECUTORS, make_executor
-from forgetscale.forgetting import Reference, reference
-from forgetscale.mitigations import ArmInputs, arms, check_arms, prepare_arms
+from forgetscale.forgetting import reference
+from forgetscale.mitigations.runtime import prepare_arms
 from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
+from forgetscale.plan import EXTENDABLE, RUN_IRRELEVANT_SECTIONS, RUN_IRRELEVANT_TRAIN_KEYS, plan_runs
 from forgetscale.store import Store
-from forgetscale.train import RunPlan
-
-# keys that may change between invocations on the same RUN_DIR without invalidating stored runs
-_EXTENDABLE = ("name", "method", "mitigation")
-_RUN_IRRELEVANT_TRAIN_KEYS = ("seed", "seeds", "threads", "eval_batch_size", "save_adapters", "device")
-_RUN_IRRELEVANT_SECTIONS = ("resources", "evals")  # how a run is executed, never what it computes
+from forgetscale.train import RunContext
 
 
-def plan_runs(cfg: SweepConfig) -> list[RunPlan]:
-    """Every (method, rank, mitigation arm, seed) of the config, with a stable run_id.
-
-    The control arm's run_id is the one a sweep without mitigations gives (the arm is not part of its
-    identity), so adding arms to a sweep reuses its runs. Derived runs (the scale arm's, measured from the
-    control run's weights) come last, after the runs they read."""
-    shared = cfg.to_dict()
-    shared.pop("name")
-    shared.pop("method")
-    shared.pop("mitigation", None)
-    for section in _RUN_IRRELEVANT_SECTIONS:
-        shared.pop(section, None)
-    for key in _RUN_IRRELEVANT_TRAIN_KEYS:
-        shared["train"].pop(key)
-    check_arms(cfg.mitigation, cfg.methods)
-    plans, derived = [], []
-    for spec in cfg.methods:
-        for rank in spec.variants():
-            for seed in cfg.train.seed_list:  # seed-major: arms alternate, so machine drift hits them alike
-                for arm in arms(cfg.mitigation):
-                    for variant in arm.variants():
-                        ident = {"shared": shared, "method": spec.identity(), "rank": rank, "seed": seed}
-                        control = _hash(ident)
-                        if arm.name != "none":
-                            ident["mitigation"] = arm.identity(variant)
-                        label = (spec.label(rank) + ("" if arm.name == "none" else f"-{arm.label(variant)}")
-                                 + (f"-s{seed}" if len(cfg.train.seed_list) > 1 else ""))
-                        plan = RunPlan(run_id=_hash(ident), method=spec, rank=rank, seed=seed, label=label,
-                                       mitigation=arm, variant=variant, source=control if arm.derived else None)
-                        (derived if arm.derived else plans).append(plan)
-    plans += derived
-    labels = [p.run_id for p in plans]
-    if len(set(labels)) != len(labels):
-        raise ConfigError("method: two entries describe the same run; remove the duplicate")
-    return plans
+def keep_adapter_steps(cfg: SweepConfig) -> frozenset[int]:
+    """Checkpoint steps whose weights a run saves: train.save_adapters, plus the steps evals will read."""
+    tcfg = cfg.train
+    keep = {"all": set(tcfg.checkpoint_steps), "last": {tcfg.steps}, "none": set()}[tcfg.save_adapters]
+    return frozenset(keep | cfg.evals.adapter_steps(tcfg.steps))
 
 
-def _hash(ident: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-
-
-@dataclass
-class SweepContext:
-    """What every run of a sweep shares, built once."""
-
-    config: SweepConfig
-    out_dir: Path
-    device: torch.device
-    dtype: torch.dtype | None
-    tokenizer: Any
-    data: FinetuneData
-    forgetting: Blocks
-    forgetting_ref: Reference
-    heldout_ref: Reference
-    load_base: Callable[[], torch.nn.Module]
-    arm_inputs: ArmInputs | None = None  # once-per-sweep inputs of the mitigation arms
-
-
-def build_context(cfg: SweepConfig, out_dir: Path) -> SweepContext:
+def build_context(cfg: SweepConfig, out_dir: Path) -> RunContext:
     """Load the base model once, build the data, and compute the base predictions once per sweep."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -118,8 +60,8 @@ def build_context(cfg: SweepConfig, out_dir: Path) -> SweepContext:
     def load_base() -> torch.nn.Module:
         return load_model(mcfg.name, device="cpu", **kwargs).model
 
-    return SweepContext(cfg, out_dir, device, dtype, None, data, forgetting, forgetting_ref, heldout_ref, load_base,
-                        arm_inputs=arm_inputs)
+    return RunContext(cfg, out_dir, device, dtype, None, data, forgetting, forgetting_ref, heldout_ref, load_base,
+                      keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs)
 
 
 def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
@@ -129,13 +71,13 @@ def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
     if stored is not None:
         old = json.loads(stored)
         for section in current:
-            if section in _EXTENDABLE or section in _RUN_IRRELEVANT_SECTIONS:
+            if section in EXTENDABLE or section in RUN_IRRELEVANT_SECTIONS:
                 continue
             new_part, old_part = current[section], old.get(section)
             if new_part != old_part:
                 keys = [k for k in new_part if not isinstance(old_part, dict) or new_part[k] != old_part.get(k)]
                 if section == "train":
-                    keys = [k for k in keys if k not in _RUN_IRRELEVANT_TRAIN_KEYS]
+                    keys = [k for k in keys if k not in RUN_IRRELEVANT_TRAIN_KEYS]
                     if not keys:
                         continue
                 key = f"{section}.{keys[0]}" if keys else section

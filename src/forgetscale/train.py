@@ -1,6 +1,8 @@
 """One fine-tuning run, read top to bottom: attach the method, train with a constant LR after warm-up,
-and at every checkpoint step measure the fine-tuning loss and forgetting and store the row.
+and at every checkpoint step measure the fine-tuning loss and forgetting and hand the row to a sink.
 
+The loop knows two small protocols and nothing else about where it runs: the StepHooks it calls
+(mitigation arms implement them) and the RowSink it writes to (the store, or an executor's stand-in).
 Everything that decides the numbers is a function of (config, seed, step), so a run resumed from its
 last saved state writes the same rows as one that was never interrupted.
 """
@@ -12,34 +14,72 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from forgetscale.data import batch_indices
-from forgetscale.forgetting import autocast, measure
-from forgetscale.methods import METHODS, attach, trainable_parameters
-from forgetscale.mitigations import CONTROL
+from forgetscale.artefacts import RunFolder
+from forgetscale.data import Blocks, FinetuneData, batch_indices
+from forgetscale.errors import RunFailed
+from forgetscale.forgetting import Reference, autocast, measure
+from forgetscale.methods.attach import attach, trainable_parameters
+from forgetscale.plan import RunPlan
 
 
-class RunFailed(Exception):
-    """A run that cannot go on (non-finite loss, out of memory); the sweep records it and continues."""
+class RowSink(Protocol):
+    """Where a run's status and checkpoint rows go (forgetscale.store.Store is one)."""
+
+    def update_run(self, run_id: str, **fields: Any) -> None: ...
+
+    def checkpoints(self, run_id: str) -> list[dict[str, Any]]: ...
+
+    def delete_checkpoints_after(self, run_id: str, step: int) -> None: ...
+
+    def add_checkpoint(self, row: dict[str, Any]) -> None: ...
+
+
+class StepHooks(Protocol):
+    """What a mitigation arm does inside the loop."""
+
+    def mix(self, step: int, blocks: Blocks) -> Blocks:
+        """The update step's blocks (all micro-batches), possibly with some rows replaced."""
+        ...
+
+    def penalty(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:
+        """An extra loss term added once per update step (None: nothing to add)."""
+        ...
+
+
+class NoHooks:
+    """The control arm: the batch as drawn, no extra loss."""
+
+    def mix(self, step: int, blocks: Blocks) -> Blocks:
+        return blocks
+
+    def penalty(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+
+# called on the freshly attached model, before the optimizer is built (an arm may freeze parameters)
+HookSetup = Callable[[torch.nn.Module], StepHooks]
 
 
 @dataclass
-class RunPlan:
-    run_id: str
-    method: Any  # a MethodSpec
-    rank: int | None
-    seed: int
-    label: str
-    mitigation: Any = CONTROL  # a MitigationSpec (the control arm: no mitigation)
-    variant: Any = None  # the arm's per-run value (scale's s), if it has one
-    source: str | None = None  # derived runs (scale): the control run whose weights they are measured from
+class RunContext:
+    """What every run of a sweep shares, built once per sweep (forgetscale.sweep.build_context)."""
 
-    def arm_config(self) -> dict[str, Any]:
-        """The arm's settings as stored in the run's config."""
-        return {**self.mitigation.identity(self.variant), **({"source_run": self.source} if self.source else {})}
+    config: Any  # the SweepConfig
+    out_dir: Path
+    device: torch.device
+    dtype: torch.dtype | None
+    tokenizer: Any
+    data: FinetuneData
+    forgetting: Blocks
+    forgetting_ref: Reference
+    heldout_ref: Reference
+    load_base: Callable[[], torch.nn.Module]
+    keep_adapters: frozenset[int] = frozenset()  # checkpoint steps whose weights are saved (for evals)
+    arm_inputs: Any = None  # once-per-sweep inputs of the mitigation arms
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -56,36 +96,27 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def checkpoint_row(model: torch.nn.Module, ctx: RunContext, run_id: str, step: int, *, train_loss: float | None,
+                   tokens_seen: int, wall_s: float) -> dict[str, Any]:
+    """Measure `model` on the held-out, train-probe and forgetting sets: one stored checkpoint row."""
+    batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.dtype
+    model.eval()
+    held = measure(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref)
+    probe = measure(model, ctx.data.train_probe, batch, device, dtype)
+    forget = measure(model, ctx.forgetting, batch, device, dtype, ctx.forgetting_ref)
+    return {
+        "run_id": run_id, "step": step, "ft_loss": held["nll"], "ft_loss_train": probe["nll"],
+        "train_loss": train_loss, "forget_ce": forget["ce"], "forget_ce_hard": forget["ce_hard"],
+        "base_entropy": forget["entropy"], "forget_kl": forget["kl"], "ft_kl": held["kl"],
+        "tokens_seen": tokens_seen, "wall_s": wall_s,
+    }
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
-    """Atomically write what a resumed run needs: trainable weights, optimizer state, counters."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"params": trainable_state(model), "optimizer": optimizer.state_dict(), **extra}, tmp)
-    tmp.replace(path)
-
-
-def save_adapter(directory: Path, model: torch.nn.Module) -> None:
-    """Trainable weights as safetensors (PEFT adapters in PEFT's own format), for later evals."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
-        model.save_pretrained(directory)
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, directory / "trainable.safetensors")
-
-
-def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train one run and write its checkpoint rows; returns the final row. Raises RunFailed."""
-    if plan.source is not None:  # a derived run (scale): measured from the control run's weights, not trained
-        return plan.mitigation.derive(plan, ctx, store)
-    _cfg, tcfg = ctx.config, ctx.config.train
-    run_dir = ctx.out_dir / "runs" / plan.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / "state.pt"
+    tcfg = ctx.config.train
+    folder = RunFolder(ctx.out_dir, plan.run_id)
     lr = plan.method.lr or tcfg.lr
     checkpoints = set(tcfg.checkpoint_steps)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum
@@ -94,10 +125,9 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
     torch.manual_seed(plan.seed)
     model = attach(ctx.load_base(), plan.method, plan.rank)
     model.to(ctx.device)
-    arm = plan.mitigation.hooks(ctx, model, plan)  # the mitigation arm's setup (may freeze layers) and hooks
+    hooks = setup(model) if setup is not None else NoHooks()  # the arm's setup (may freeze layers)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = trainable_parameters(model)
-    store.update_run(plan.run_id, trainable_params=n_params, status="running", error=None)
+    sink.update_run(plan.run_id, trainable_params=trainable_parameters(model), status="running", error=None)
     optimizer = make_optimizer(tcfg.optimizer, params, lr, tcfg.weight_decay)
     warmup = tcfg.warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -106,9 +136,9 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
 
     # -- resume from the last saved checkpoint state, if any ----------------------------------------
     step, tokens_seen, wall_s, loss_sum, loss_count = 0, 0, 0.0, 0.0, 0
-    done_steps = {row["step"] for row in store.checkpoints(plan.run_id)}
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    done_steps = {row["step"] for row in sink.checkpoints(plan.run_id)}
+    state = folder.load_state()
+    if state is not None:
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["params"].items():
@@ -120,36 +150,27 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
         schedule.last_epoch = step - 1
         schedule.step()
-        store.delete_checkpoints_after(plan.run_id, step)
+        sink.delete_checkpoints_after(plan.run_id, step)
         done_steps = {s for s in done_steps if s <= step}
     else:
-        store.delete_checkpoints_after(plan.run_id, -1)
+        sink.delete_checkpoints_after(plan.run_id, -1)
         done_steps = set()
 
     last_row: dict[str, Any] = {}
     while True:
         # -- checkpoint: measure, store, save state ---------------------------------------------------
         if step in checkpoints and step not in done_steps:
-            model.eval()
-            held = measure(model, ctx.data.heldout, tcfg.eval_batch_size, ctx.device, ctx.dtype, ctx.heldout_ref)
-            probe = measure(model, ctx.data.train_probe, tcfg.eval_batch_size, ctx.device, ctx.dtype)
-            forget = measure(model, ctx.forgetting, tcfg.eval_batch_size, ctx.device, ctx.dtype, ctx.forgetting_ref)
-            last_row = {
-                "run_id": plan.run_id, "step": step, "ft_loss": held["nll"], "ft_loss_train": probe["nll"],
-                "train_loss": loss_sum / loss_count if loss_count else None,
-                "forget_ce": forget["ce"], "forget_ce_hard": forget["ce_hard"], "base_entropy": forget["entropy"],
-                "forget_kl": forget["kl"], "ft_kl": held["kl"], "tokens_seen": tokens_seen, "wall_s": wall_s,
-            }
-            store.add_checkpoint(last_row)
+            last_row = checkpoint_row(model, ctx, plan.run_id, step, tokens_seen=tokens_seen, wall_s=wall_s,
+                                      train_loss=loss_sum / loss_count if loss_count else None)
+            sink.add_checkpoint(last_row)
             loss_sum, loss_count = 0.0, 0
             done_steps.add(step)
             if step < tcfg.steps:
-                save_state(state_path, model, optimizer, {"step": step, "tokens_seen": tokens_seen, "wall_s": wall_s,
-                                                          "loss_sum": loss_sum, "loss_count": loss_count,
-                                                          "scaler": scaler.state_dict()})
-            keep = tcfg.save_adapters == "all" or (tcfg.save_adapters == "last" and step == tcfg.steps)
-            if keep or step in _cfg.evals.adapter_steps(tcfg.steps):  # evals read these later
-                save_adapter(run_dir / f"adapter-step{step}", model)
+                folder.save_state(model, optimizer, {"step": step, "tokens_seen": tokens_seen, "wall_s": wall_s,
+                                                     "loss_sum": loss_sum, "loss_count": loss_count,
+                                                     "scaler": scaler.state_dict()})
+            if step in ctx.keep_adapters:  # evals and derived runs read these later
+                folder.save_adapter(step, model)
         if step >= tcfg.steps:
             break
 
@@ -158,7 +179,7 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
         started = time.perf_counter()
         torch.manual_seed(step_seed(plan.seed, step))
         index = batch_indices(step, tokens_per_step, len(ctx.data.train), plan.seed)
-        blocks = arm.mix(step, ctx.data.train.select(index))  # replay arms put general text into some rows
+        blocks = hooks.mix(step, ctx.data.train.select(index))  # replay arms put general text into some rows
         step_loss = 0.0
         for start in range(0, len(blocks), tcfg.batch_size):
             batch = blocks.select(slice(start, start + tcfg.batch_size))
@@ -169,7 +190,7 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
             step_loss += float(loss.detach())
             tokens_seen += int(mask.sum())
         with autocast(ctx.device, ctx.dtype):
-            penalty = arm.penalty(model, step)  # kl, l2sp, ewc: an extra loss term, once per update step
+            penalty = hooks.penalty(model, step)  # kl, l2sp, ewc: an extra loss term, once per update step
         if penalty is not None:
             scaler.scale(penalty).backward()
         if not math.isfinite(step_loss) or (penalty is not None and not math.isfinite(float(penalty.detach()))):
@@ -190,7 +211,5 @@ def train_run(plan: RunPlan, ctx: Any, store: Any, on_step: Callable[[int, float
         if on_step is not None:
             on_step(step, step_loss)
 
-    state_path.unlink(missing_ok=True)
-    if not METHODS.get(plan.method.name).uses_adapter:
-        del model  # full / top-layer runs changed the weights in place: never reuse them
+    folder.clear_state()
     return last_row

@@ -48,31 +48,14 @@ def _steps(text: str | None):
 
 def evals_settings(run_dir: Path, overrides: list[str]):
     """The stored sweep's evals section with --set overrides applied, validated."""
-    from pydantic import ValidationError
-
-    from forgetscale.cli.sweep import parse_overrides
-    from forgetscale.errors import ConfigError
-    from forgetscale.evals.settings import EvalsConfig
+    from forgetscale.config import EvalsConfig, apply_overrides, parse_overrides, validate_section
     from forgetscale.store import Store
 
     with Store(run_dir, create=False) as store:
         stored = store.get_meta("sweep_config")
     data = (json.loads(stored).get("evals") if stored else None) or {}
-    for dotted, value in parse_overrides(overrides).items():
-        node = data
-        *parents, leaf = dotted.removeprefix("evals.").split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {dotted}: '{part}' is not a section")
-        node[leaf] = value
-    try:
-        return EvalsConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"--set evals.{key}: {first['msg'].removeprefix('Value error, ')}; "
-                          f"got {json.dumps(first.get('input'), default=str)}") from None
+    apply_overrides(data, parse_overrides(overrides), strip="evals.")
+    return validate_section(EvalsConfig, data, "--set evals")
 
 
 def run(args: argparse.Namespace) -> int:

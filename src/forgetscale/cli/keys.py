@@ -21,7 +21,7 @@ def config_keys() -> list[tuple[str, str, str]]:
     from pydantic_core import PydanticUndefined
 
     from forgetscale.config import SweepConfig
-    from forgetscale.methods import METHODS
+    from forgetscale.config.methods import METHODS
 
     rows: list[tuple[str, str, str]] = []
 
@@ -42,12 +42,12 @@ def config_keys() -> list[tuple[str, str, str]]:
     rows.append(("method.name", "'lora'", f"fine-tuning method, one of {', '.join(METHODS.names())}; "
                  "`method` may also be a list of method mappings"))
     for method in METHODS.names():
-        spec = METHODS.get(method).spec
+        spec = METHODS.get(method)
         for name, field in spec.model_fields.items():
             if name == "name":
                 continue
             rows.append((f"method.{name} ({method})", repr(field.default), field.description or ""))
-    from forgetscale.mitigations import MITIGATIONS
+    from forgetscale.config.mitigations import MITIGATIONS
 
     for arm in MITIGATIONS.names():  # each `mitigation:` entry is one arm's settings (docs/mitigations.md)
         for name, field in MITIGATIONS.get(arm).model_fields.items():

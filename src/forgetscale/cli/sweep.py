@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from forgetscale.config import load_config
+from forgetscale.cli.eval import run_after_sweep
+from forgetscale.config import load_config, parse_overrides
 from forgetscale.display import print_summary
 from forgetscale.executors import EXECUTORS
 
@@ -34,27 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "local instance")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    from forgetscale.errors import ConfigError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: must be KEY=VALUE; got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from forgetscale.sweep import run_sweep
 
     cfg = load_config(args.config, parse_overrides(args.overrides))
     store = run_sweep(cfg, args.out, progress=not args.no_progress, executor=args.executor, address=args.address)
     print_summary(store)
-    from forgetscale.cli.eval import run_after_sweep
-
     run_after_sweep(cfg, args.out, progress=not args.no_progress)
     return 0

@@ -2,6 +2,6 @@
 much it moved. Suites: safety (refusals of harmful requests), choice (multiple-choice accuracy and
 agreement with the base model, two scoring protocols), samples (side-by-side replies).
 
-Kept import-light (the config module imports evals.settings); the suites register when
+Their settings are config (forgetscale.config.evals); the suites register when
 forgetscale.evals.runner is imported.
 """

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from forgetscale.config.evals import EvalsConfig
+from forgetscale.config.mitigations import stored_arm_label
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.evals import choice, safety, samples  # noqa: F401  (register the suites)
-from forgetscale.evals.settings import EvalsConfig
 from forgetscale.evals.suites import SUITES, Target
-from forgetscale.mitigations import stored_arm_label
 from forgetscale.store import Store
 
 BASE = "base"

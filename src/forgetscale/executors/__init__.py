@@ -15,8 +15,8 @@ from forgetscale.registry import Registry
 
 if TYPE_CHECKING:
     from forgetscale.config import SweepConfig
+    from forgetscale.plan import RunPlan
     from forgetscale.store import Store
-    from forgetscale.train import RunPlan
 
 
 class Executor(Protocol):

@@ -1,47 +1,67 @@
 """The local executor: every run in this process, one after another (the default, and the reference that the
-Ray executor's rows are tested against). Also the per-run log both executors write."""
+Ray executor's rows are tested against). Also what both executors do with one plan (`execute_plan`: train
+it, or derive it when it is a derived run) and the per-run log they write."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgetscale.errors import ConfigError
+from forgetscale.artefacts import RunFolder
+from forgetscale.errors import ConfigError, RunFailed
+from forgetscale.plan import RunPlan
 from forgetscale.store import Store
-from forgetscale.train import RunFailed, RunPlan, train_run
+from forgetscale.train import RowSink, RunContext, train_run
+
+
+def execute_plan(plan: RunPlan, ctx: RunContext, sink: RowSink,
+                 on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """One plan: a derived run (scale) is measured from its source run's weights; any other is trained,
+    with its arm's hooks. Returns the last row; raises RunFailed."""
+    from forgetscale.mitigations.runtime import derive_run, hook_setup
+
+    if plan.source is not None:
+        return derive_run(plan, ctx, sink)
+    return train_run(plan, ctx, sink, hook_setup(plan, ctx), on_step)
 
 
 class RunLog:
     """RUN_DIR/runs/<run_id>/log.txt: what happened to a run, attempt by attempt, in the driver's words."""
 
     def __init__(self, out_dir: Path, run_id: str) -> None:
-        self.path = Path(out_dir) / "runs" / run_id / "log.txt"
+        self.folder = RunFolder(out_dir, run_id)
+        self.path = self.folder.log_path
 
     def write(self, text: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.folder.log(text)
 
     def checkpoint(self, row: dict[str, Any]) -> None:
         self.write(f"step {row['step']}: ft_loss {row['ft_loss']:.5f} forget_ce {row['forget_ce']:.5f} "
                    f"forget_kl {row['forget_kl']:.5f}")
 
 
-class _LoggedStore:
-    """The real store, with each checkpoint row also written to the run's log."""
+class LoggedSink:
+    """The store as a RowSink, with each checkpoint row also written to the run's log."""
 
     def __init__(self, store: Store, log: RunLog) -> None:
         self._store, self._log = store, log
 
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        self._store.update_run(run_id, **fields)
+
+    def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        return self._store.checkpoints(run_id)
+
+    def delete_checkpoints_after(self, run_id: str, step: int) -> None:
+        self._store.delete_checkpoints_after(run_id, step)
+
     def add_checkpoint(self, row: dict[str, Any]) -> None:
         self._store.add_checkpoint(row)
         self._log.checkpoint(row)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def failure_reason(err: BaseException) -> str:
@@ -58,7 +78,7 @@ class LocalExecutor:
             raise ConfigError(f"--address: only the ray executor joins a cluster; add --executor ray; got {address!r}")
         self.cfg = cfg
 
-    def execute(self, plans: list[RunPlan], ctx: Any, store: Store, *, progress: bool = True) -> None:
+    def execute(self, plans: list[RunPlan], ctx: RunContext, store: Store, *, progress: bool = True) -> None:
         from tqdm.auto import tqdm
 
         steps = self.cfg.train.steps
@@ -76,7 +96,7 @@ class LocalExecutor:
                           f"torch threads {torch.get_num_threads()}")
                 started, bar_start = time.perf_counter(), bar.n
                 try:
-                    train_run(plan, ctx, _LoggedStore(store, log), on_step)
+                    execute_plan(plan, ctx, LoggedSink(store, log), on_step)
                 except (RunFailed, torch.cuda.OutOfMemoryError) as err:
                     reason = failure_reason(err)
                     store.update_run(plan.run_id, status="failed", error=reason)

@@ -20,11 +20,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from forgetscale.errors import ConfigError
+from forgetscale.errors import ConfigError, RunFailed
 from forgetscale.executors.local import LocalExecutor, RunLog, failure_reason
 from forgetscale.executors.worker import Attempt, Fault, run_attempt, ship
+from forgetscale.plan import RunPlan
 from forgetscale.store import Store
-from forgetscale.train import RunFailed, RunPlan
 
 FAULT_ENV = "FORGETSCALE_FAULT"
 _WAIT_S = 0.5  # the driver wakes at least this often, so Ctrl-C is never held up by a quiet cluster

@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from forgetscale.artefacts import STATE_FILE, RunFolder
+from forgetscale.executors.local import execute_plan
 from forgetscale.forgetting import Reference
 from forgetscale.models import resolve_device, resolve_dtype
-from forgetscale.train import RunPlan, train_run
+from forgetscale.plan import RunPlan
 
 FILE_CHUNK = 32 << 20  # bytes per streamed artefact message: large adapters never sit whole in one object
 _PROGRESS_EVERY_S = 0.5
@@ -85,8 +87,8 @@ def _unship(shipped: tuple[Any, dict[str, tuple[np.ndarray, ...]]], out_dir: Pat
 
 
 class RowStream:
-    """The Store methods `train_run` calls, turned into messages; keeps the run's checkpoint steps so that
-    train_run's resume logic sees what the driver's store holds."""
+    """A RowSink (forgetscale.train) whose writes become messages to the driver; keeps the run's checkpoint
+    steps so that train_run's resume logic sees what the driver's store holds."""
 
     def __init__(self, put: Any, known_steps: list[int]) -> None:
         self._put, self._steps = put, set(known_steps)
@@ -106,21 +108,22 @@ class RowStream:
         self._put(("checkpoint", row))
 
 
-def _usable_state(state_path: Path, checkpoints: list[int], known: list[int]) -> int | None:
+def _usable_state(folder: RunFolder, checkpoints: list[int], known: list[int]) -> int | None:
     """The step of a saved state that the driver's rows cover; a state whose rows never reached the store
     (the driver stopped first) is deleted, so the run restarts rather than skipping those rows."""
-    if not state_path.is_file():
+    state = folder.load_state(mmap=True)
+    if state is None:
         return None
-    step = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)["step"]
+    step = state["step"]
     if {c for c in checkpoints if c <= step} <= set(known):
         return step
-    state_path.unlink()
+    folder.clear_state()
     return None
 
 
 def _artefacts(run_dir: Path) -> Iterator[tuple]:
     """Every file a run left (adapters), in chunks; the resume state is not one (a finished run deletes it)."""
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != "state.pt"):
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != STATE_FILE):
         rel = path.relative_to(run_dir).as_posix()
         with path.open("rb") as fh:
             chunk = fh.read(FILE_CHUNK)
@@ -142,8 +145,9 @@ def run_attempt(shipped: tuple[Any, dict], spec: Attempt) -> Iterator[tuple]:
     ctx = _unship(shipped, out_dir, spec.gpus)
     torch.set_num_threads(spec.threads)
     plan, tcfg = spec.plan, ctx.config.train
-    run_dir = out_dir / "runs" / plan.run_id
-    resume = _usable_state(run_dir / "state.pt", tcfg.checkpoint_steps, spec.known_steps) if direct else None
+    folder = RunFolder(out_dir, plan.run_id)
+    run_dir = folder.path
+    resume = _usable_state(folder, tcfg.checkpoint_steps, spec.known_steps) if direct else None
     yield ("hello", {"host": socket.gethostname(), "pid": os.getpid(), "device": str(ctx.device),
                      "dtype": str(ctx.dtype or "off (float32)"), "threads": torch.get_num_threads(),
                      "artefacts": "shared RUN_DIR" if direct else "streamed", "resume_step": resume})
@@ -164,7 +168,7 @@ def run_attempt(shipped: tuple[Any, dict], spec: Attempt) -> Iterator[tuple]:
 
     def work() -> None:
         try:
-            train_run(plan, ctx, RowStream(messages.put, spec.known_steps), on_step)
+            execute_plan(plan, ctx, RowStream(messages.put, spec.known_steps), on_step)
             messages.put(("_end", None))
         except BaseException as err:  # noqa: BLE001 - re-raised in the task's thread below
             messages.put(("_error", err))

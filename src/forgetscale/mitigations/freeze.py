@@ -8,25 +8,21 @@ the trade-off line; this arm tests that for the lower layers in particular.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import torch
-from pydantic import Field
 
+from forgetscale.config.mitigations import FreezeSpec
 from forgetscale.errors import ConfigError
-from forgetscale.methods import _decoder_layers
-from forgetscale.mitigations import MITIGATIONS, Hooks, MitigationSpec
+from forgetscale.methods.attach import decoder_layers
+from forgetscale.mitigations.base import Arm
+from forgetscale.plan import RunPlan
+from forgetscale.train import NoHooks, RunContext
 
 
-class FreezeSpec(MitigationSpec):
-    name: Literal["freeze"] = "freeze"
-    layers: int | None = Field(None, ge=1, description="how many of the lowest decoder layers stay untouched "
-                                                       "(default: half of them)")
-
-    def hooks(self, ctx: Any, model: torch.nn.Module, plan: Any) -> Hooks:
+class Freeze(Arm):
+    def hooks(self, spec: FreezeSpec, ctx: RunContext, model: torch.nn.Module, plan: RunPlan) -> NoHooks:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        layers = _decoder_layers(base)
-        k = self.layers if self.layers is not None else len(layers) // 2
+        layers = decoder_layers(base)
+        k = spec.layers if spec.layers is not None else len(layers) // 2
         if k >= len(layers):
             raise ConfigError(f"mitigation freeze.layers: must be < the model's {len(layers)} layers; got {k}")
         for layer in layers[:k]:
@@ -34,7 +30,4 @@ class FreezeSpec(MitigationSpec):
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"mitigation freeze.layers: freezing {k} layers leaves method '{plan.method.name}' "
                               "nothing to train; lower it")
-        return Hooks()
-
-
-MITIGATIONS.add("freeze", FreezeSpec)
+        return NoHooks()

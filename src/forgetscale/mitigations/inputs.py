@@ -189,7 +189,7 @@ class ArmInputs:
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
             path = self.out_dir / "selfgen" / f"{digest}.pt"
             if path.is_file():
-                saved = torch.load(path, weights_only=False)
+                saved = torch.load(path, weights_only=True)
             else:
                 started = time.perf_counter()
                 ids = generate_blocks(self._need_model("self-generated text"), self.tokenizer, samples,
@@ -226,14 +226,3 @@ class ArmInputs:
         if self.report and self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / INPUTS_FILE).write_text(json.dumps(self.report, indent=2, sort_keys=True))
-
-
-def prepare_arms(cfg: Any, listed: list[Any], model: torch.nn.Module, tokenizer: Any, forgetting: Blocks,
-                 block_length: int, cache_dir: Path | None, out_dir: Path, device: torch.device,
-                 dtype: torch.dtype | None) -> ArmInputs:
-    """Build every input the sweep's arms ask for, once, while `model` (the base) is loaded."""
-    inputs = ArmInputs(cfg, model, tokenizer, forgetting, block_length, cache_dir, out_dir, device, dtype)
-    for arm in listed:
-        arm.prepare(inputs)
-    inputs.release()
-    return inputs

@@ -7,15 +7,15 @@ refused. The KL is averaged over the positions of `rows` sequences chosen per st
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import torch
-from pydantic import Field
 
+from forgetscale.config.mitigations import KLSpec
 from forgetscale.data import Blocks
-from forgetscale.methods import METHODS
-from forgetscale.mitigations import MITIGATIONS, Hooks, MitigationSpec
+from forgetscale.mitigations.base import Arm
+from forgetscale.mitigations.inputs import ArmInputs
 from forgetscale.mitigations.replay import POOL_SEED, pool_rows
+from forgetscale.plan import RunPlan
+from forgetscale.train import NoHooks, RunContext
 
 
 def kl_to_base(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def kl_to_base(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
     return per_token[keep].mean()
 
 
-class KLHooks(Hooks):
+class KLHooks(NoHooks):
     def __init__(self, pool: Blocks, lam: float, rows: int, seed: int, device: torch.device):
         self.pool, self.lam, self.rows, self.seed, self.device = pool, lam, rows, seed + 2 * POOL_SEED, device
 
@@ -37,31 +37,12 @@ class KLHooks(Hooks):
         return self.lam * kl_to_base(model, part.input_ids.to(self.device), part.attention_mask.to(self.device))
 
 
-class KLSpec(MitigationSpec):
-    name: Literal["kl"] = "kl"
-    lam: float = Field(1.0, gt=0.0, description="lambda: weight of the KL term against the fine-tuning loss")
-    rows: int = Field(1, ge=1, description="general-text sequences per update step the KL is taken on")
-    source: Literal["general", "self"] = Field("general", description="general text, or text sampled from the base")
-    dataset: str | None = Field(None, description="general-text source (default: forgetting.dataset minus its "
-                                                  "forgetting documents)")
-    split: str = Field("train", description="hub split of the general-text source")
-    samples: int = Field(256, ge=1, description="source 'self': sequences sampled from the base model")
+class KL(Arm):
+    def pool(self, spec: KLSpec, inputs: ArmInputs) -> Blocks:
+        return inputs.general(spec.dataset, spec.split) if spec.source == "general" else inputs.generated(spec.samples, 1.0)
 
-    def check(self, method: Any) -> str | None:
-        if not METHODS.get(method.name).uses_adapter:
-            adapters = ", ".join(n for n in METHODS.names() if METHODS.get(n).uses_adapter)
-            return (f"needs the base predictions from the same weights with the adapter disabled; method "
-                    f"'{method.name}' has no adapter (use one of: {adapters})")
-        return None
+    def prepare(self, spec: KLSpec, inputs: ArmInputs) -> None:
+        self.pool(spec, inputs)
 
-    def pool(self, inputs: Any) -> Blocks:
-        return inputs.general(self.dataset, self.split) if self.source == "general" else inputs.generated(self.samples, 1.0)
-
-    def prepare(self, inputs: Any) -> None:
-        self.pool(inputs)
-
-    def hooks(self, ctx: Any, model: torch.nn.Module, plan: Any) -> Hooks:
-        return KLHooks(self.pool(ctx.arm_inputs), self.lam, self.rows, plan.seed, ctx.device)
-
-
-MITIGATIONS.add("kl", KLSpec)
+    def hooks(self, spec: KLSpec, ctx: RunContext, model: torch.nn.Module, plan: RunPlan) -> KLHooks:
+        return KLHooks(self.pool(spec, ctx.arm_inputs), spec.lam, spec.rows, plan.seed, ctx.device)

@@ -11,14 +11,16 @@ weights in ways this sum does not describe and are refused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from forgetscale.mitigations import MITIGATIONS, Hooks, MitigationSpec
+from forgetscale.config.mitigations import L2SPSpec
+from forgetscale.mitigations.base import Arm
+from forgetscale.mitigations.inputs import ArmInputs
+from forgetscale.plan import RunPlan
+from forgetscale.train import NoHooks, RunContext
 
-SUPPORTED = ("lora", "top_layers", "full")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -36,7 +38,7 @@ def _full_term(param: torch.nn.Parameter, fisher: torch.Tensor | None) -> Callab
     return lambda: (fisher * (param - start) ** 2).sum()
 
 
-class PenaltyHooks(Hooks):
+class PenaltyHooks(NoHooks):
     def __init__(self, terms: list[Callable[[], torch.Tensor]], lam: float):
         self.terms, self.lam = terms, lam
 
@@ -44,27 +46,15 @@ class PenaltyHooks(Hooks):
         return self.lam * torch.stack([t() for t in self.terms]).sum()
 
 
-class L2SPSpec(MitigationSpec):
-    name: Literal["l2sp"] = "l2sp"
-    lam: float = Field(0.01, gt=0.0, description="lambda: weight of sum F (W - W0)^2 against the fine-tuning loss")
-    fisher: bool = Field(False, description="weight each entry by a diagonal Fisher of the base on general text")
-    fisher_samples: int = Field(32, ge=1, description="general-text sequences the Fisher is estimated on")
-    dataset: str | None = Field(None, description="general text for the Fisher (default: forgetting.dataset minus "
-                                                  "its forgetting documents)")
-    split: str = Field("train", description="hub split of that source")
+class Penalty(Arm):
+    """l2sp and ewc (ewc: the spec's fisher is on)."""
 
-    def check(self, method: Any) -> str | None:
-        if method.name not in SUPPORTED:
-            return (f"penalises the weight change B @ A (lora) or W - W0 (top_layers, full); method "
-                    f"'{method.name}' changes the weights another way")
-        return None
+    def prepare(self, spec: L2SPSpec, inputs: ArmInputs) -> None:
+        if spec.fisher:
+            inputs.fisher(spec.dataset, spec.split, spec.fisher_samples)
 
-    def prepare(self, inputs: Any) -> None:
-        if self.fisher:
-            inputs.fisher(self.dataset, self.split, self.fisher_samples)
-
-    def hooks(self, ctx: Any, model: torch.nn.Module, plan: Any) -> Hooks:
-        fisher = ctx.arm_inputs.fisher(self.dataset, self.split, self.fisher_samples) if self.fisher else {}
+    def hooks(self, spec: L2SPSpec, ctx: RunContext, model: torch.nn.Module, plan: RunPlan) -> PenaltyHooks:
+        fisher = ctx.arm_inputs.fisher(spec.dataset, spec.split, spec.fisher_samples) if spec.fisher else {}
         device = next(model.parameters()).device
         terms = []
         if hasattr(model, "peft_config"):
@@ -77,13 +67,4 @@ class L2SPSpec(MitigationSpec):
                 if param.requires_grad:
                     f = fisher.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
                     terms.append(_full_term(param, None if f is None else f.to(device)))
-        return PenaltyHooks(terms, self.lam)
-
-
-class EWCSpec(L2SPSpec):
-    name: Literal["ewc"] = "ewc"  # type: ignore[assignment]
-    fisher: bool = Field(True, description="weight each entry by a diagonal Fisher of the base on general text")
-
-
-MITIGATIONS.add("l2sp", L2SPSpec)
-MITIGATIONS.add("ewc", EWCSpec)
+        return PenaltyHooks(terms, spec.lam)

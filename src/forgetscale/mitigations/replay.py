@@ -8,13 +8,14 @@ The general text is disjoint from the forgetting set (see inputs.py).
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import torch
-from pydantic import Field
 
+from forgetscale.config.mitigations import ReplaySpec
 from forgetscale.data import Blocks, batch_indices
-from forgetscale.mitigations import MITIGATIONS, Hooks, MitigationSpec
+from forgetscale.mitigations.base import Arm
+from forgetscale.mitigations.inputs import ArmInputs
+from forgetscale.plan import RunPlan
+from forgetscale.train import NoHooks, RunContext
 
 POOL_SEED = 7_919  # added to the run's seed: the pool order is not the fine-tuning data order
 
@@ -32,7 +33,7 @@ def pool_rows(first: int, count: int, pool_size: int, seed: int) -> torch.Tensor
     return torch.cat([batch_indices(i, 1, pool_size, seed) for i in range(first, first + count)])
 
 
-class ReplayHooks(Hooks):
+class ReplayHooks(NoHooks):
     def __init__(self, pool: Blocks, p: float, seed: int):
         self.pool, self.p, self.seed = pool, p, seed + POOL_SEED
 
@@ -48,21 +49,12 @@ class ReplayHooks(Hooks):
                                                         (keep.attention_mask, general.attention_mask))))
 
 
-class ReplaySpec(MitigationSpec):
-    name: Literal["replay"] = "replay"
-    p: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each step's sequences replaced by general text")
-    dataset: str | None = Field(None, description="general-text source (default: forgetting.dataset, with the "
-                                                  "forgetting set's documents removed)")
-    split: str = Field("train", description="hub split of the general-text source")
+class Replay(Arm):
+    def pool(self, spec: ReplaySpec, inputs: ArmInputs) -> Blocks:
+        return inputs.general(spec.dataset, spec.split)
 
-    def pool(self, inputs: Any) -> Blocks:
-        return inputs.general(self.dataset, self.split)
+    def prepare(self, spec: ReplaySpec, inputs: ArmInputs) -> None:
+        self.pool(spec, inputs)
 
-    def prepare(self, inputs: Any) -> None:
-        self.pool(inputs)
-
-    def hooks(self, ctx: Any, model: torch.nn.Module, plan: Any) -> Hooks:
-        return ReplayHooks(self.pool(ctx.arm_inputs), self.p, plan.seed)
-
-
-MITIGATIONS.add("replay", ReplaySpec)
+    def hooks(self, spec: ReplaySpec, ctx: RunContext, model: torch.nn.Module, plan: RunPlan) -> ReplayHooks:
+        return ReplayHooks(self.pool(spec, ctx.arm_inputs), spec.p, plan.seed)

@@ -1,7 +1,8 @@
-"""Sweep configuration: YAML validated on load, with one-line errors that name the key and its line.
+"""The sweep config's sections: every key, its default and its rule, in one place (pydantic, torch-free).
 
-Every key is documented by its Field description; `forgetscale sweep --help-config` prints them.
-Defaults live here and nowhere else.
+Every key is documented by its Field description; `forgetscale keys` prints them. Methods and arms are
+validated in the same pass, each by its own spec class (forgetscale.config.methods,
+forgetscale.config.mitigations), chosen by its `name`.
 """
 
 from __future__ import annotations
@@ -9,29 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SerializeAsAny,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from forgetscale.errors import ConfigError, ForgetscaleError
-from forgetscale.evals.settings import EvalsConfig
-from forgetscale.methods import METHODS, MethodSpec
-from forgetscale.mitigations import MITIGATIONS, MitigationSpec
+from forgetscale.config.evals import EvalsConfig
+from forgetscale.config.methods import METHODS, MethodSpec
+from forgetscale.config.mitigations import MITIGATIONS, MitigationSpec
+from forgetscale.config.sources import Section, SourceSpec
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Section = Section
 
 
 class ModelConfig(_Section):
@@ -46,14 +41,11 @@ class ModelConfig(_Section):
     cache_dir: str | None = Field(None, description="converted-weights cache (default ~/.cache/forgetscale or $FORGETSCALE_CACHE)")
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(SourceSpec):
     dataset: str = Field("embedded:news", description="embedded:news | hf:<hub id> | path to .jsonl/.json/.csv/.parquet/.txt")
-    config: str | None = Field(None, description="hub dataset config name (hf: sources)")
-    split: str = Field("train", description="hub dataset split (hf: sources)")
     format: Literal["auto", "documents", "chat"] = Field(
         "auto", description="documents: raw text packed into blocks; chat: system/question/response records"
     )
-    text_field: str = Field("text", description="column holding document text")
     system_field: str | None = Field(None, description="column with the system prompt (auto: system_prompt/system)")
     question_field: str | None = Field(None, description="column with the user turn (auto: question/instruction/prompt/input)")
     response_field: str | None = Field(None, description="column with the answer (auto: response/output/answer/completion)")
@@ -63,11 +55,10 @@ class FinetuneConfig(_Section):
     loss_on: Literal["response", "all"] = Field("response", description="chat data: loss on response tokens only, or all")
 
 
-class ForgettingConfig(_Section):
+class ForgettingConfig(SourceSpec):
     dataset: str = Field("embedded:wikipedia", description="embedded:wikipedia | hf:wikitext | hf:<hub id> | local file")
     config: str | None = Field(None, description="hub dataset config (hf:wikitext defaults to wikitext-103-raw-v1)")
     split: str = Field("test", description="hub dataset split")
-    text_field: str = Field("text", description="column holding the text")
     max_tokens: int = Field(4096, gt=0, description="token budget of the forgetting set (identical for every run)")
     block_length: int | None = Field(None, gt=1, description="tokens per forgetting block (default: train.context_length)")
 
@@ -158,31 +149,44 @@ class ResourcesConfig(_Section):
         return v
 
 
-class _ArmName(BaseModel):
+class _Name(BaseModel):
+    """An entry's `name`, checked against the registry in the validation context (errors point at `name`)."""
+
     name: str
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
-        MITIGATIONS.get(v)  # unknown arm -> did-you-mean message
+    def _known(cls, v: str, info: Any) -> str:
+        info.context["registry"].get(v)  # unknown name -> did-you-mean message
         return v
 
 
-def _mitigation(item: Any) -> Any:
-    """One `mitigation:` entry (a bare arm name, or a mapping with `name`) -> that arm's spec."""
-    if isinstance(item, MitigationSpec):
-        return item
-    if isinstance(item, str):
-        item = {"name": item}
-    if not isinstance(item, dict):
-        raise ValueError("must be a mitigation name or a mapping with a 'name'")
-    return MITIGATIONS.get(_ArmName.model_validate({k: v for k, v in item.items() if k == "name"}).name).model_validate(item)
+def _named(registry: Any, kind: str, default: str | None) -> Any:
+    """A validator turning one entry (a bare name, or a mapping with `name`) into the spec its name picks,
+    so a list of methods or arms is validated in the same pass as the rest of the config."""
+
+    def pick(item: Any) -> Any:
+        if isinstance(item, BaseModel):
+            return item
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise ValueError(f"must be a {kind} name or a mapping with a 'name'")
+        name = _Name.model_validate({"name": item.get("name", default)}, context={"registry": registry}).name
+        return registry.get(name).model_validate(item)
+
+    return pick
 
 
-# mitigation arms (src/forgetscale/mitigations/): one entry, or a list; errors point at the entry's key and line
-MitigationConfig = Annotated[SerializeAsAny[MitigationSpec], BeforeValidator(_mitigation)]
-MitigationList = Annotated[list[MitigationConfig], BeforeValidator(lambda v: [] if v is None else
-                                                                    v if isinstance(v, list) else [v])]
+def _as_list(v: Any) -> Any:
+    return [] if v is None else v if isinstance(v, list) else [v]
+
+
+# one entry or a list; errors point at the entry's key and line
+MethodConfig = Annotated[SerializeAsAny[MethodSpec], BeforeValidator(_named(METHODS, "method", "lora"))]
+MethodList = Annotated[list[MethodConfig], BeforeValidator(_as_list)]
+MitigationConfig = Annotated[SerializeAsAny[MitigationSpec], BeforeValidator(_named(MITIGATIONS, "mitigation", None))]
+MitigationList = Annotated[list[MitigationConfig], BeforeValidator(_as_list)]
 
 
 class SweepConfig(_Section):
@@ -190,9 +194,9 @@ class SweepConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="fine-tuning data")
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig, description="general text the forgetting metric runs on")
-    method: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{"name": "lora", "ranks": [8]}],
-        description="one method mapping, or a list of them (see `forgetscale methods`)",
+    method: MethodList = Field(
+        default_factory=lambda: [METHODS.get("lora")(ranks=[8])],
+        description="one method mapping, or a list of them (see `forgetscale keys`)",
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation settings shared by every run")
     mitigation: MitigationList = Field(default_factory=list, description="mitigation arms, each compared with "
@@ -205,126 +209,20 @@ class SweepConfig(_Section):
     def _model_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
-    @field_validator("method", mode="before")
+    @field_validator("method")
     @classmethod
-    def _method_list(cls, v: Any) -> Any:
-        items = v if isinstance(v, list) else [v]
-        return [{"name": item} if isinstance(item, str) else item for item in items]
+    def _some_method(cls, v: list[MethodSpec]) -> list[MethodSpec]:
+        if not v:
+            raise ValueError("must list at least one method")
+        return v
 
     @property
     def methods(self) -> list[MethodSpec]:
-        return [METHODS.get(m.get("name", "lora")).spec.model_validate(m) for m in self.method]
+        return list(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
-        data["method"] = [m.model_dump(mode="json") for m in self.methods]
-        return data
+        return self.model_dump(mode="json")
 
     def fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# -- loading and error messages -------------------------------------------------------------------
-
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line, for messages that point at the line."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = (*path, key.value)
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[(*path, i)] = item.start_mark.line + 1
-                walk(item, (*path, i))
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _message(err: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> str:
-    first = err.errors()[0]
-    loc = (*prefix, *(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-    key = _format_loc(loc) or "config"
-    line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-    where = f"{source}:{line}" if line else source
-    if first["type"] == "extra_forbidden":
-        return f"{where} {key}: unknown key; remove it or check its spelling"
-    rule = first["msg"].removeprefix("Value error, ")
-    rule = rule[0].lower() + rule[1:] if rule else rule
-    got = first.get("input")
-    shown = json.dumps(got) if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
-    return f"{where} {key}: {rule}; got {shown}"
-
-
-def parse_config(data: Any, source: str = "config", text: str = "") -> SweepConfig:
-    """Validate a mapping (as read from YAML) into a SweepConfig."""
-    lines = _yaml_lines(text) if text else {}
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: must be a YAML mapping of keys; got {type(data).__name__}")
-    try:
-        cfg = SweepConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_message(err, source, lines)) from None
-    for i, method in enumerate(cfg.method):
-        if not isinstance(method, dict):
-            raise ConfigError(f"{source} method[{i}]: must be a mapping with a 'name'; got {method!r}")
-        try:
-            spec_cls = METHODS.get(method.get("name", "lora")).spec
-        except ForgetscaleError as err:
-            line = lines.get(("method", "name")) or lines.get(("method", i, "name"))
-            raise ConfigError(f"{source}{':' + str(line) if line else ''} method.name: {err}") from None
-        try:
-            spec_cls.model_validate(method)
-        except ValidationError as err:
-            prefix = ("method",) if ("method", "name") in lines else ("method", i)
-            raise ConfigError(_message(err, source, lines, prefix)) from None
-    if isinstance(cfg.evals.steps, list):
-        off = [s for s in cfg.evals.steps if s not in cfg.train.checkpoint_steps]
-        if off:
-            line = lines.get(("evals", "steps"))
-            raise ConfigError(f"{source}{':' + str(line) if line else ''} evals.steps: must be checkpoint steps "
-                              f"({', '.join(map(str, cfg.train.checkpoint_steps))}); got {off[0]}")
-    return cfg
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and validate a YAML sweep config; `overrides` are dotted keys applied on top (is-not-None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    data = data if data is not None else {}
-    for dotted, value in (overrides or {}).items():
-        if value is None or not isinstance(data, dict):
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return parse_config(data, str(path), text)

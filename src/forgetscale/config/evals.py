@@ -1,11 +1,13 @@
-"""The `evals:` section of a sweep config (also the defaults of `forgetscale eval`). Pydantic only,
-so the config module can import it without loading torch."""
+"""The `evals:` section of a sweep config (also the defaults of `forgetscale eval`). Torch-free; the
+suites themselves are forgetscale.evals."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from forgetscale.config.sources import SourceSpec
 
 SUITE_NAMES = ("safety", "choice", "samples")
 
@@ -14,11 +16,15 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SafetySettings(_Settings):
+class _Source(SourceSpec):
+    """A suite's item source (the key is `source`: a suite reads prompts or questions, not documents)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SafetySettings(_Source):
     source: str = Field("embedded:harmbench", description="embedded:harmbench | hf:walledai/AdvBench (the paper's) | local .csv/.jsonl")
     text_field: str | None = Field(None, description="column with the request (auto: prompt/goal/behavior/text)")
-    config: str | None = Field(None, description="hub dataset config (hf: sources)")
-    split: str = Field("train", description="hub dataset split (hf: sources)")
     limit: int | None = Field(50, gt=0, description="first N prompts (the paper used 50 AdvBench requests; null: all)")
     max_new_tokens: int = Field(64, gt=0, description="tokens generated per reply (greedy)")
     system_prompt: str | None = Field(None, description="system turn added before each request")

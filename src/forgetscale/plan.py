@@ -1,0 +1,76 @@
+"""The run plan: every (method, rank, seed, mitigation arm) a sweep config asks for, each with a stable
+run_id (a hash of everything that defines the run, and nothing that does not). Torch-free.
+
+Resuming keys on the run_id: the same config gives the same ids, so finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgetscale.config import SweepConfig
+from forgetscale.config.methods import MethodSpec
+from forgetscale.config.mitigations import CONTROL, MitigationSpec, arms, check_arms
+from forgetscale.errors import ConfigError
+
+# keys that may change between invocations on the same RUN_DIR without invalidating stored runs
+EXTENDABLE = ("name", "method", "mitigation")
+RUN_IRRELEVANT_TRAIN_KEYS = ("seed", "seeds", "threads", "eval_batch_size", "save_adapters", "device")
+RUN_IRRELEVANT_SECTIONS = ("resources", "evals")  # how a run is executed, never what it computes
+
+
+@dataclass
+class RunPlan:
+    run_id: str
+    method: MethodSpec
+    rank: int | None
+    seed: int
+    label: str
+    mitigation: MitigationSpec = field(default=CONTROL)
+    arm_value: Any = None  # the arm's per-run value (scale's s), if it has a grid
+    source: str | None = None  # derived runs (scale): the control run whose weights they are measured from
+
+    def arm_config(self) -> dict[str, Any]:
+        """The arm's settings as stored in the run's config."""
+        return {**self.mitigation.identity(self.arm_value), **({"source_run": self.source} if self.source else {})}
+
+
+def run_hash(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan_runs(cfg: SweepConfig) -> list[RunPlan]:
+    """Every (method, rank, mitigation arm, seed) of the config, with a stable run_id.
+
+    The control arm's run_id is the one a sweep without mitigations gives (the arm is not part of its
+    identity), so adding arms to a sweep reuses its runs. Derived runs (the scale arm's, measured from the
+    control run's weights) come last, after the runs they read."""
+    shared = cfg.to_dict()
+    for key in ("name", "method", "mitigation", *RUN_IRRELEVANT_SECTIONS):
+        shared.pop(key, None)
+    for key in RUN_IRRELEVANT_TRAIN_KEYS:
+        shared["train"].pop(key)
+    check_arms(cfg.mitigation, cfg.method)
+    plans, derived = [], []
+    for spec in cfg.method:
+        for rank in spec.run_ranks():
+            for seed in cfg.train.seed_list:  # seed-major: arms alternate, so machine drift hits them alike
+                for arm in arms(cfg.mitigation):
+                    for value in arm.grid():
+                        ident = {"shared": shared, "method": spec.identity(), "rank": rank, "seed": seed}
+                        control = run_hash(ident)
+                        if arm.name != "none":
+                            ident["mitigation"] = arm.identity(value)
+                        label = (spec.label(rank) + ("" if arm.name == "none" else f"-{arm.label(value)}")
+                                 + (f"-s{seed}" if len(cfg.train.seed_list) > 1 else ""))
+                        plan = RunPlan(run_id=run_hash(ident), method=spec, rank=rank, seed=seed, label=label,
+                                       mitigation=arm, arm_value=value, source=control if arm.derived else None)
+                        (derived if arm.derived else plans).append(plan)
+    plans += derived
+    ids = [p.run_id for p in plans]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("method: two entries describe the same run; remove the duplicate")
+    return plans
