@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from forgetscale.errors import StoreError
+
 STATE_FILE = "state.pt"
 LOG_FILE = "log.txt"
 ADAPTER_PREFIX = "adapter-step"
@@ -96,7 +98,12 @@ class RunFolder:
         """The saved state, or None; tensors and plain data only (never code)."""
         if not self.state_path.is_file():
             return None
-        return torch.load(self.state_path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(self.state_path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as err:  # noqa: BLE001 - a foreign or damaged file: say which, never run it
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StoreError(f"{self.state_path}: not a resume state forgetscale wrote ({reason[:120]}); delete it "
+                             "to restart this run from step 0") from None
 
     def clear_state(self) -> None:
         self.state_path.unlink(missing_ok=True)

@@ -50,8 +50,11 @@ meta         key/value: schema_version, sweep_config (JSON)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -151,6 +154,39 @@ EVAL_SUMMARY_COLUMNS = (
     "suite", "protocol", "model_key", "metric", "run_id", "step", "k", "n", "value", "lo", "hi", "vs_base",
     "vs_base_lo", "vs_base_hi", "within_noise", "settings", "created_at",
 )
+
+
+class RunDirLock:
+    """One writer per RUN_DIR: an exclusive lock on RUN_DIR/.lock, held while a sweep runs. The kernel drops
+    it when the holder dies, so a killed sweep never leaves a stale lock; the file names the last holder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fh: Any = None
+
+    def __enter__(self) -> RunDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreError(f"{self.path.parent}: in use by {holder}; wait for it to finish or stop it, then "
+                             "re-run (a RUN_DIR takes one sweep process at a time)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
 
 
 def _clean(value: Any) -> Any:
@@ -312,6 +348,12 @@ class Store:
         if suite is not None:
             query, args = query + " WHERE suite = ?", [suite]
         return [dict(r) for r in self.conn.execute(query + " ORDER BY suite, protocol, model_key, metric", args)]
+
+    def drop_runs_without_rows(self) -> int:
+        """Forget planned runs that never stored a row (a start that failed before training); returns how many."""
+        with self.conn:
+            cur = self.conn.execute("DELETE FROM runs WHERE run_id NOT IN (SELECT DISTINCT run_id FROM checkpoints)")
+        return cur.rowcount
 
     def close(self) -> None:
         self.conn.close()

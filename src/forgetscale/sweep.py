@@ -19,8 +19,14 @@ from forgetscale.executors import EXECUTORS, make_executor
 from forgetscale.forgetting import reference
 from forgetscale.mitigations.runtime import prepare_arms
 from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
-from forgetscale.plan import EXTENDABLE, RUN_IRRELEVANT_SECTIONS, RUN_IRRELEVANT_TRAIN_KEYS, plan_runs
-from forgetscale.store import Store
+from forgetscale.plan import (
+    EXTENDABLE,
+    RUN_IRRELEVANT_SECTIONS,
+    RUN_IRRELEVANT_TRAIN_KEYS,
+    RunPlan,
+    plan_runs,
+)
+from forgetscale.store import RunDirLock, Store
 from forgetscale.train import RunContext
 
 
@@ -68,6 +74,9 @@ def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
     """A RUN_DIR holds one sweep: only the method list (and name) may grow between invocations."""
     stored = store.get_meta("sweep_config")
     current = cfg.to_dict()
+    if stored is not None and not store.checkpoints():
+        store.drop_runs_without_rows()  # nothing measured yet (a start that failed): the folder is not claimed
+        stored = None
     if stored is not None:
         old = json.loads(stored)
         for section in current:
@@ -95,9 +104,37 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: exists and is not a directory")
-    store = Store(out_dir)
-    check_same_sweep(store, cfg)
-    plans = plan_runs(cfg)
+    plans = plan_runs(cfg)  # a config the plan refuses claims nothing
+    with RunDirLock(out_dir):
+        store = Store(out_dir)
+        check_same_sweep(store, cfg)
+        _add_runs(store, cfg, plans)
+        expected = set(cfg.train.checkpoint_steps)
+        todo = [p for p in plans if not _complete(store, p, expected) and (only is None or p.label in only)]
+        if todo:
+            runner = make_executor(executor, cfg, address=address)  # before the context: a bad setting fails fast
+            try:
+                ctx = build_context(cfg, out_dir)
+                runner.execute(todo, ctx, store, progress=progress)
+            finally:
+                runner.close()
+    return store
+
+
+def _complete(store: Store, plan: RunPlan, expected: set[int]) -> bool:
+    """A finished run with all its rows is skipped; one marked finished but missing rows (a second process
+    deleted them, a hand edit) is run again."""
+    if store.run(plan.run_id)["status"] != "finished":
+        return False
+    steps = {row["step"] for row in store.checkpoints(plan.run_id)}
+    needed = expected if plan.source is None else {max(expected)}  # derived runs: the steps whose weights were kept
+    if needed <= steps:
+        return True
+    store.update_run(plan.run_id, status="pending", error="marked finished but checkpoint rows were missing; re-run")
+    return False
+
+
+def _add_runs(store: Store, cfg: SweepConfig, plans: list[RunPlan]) -> None:
     for plan in plans:
         store.add_run({
             "run_id": plan.run_id, "model": cfg.model.name, "dataset": cfg.finetune.dataset, "method": plan.method.name,
@@ -106,13 +143,3 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
             "config": {**cfg.to_dict(), "method": plan.method.identity(), "rank": plan.rank, "seed": plan.seed,
                        "mitigation": plan.arm_config()},
         })
-    todo = [p for p in plans if store.run(p.run_id)["status"] != "finished" and (only is None or p.label in only)]
-    if not todo:
-        return store
-    runner = make_executor(executor, cfg, address=address)  # before the context: a bad setting fails fast
-    try:
-        ctx = build_context(cfg, out_dir)
-        runner.execute(todo, ctx, store, progress=progress)
-    finally:
-        runner.close()
-    return store

@@ -6,8 +6,6 @@ import argparse
 from importlib.resources import files
 from pathlib import Path
 
-from forgetscale.display import print_summary
-
 NAME = "demo"
 HELP = "run the embedded demo sweep offline (~10 min on a 2-core CPU)"
 EPILOG = """examples:
@@ -27,14 +25,10 @@ def demo_config_path() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from forgetscale.cli.sweep import parse_overrides
-    from forgetscale.config import load_config
+    from forgetscale.cli.sweep import finish_sweep
+    from forgetscale.config import load_config, parse_overrides
     from forgetscale.sweep import run_sweep
 
     cfg = load_config(demo_config_path(), parse_overrides(args.overrides))
     store = run_sweep(cfg, args.out, progress=not args.no_progress)
-    print_summary(store)
-    from forgetscale.cli.eval import run_after_sweep
-
-    run_after_sweep(cfg, args.out, progress=not args.no_progress)
-    return 0
+    return finish_sweep(cfg, store, args.out, progress=not args.no_progress)

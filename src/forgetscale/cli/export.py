@@ -28,6 +28,12 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or args.run_dir / f"checkpoints.{args.format}"
     if out.exists() and out.is_dir():
         raise ConfigError(f"--output: {out} is a directory; give a file name")
+    managed = [store.path, *(store.path.with_name(store.path.name + s) for s in ("-wal", "-shm", "-journal"))]
+    if out.resolve() in {p.resolve() for p in managed} or args.run_dir.resolve() / "runs" in out.resolve().parents:
+        raise ConfigError(f"--output: {out} is one of the files forgetscale keeps in {args.run_dir}; "
+                          "write the export somewhere else")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--output: folder {out.parent} does not exist; create it first")
     tmp = out.with_name(out.name + ".tmp")
     if args.format == "csv":
         frame.to_csv(tmp, index=False)

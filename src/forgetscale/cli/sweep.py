@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from forgetscale.cli.eval import run_after_sweep
@@ -40,6 +41,17 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, parse_overrides(args.overrides))
     store = run_sweep(cfg, args.out, progress=not args.no_progress, executor=args.executor, address=args.address)
+    return finish_sweep(cfg, store, args.out, progress=not args.no_progress)
+
+
+def finish_sweep(cfg, store, out: Path, progress: bool) -> int:
+    """Print the rows, run the configured eval suites; exit code 1 when any run of the sweep failed."""
     print_summary(store)
-    run_after_sweep(cfg, args.out, progress=not args.no_progress)
+    run_after_sweep(cfg, out, progress=progress)
+    runs = store.runs()
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        print(f"forgetscale: {len(failed)} of {len(runs)} runs failed (reasons above); fix the cause and re-run "
+              "the same command to retry them", file=sys.stderr)
+        return 1
     return 0

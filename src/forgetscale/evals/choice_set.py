@@ -13,10 +13,22 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-
-from forgetscale.evals.items import ChoiceItem
+from dataclasses import dataclass
 
 LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One multiple-choice question in the ARC shape: labelled options and the gold label."""
+
+    item_id: str
+    question: str
+    labels: list[str]
+    options: list[str]
+    answer: str
+    category: str = ""
+
 
 # category -> (question template over the first word, which word is the answer)
 _TEMPLATES = {

@@ -4,26 +4,14 @@ record is reported with its file and line (or record index)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from forgetscale.data.sources import load_records, record_where
-from forgetscale.errors import DataError
+from forgetscale.errors import DataError, UnknownNameError, did_you_mean
+from forgetscale.evals.choice_set import ChoiceItem, embedded_choice_items
 
 PROMPT_FIELDS = ("prompt", "goal", "behavior", "Behavior", "text", "question", "instruction")
-
-
-@dataclass(frozen=True)
-class ChoiceItem:
-    """One multiple-choice question in the ARC shape: labelled options and the gold label."""
-
-    item_id: str
-    question: str
-    labels: list[str]
-    options: list[str]
-    answer: str
-    category: str = ""
 
 
 def harmful_prompts(source: str, *, text_field: str | None = None, config: str | None = None,
@@ -48,12 +36,8 @@ def choice_items(source: str, *, config: str | None = None, split: str = "test",
     """Items in ARC's own JSONL shape, the hub's ai2_arc shape, or a flat one:
     {"question": "...", "choices": ["..", ".."] | {"text": [..], "label": [..]}, "answer" | "answerKey": "B" | 1}."""
     if source.startswith("embedded:"):
-        from forgetscale.evals.choice_set import embedded_choice_items
-
         name = source.removeprefix("embedded:")
         if name not in ("choice", "analogies", "arithmetic"):
-            from forgetscale.errors import UnknownNameError, did_you_mean
-
             raise UnknownNameError(did_you_mean("embedded choice set", name, ["choice", "analogies", "arithmetic"]))
         items = embedded_choice_items(name)
         return items[:limit] if limit else items

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
 from forgetscale.config.evals import EvalsConfig
 from forgetscale.config.mitigations import stored_arm_label
 from forgetscale.errors import ConfigError, StoreError
@@ -78,8 +79,8 @@ def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, step
     for r in rows:
         config = json.loads(r["config"])
         last = int(config["train"]["steps"])
-        folder = run_dir / "runs" / r["run_id"]
-        saved = sorted(int(p.name.removeprefix("adapter-step")) for p in folder.glob("adapter-step*") if p.is_dir())
+        folder = RunFolder(run_dir, r["run_id"])
+        saved = folder.saved_steps()
         wanted_steps = [last] if steps == "last" else list(steps)
         for step in wanted_steps:
             if step not in saved:
@@ -89,14 +90,14 @@ def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, step
                     raise StoreError(f"{why}; re-run the sweep with train.save_adapters: all or evals.steps listing it")
                 notes.append(why)
                 continue
-            out.append(Checkpoint(r["run_id"], step, labels[r["run_id"]], folder / f"adapter-step{step}"))
+            out.append(Checkpoint(r["run_id"], step, labels[r["run_id"]], folder.adapter(step)))
     return out, notes
 
 
 @contextlib.contextmanager
 def with_adapter(model: torch.nn.Module, adapter: Path) -> Iterator[torch.nn.Module]:
     """The base model with a saved adapter applied; the base is restored on exit."""
-    if (adapter / "adapter_config.json").is_file():
+    if (adapter / PEFT_CONFIG).is_file():
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(model, adapter, is_trainable=False)
@@ -108,7 +109,7 @@ def with_adapter(model: torch.nn.Module, adapter: Path) -> Iterator[torch.nn.Mod
         return
     from safetensors.torch import load_file
 
-    weights = load_file(adapter / "trainable.safetensors")
+    weights = load_file(adapter / TRAINABLE_FILE)
     named = dict(model.named_parameters())
     missing = [n for n in weights if n not in named]
     if missing:
