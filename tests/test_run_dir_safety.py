@@ -120,3 +120,18 @@ def test_an_override_through_the_model_shorthand_sets_the_name(tmp_path):
     path.write_text(yaml.safe_dump({"model": "tiny-random-llama"}))
     assert load_config(path, {"model.revision": "main"}).model.name == "tiny-random-llama"
     assert load_config(path, {"model.name": "other"}).model.name == "other"
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("d.jsonl", None, "is a directory"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "bad.jsonl:2: not UTF-8"),
+    ("bad.txt", b"one line\nsecond \xff line\n", "bad.txt:2: not UTF-8"),
+])
+def test_unreadable_dataset_files_are_one_line(capsys, tmp_path, write_yaml, name, content, match):
+    target = tmp_path / name
+    if content is None:
+        target.mkdir()
+    else:
+        target.write_bytes(content)
+    path = write_yaml(tiny_config(finetune={"dataset": str(target)}))
+    _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"], match)

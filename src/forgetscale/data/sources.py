@@ -60,13 +60,15 @@ def _hub_records(name: str, config: str | None, split: str, max_records: int | N
 def _local_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a file")
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -75,7 +77,7 @@ def _local_records(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: must hold a list of records (objects), or {{\"data\": [...]}}")
         return data
     if path.suffix == ".txt":
-        return [{"text": doc} for doc in split_text_documents(path.read_text(encoding="utf-8"))]
+        return [{"text": doc} for doc in split_text_documents(_read_text(path))]
     import pandas as pd
 
     try:
@@ -87,8 +89,13 @@ def _local_records(path: Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {err.start} of the line); save the file as "
+                                "UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -100,6 +107,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             record["_line"] = lineno
             records.append(record)
     return records
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {err.start} of the file); save the file as UTF-8") from None
 
 
 def split_text_documents(text: str) -> list[str]:
