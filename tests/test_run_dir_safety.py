@@ -135,3 +135,17 @@ def test_unreadable_dataset_files_are_one_line(capsys, tmp_path, write_yaml, nam
         target.write_bytes(content)
     path = write_yaml(tiny_config(finetune={"dataset": str(target)}))
     _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"], match)
+
+
+@pytest.mark.parametrize("raised, match", [
+    (sqlite3.OperationalError("database or disk is full"), "the disk is full"),
+    (OSError(28, "No space left on device"), "the disk is full"),
+    (OSError(30, "Read-only file system", "/mnt/ro/out"), "cannot write /mnt/ro/out"),
+])
+def test_a_full_disk_or_read_only_folder_is_one_line(capsys, tmp_path, write_yaml, monkeypatch, raised, match):
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(Store, "add_run", fail)
+    path = write_yaml(tiny_config())
+    _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"], match)

@@ -7,8 +7,11 @@ place that turns a ForgetscaleError into a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import pkgutil
+import sqlite3
 import sys
 from types import ModuleType
 
@@ -45,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _machine_limit(err: BaseException) -> str | None:
+    """A full disk or a read-only folder, in one line; None for anything else (a bug: keep the traceback)."""
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text:
+        return "the disk is full; free space and re-run"
+    if getattr(err, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where = getattr(err, "filename", None)
+        return f"cannot write {where or 'the output'} ({os.strerror(err.errno)}); choose a writable --out"
+    if "readonly database" in text or "unable to open database" in text:
+        return f"cannot write the results store ({text}); choose a writable --out"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except ForgetscaleError as err:
         print(f"forgetscale: {err}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.OperationalError, RuntimeError) as err:
+        reason = _machine_limit(err)
+        if reason is None:
+            raise
+        print(f"forgetscale: {reason}; everything stored before it is kept (re-run to resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("forgetscale: interrupted; everything stored so far is kept (re-run to resume)", file=sys.stderr)
