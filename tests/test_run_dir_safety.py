@@ -149,3 +149,16 @@ def test_a_full_disk_or_read_only_folder_is_one_line(capsys, tmp_path, write_yam
     monkeypatch.setattr(Store, "add_run", fail)
     path = write_yaml(tiny_config())
     _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"], match)
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_one_line(capsys, tmp_path, write_yaml, monkeypatch):
+    from forgetscale.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        path = write_yaml(tiny_config(model="someorg/no-such-model"))
+        _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
+                  "the hub cannot be reached from this machine")
+    finally:
+        hub_reachable.cache_clear()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from forgetscale.errors import ConfigError, ModelError
+from forgetscale.hub import hub_reachable
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
@@ -167,11 +168,17 @@ def load_model(
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
+    offline = source == name and not Path(source).exists() and not hub_reachable()
+    if offline:
+        kwargs["local_files_only"] = True  # the hub cannot be reached: the local cache or a prompt error
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if offline:
+            raise ModelError(f"model '{name}': the hub cannot be reached from this machine and the model is not in "
+                             "the local cache; connect, or use a local directory or .gguf file") from None
         raise ModelError(
             f"model '{name}': not an embedded name ({EMBEDDED}, {TINY}), a local path, or a reachable hub id ({first})"
         ) from None

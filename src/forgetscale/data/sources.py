@@ -6,6 +6,7 @@ Every source yields a list of dicts. Local files report problems with their line
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ def _hub_records(name: str, config: str | None, split: str, max_records: int | N
     if name in HUB_SHORTHANDS:
         name, default_config = HUB_SHORTHANDS[name]
         config = config or default_config
+    from forgetscale.hub import hub_reachable
+
+    if not hub_reachable():
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # only the local cache; no minute of retries
     try:
         import datasets
 
