@@ -162,3 +162,12 @@ def test_an_unreachable_hub_fails_in_seconds_with_one_line(capsys, tmp_path, wri
                   "the hub cannot be reached from this machine")
     finally:
         hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("setting, match", [
+    ("safety.limit=[1,", "safety.limit: the value is not valid YAML"),
+    ("safety.limit.x=1", "is a value, not a section"),
+    ("safety.limit=0", "--set evals"),
+])
+def test_bad_eval_overrides_are_one_line(capsys, swept, setting, match):
+    _one_line(capsys, ["eval", str(swept), "--suite", "safety", "--set", setting], match)
