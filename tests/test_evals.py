@@ -253,14 +253,38 @@ def test_eval_stores_items_and_summaries_and_resumes(tiny_sweep):
     assert len(Store(out).eval_items("safety", "base")) == 2
 
 
-def test_adapters_leave_the_base_model_untouched(tiny_sweep):
-    """Full-weight adapters (top_layers) are swapped in and restored: base replies stay the same."""
+def test_adapters_leave_the_base_model_untouched(tiny_sweep, monkeypatch):
+    """Adapters are applied to the one loaded base (PEFT LoRA wrapped and unloaded, top_layers weights swapped
+    in and restored): the base evaluated again on that same object, after every adapter, has the weights,
+    modules and replies of a freshly loaded base."""
+    import forgetscale.models as models
+
     out, cfg = tiny_sweep
     settings = EvalsConfig.model_validate({**SMALL, "suites": ["samples"]})
-    first, _ = run_evals(out, settings, force=True, progress=False)
-    base_first = {r["item_id"]: r["output"] for r in Store(out).eval_items("samples", "base")}
-    run_evals(out, settings, force=True, progress=False)
-    assert {r["item_id"]: r["output"] for r in Store(out).eval_items("samples", "base")} == base_first
+    fresh = models.load_model(cfg.model.name)
+    fresh_load, shared = models.load_model, []
+
+    def load_once(*args, **kwargs):  # every run_evals below evaluates on this one model object
+        if not shared:
+            shared.append(fresh_load(*args, **kwargs))
+        return shared[0]
+
+    monkeypatch.setattr(models, "load_model", load_once)
+    run_evals(out, settings, force=True, progress=False)  # base (as loaded), then every adapter on it
+    replies = {}
+    for row in Store(out).eval_items("samples"):
+        replies.setdefault(row["model_key"], {})[row["item_id"]] = row["output"]
+    assert len(replies) == 5  # base + lora and top_layers at steps 2 and 4
+    base_fresh = replies.pop("base")
+    assert any(tuned != base_fresh for tuned in replies.values())  # so an adapter left behind would show
+    run_evals(out, settings, force=True, progress=False)  # base again, now after the adapters
+    assert len(shared) == 1
+    assert {r["item_id"]: r["output"] for r in Store(out).eval_items("samples", "base")} == base_fresh
+    after = shared[0].model
+    assert [n for n, _ in after.named_modules()] == [n for n, _ in fresh.model.named_modules()]
+    fresh_params = dict(fresh.model.named_parameters())
+    changed = [n for n, p in after.named_parameters() if n not in fresh_params or not torch.equal(p, fresh_params[n])]
+    assert not changed and len(fresh_params) == len(list(after.parameters())), f"base weights changed: {changed}"
 
 
 def test_eval_cli_errors_are_one_line_exit_2(tiny_sweep, tmp_path, capsys):
