@@ -19,7 +19,7 @@ def _run(argv, capsys):
 @pytest.mark.parametrize(
     "patch, expected",
     [
-        ({"model": "no-such-org/no-such-model-xyz"}, "model 'no-such-org/no-such-model-xyz': not an embedded name"),
+        ({"model": "no-such-org/no-such-model-xyz"}, "model 'no-such-org/no-such-model-xyz': "),
         ({"model": "/nonexistent/dir"}, "model '/nonexistent/dir': no such file or directory"),
         ({"finetune": {"dataset": "/nonexistent/data.jsonl"}}, "/nonexistent/data.jsonl: file not found"),
         ({"method": {"name": "lora", "ranks": [0]}}, "method.ranks: each rank must be >= 1"),
