@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from forgetscale.laws import paper, synthetic
-from forgetscale.laws.fitall import FitOptions, fit_group
+from forgetscale.laws.pipeline.fitall import FitOptions, fit_group
+from forgetscale.laws.studies import paper, synthetic
 
 
 def main() -> None:

@@ -18,12 +18,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lower layers never import higher ones; parts in one layer do not import each other
 LAYERS = [
-    ["forgetscale", "forgetscale.errors", "forgetscale.registry", "forgetscale.hub"],
+    ["forgetscale", "forgetscale.errors"],
+    ["forgetscale.registry", "forgetscale.hub"],
     ["forgetscale.config"],  # every key and spec: pydantic only
     ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
     ["forgetscale.forgetting", "forgetscale.methods", "forgetscale.laws"],
-    ["forgetscale.train"],  # the loop: knows StepHooks and RowSink, nothing about arms or executors
-    ["forgetscale.mitigations"],  # the arms' torch halves implement the loop's hooks
+    ["forgetscale.train", "forgetscale.measure"],  # the loop; measuring models trained elsewhere
+    ["forgetscale.mitigations", "forgetscale.integrations"],  # the arms' torch halves; the Trainer callback
     ["forgetscale.executors", "forgetscale.evals"],
     ["forgetscale.sweep"],
     ["forgetscale.report"],  # presentation of stored numbers

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from forgetscale.cli import main
-from forgetscale.laws import synthetic
+from forgetscale.laws.studies import synthetic
 
 DATA = Path(__file__).parent / "data"
 

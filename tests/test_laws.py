@@ -10,9 +10,13 @@ import pandas as pd
 import pytest
 
 from forgetscale.errors import ConfigError, DataError, NotFittedError, UnknownNameError
-from forgetscale.laws import LAWS, ORDER, fitall, forecast, forms, lawfile, paper, synthetic
-from forgetscale.laws.fitall import FitOptions, fit_group
-from forgetscale.laws.select import default_min_step
+from forgetscale.laws import LAWS, ORDER
+from forgetscale.laws.estimators import forms
+from forgetscale.laws.estimators.select import default_min_step
+from forgetscale.laws.fit import fit_run_dir
+from forgetscale.laws.pipeline import fitall, forecast, lawfile
+from forgetscale.laws.pipeline.fitall import FitOptions, fit_group
+from forgetscale.laws.studies import paper, synthetic
 
 DATA = Path(__file__).parent / "data"
 
@@ -195,9 +199,9 @@ def test_single_rank_group_fits_what_it_can():
 def test_fit_run_dir_overwrites_and_forecasts(tmp_path):
     synthetic.simulate_sweep(tmp_path, ranks=(8, 32, 128), seeds=(0, 1), steps=range(20, 201, 20))
     options = FitOptions(n_bootstrap=30)
-    doc, path = fitall.fit_run_dir(tmp_path, options)
+    doc, path = fit_run_dir(tmp_path, options)
     first = path.read_text()
-    fitall.fit_run_dir(tmp_path, options)
+    fit_run_dir(tmp_path, options)
     again = json.loads(path.read_text())
     assert len(again["groups"]) == 1 and json.loads(first)["groups"][0]["laws"].keys() == again["groups"][0]["laws"].keys()
     group = forecast.choose_group(lawfile.load(tmp_path))
@@ -217,3 +221,26 @@ def test_fit_run_dir_overwrites_and_forecasts(tmp_path):
         store.add_checkpoint({"run_id": next(iter(used)), "step": 220, "ft_loss": 0.6, "forget_ce": 0.9,
                               "forget_kl": 0.7, "tokens_seen": 1, "wall_s": 1.0})
         assert fitall.stale_groups(store.frame(), again) == [group["label"]]
+
+
+LAW_PARTS = ("estimators", "pipeline", "studies", "fit")  # laws/__init__.py: each imports only earlier ones
+
+
+def _laws_upward(graph: dict[str, set[str]]) -> list[str]:
+    def part(module: str) -> str | None:
+        bits = module.split(".")
+        return bits[2] if module.startswith("forgetscale.laws.") else None
+
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if part(a) and (b == "forgetscale.laws" or (part(b) and LAW_PARTS.index(part(b)) > LAW_PARTS.index(part(a)))))
+
+
+def test_laws_parts_import_only_down():
+    from tests.test_architecture import import_graph
+
+    graph = import_graph()
+    assert all(m.startswith("forgetscale.laws.estimators.") for m in graph["forgetscale.laws"])  # estimators only
+    assert _laws_upward(graph) == []
+    planted = {k: set(v) for k, v in graph.items()}
+    planted["forgetscale.laws.pipeline.fitall"].add("forgetscale.laws.studies.crossmethod")
+    assert _laws_upward(planted) == ["forgetscale.laws.pipeline.fitall -> forgetscale.laws.studies.crossmethod"]

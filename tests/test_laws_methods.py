@@ -1,4 +1,4 @@
-"""Laws across fine-tuning methods: method variants as groups, and the distance of every method from the
+"""Laws across fine-tuning methods: method settings as groups, and the distance of every method from the
 LoRA-fitted laws (the paper's appendix question), on rows where the answer is known."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import pytest
 
 from forgetscale.cli import main
 from forgetscale.errors import DataError, ForgetscaleError
-from forgetscale.laws import crossmethod, forecast, paper, synthetic
-from forgetscale.laws.fitall import FitOptions, fit_frame, fit_run_dir
-from forgetscale.laws.select import groups, select_rows
-from forgetscale.laws.variants import DEFAULTS, add_variants, labels, method_key
+from forgetscale.laws.estimators.groups import DEFAULTS, GROUP, add_groups, labels, method_key
+from forgetscale.laws.estimators.select import groups, select_rows
+from forgetscale.laws.fit import fit_frame, fit_run_dir
+from forgetscale.laws.pipeline import forecast
+from forgetscale.laws.pipeline.fitall import FitOptions
+from forgetscale.laws.studies import crossmethod, paper, synthetic
 
 OFFSET = 1.05  # the shifted method's forgetting is 5% above what the LoRA law predicts
 KW = {"steps": range(20, 201, 20), "seeds": (0, 1)}
@@ -26,7 +28,7 @@ def _labels(*configs: tuple[str, dict]) -> list[str]:
     return [got[k] for k in keys]
 
 
-def test_variant_labels_name_only_what_tells_methods_apart():
+def test_group_labels_name_only_what_tells_methods_apart():
     lora = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "scaling": "rslora", "alpha": 16.0, "dropout": 0.0, "layers": None, "lr": None, "name": "lora"}
     attn = {**lora, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -41,11 +43,11 @@ def test_variant_labels_name_only_what_tells_methods_apart():
     assert _labels(("dora", {**lora, "target_modules": ["gate_proj", "up_proj", "down_proj"]})) == ["dora[mlp]"]
 
 
-def test_variant_defaults_mirror_the_registered_methods():
-    from forgetscale.laws import variants
+def test_group_defaults_mirror_the_registered_methods():
+    from forgetscale.laws.estimators import groups as method_groups
     from forgetscale.methods import ALL_LINEAR, ATTENTION, METHODS
 
-    assert variants.ALL_LINEAR == ALL_LINEAR and variants.ATTENTION == ATTENTION
+    assert method_groups.ALL_LINEAR == ALL_LINEAR and method_groups.ATTENTION == ATTENTION
     for name in METHODS.names():
         spec = METHODS.get(name)()
         assert {k: v for k, v in spec.identity().items() if k != "name"} == DEFAULTS[name], name
@@ -76,8 +78,8 @@ def test_groups_split_lora_by_its_settings():
     lora = frame[frame["method"] == "lora"]
     with pytest.raises(DataError, match=r"got 2: openorca / lora; openorca / lora\[attn\]"):
         select_rows(lora, law="linear", columns=("ft_loss", "forget_ce"))
-    only = add_variants(lora)
-    assert select_rows(only[only["variant"] == "lora"], law="linear", columns=("forget_ce",)).rows["rank"].nunique() == 3
+    only = add_groups(lora)
+    assert select_rows(only[only[GROUP] == "lora"], law="linear", columns=("forget_ce",)).rows["rank"].nunique() == 3
 
 
 def test_a_method_from_the_lora_law_sits_on_it_and_a_shifted_one_shows_its_offset(doc):
@@ -131,7 +133,7 @@ def test_no_all_linear_lora_means_no_comparison():
     assert block["reference"] is None and set(block["variants"]) == {"ia3", "lora[attn]", "top_layers[k=3]"}
 
 
-def test_predict_chooses_a_variant(doc):
+def test_predict_chooses_a_group(doc):
     assert forecast.choose_group(doc, method="lora")["label"] == "openorca / lora"
     assert forecast.choose_group(doc, method="lora[attn]")["label"] == "openorca / lora[attn]"
     assert forecast.choose_group(doc, method="top_layers")["label"] == "openorca / top_layers[k=3]"

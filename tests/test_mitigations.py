@@ -18,8 +18,8 @@ from forgetscale.config import load_config, parse_config
 from forgetscale.data import load_records
 from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
-from forgetscale.laws.fitall import FitOptions
-from forgetscale.laws.mitigation import at_loss, compare, frontier, verdict
+from forgetscale.laws.pipeline.fitall import FitOptions
+from forgetscale.laws.studies.mitigation import at_loss, compare, frontier, verdict
 from forgetscale.methods.attach import attach
 from forgetscale.mitigations import MITIGATIONS
 from forgetscale.mitigations.inputs import WINDOW, ArmInputs, general_pool, generate_blocks
@@ -165,7 +165,7 @@ def test_every_arm_runs_and_stores_its_tag(swept):
 
 
 def test_eval_labels_are_the_sweeps_run_labels(swept):
-    from forgetscale.evals.runner import run_labels
+    from forgetscale.evals.labels import run_labels
 
     cfg, _, store, _, _ = swept
     assert set(run_labels(store).values()) == {p.label for p in plan_runs(cfg)}  # scale runs apart by their s

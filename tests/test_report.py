@@ -7,8 +7,8 @@ import re
 import pytest
 
 from forgetscale.cli import main
-from forgetscale.laws import synthetic
-from forgetscale.laws.fitall import FitOptions
+from forgetscale.laws.pipeline.fitall import FitOptions
+from forgetscale.laws.studies import synthetic
 from forgetscale.report import SECTIONS, build_report, register_section
 
 FIGURES = ("tradeoff", "curves", "parity", "extrapolation")

@@ -59,8 +59,9 @@ def evals_settings(run_dir: Path, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from forgetscale.display import print_eval_summary
-    from forgetscale.evals.runner import run_evals, run_labels
+    from forgetscale.cli.tables import print_eval_summary
+    from forgetscale.evals.labels import run_labels
+    from forgetscale.evals.runner import run_evals
     from forgetscale.store import Store
 
     settings = evals_settings(args.run_dir, args.overrides)
@@ -82,8 +83,9 @@ def run_after_sweep(cfg, run_dir: Path, progress: bool) -> None:
     """The suites a sweep config asks for (`evals.suites`), run on its saved adapters and printed."""
     if not cfg.evals.suites:
         return
-    from forgetscale.display import print_eval_summary
-    from forgetscale.evals.runner import run_evals, run_labels
+    from forgetscale.cli.tables import print_eval_summary
+    from forgetscale.evals.labels import run_labels
+    from forgetscale.evals.runner import run_evals
     from forgetscale.store import Store
 
     summaries, notes = run_evals(run_dir, cfg.evals, progress=progress)

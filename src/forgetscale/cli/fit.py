@@ -17,10 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forgetscale.laws import crossmethod
-from forgetscale.laws.fitall import FitOptions, fit_run_dir
-from forgetscale.laws.select import FT_COLUMNS, TARGETS
-from forgetscale.mitigations.report import console_tables as mitigation_console
+from forgetscale.laws.estimators.select import FT_COLUMNS, TARGETS
+from forgetscale.laws.fit import fit_run_dir
+from forgetscale.laws.pipeline.fitall import FitOptions
+from forgetscale.laws.studies import crossmethod
+from forgetscale.laws.studies.mitigation import summary_lines
+from forgetscale.report import mitigations as arms_report
 
 NAME = "fit"
 HELP = "fit the forgetting laws on a sweep's checkpoints (writes RUN_DIR/laws.json)"
@@ -138,9 +140,9 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
     runs = Table(title=escape(f"{block['dataset']}: methods, each run's last checkpoint"), title_justify="left")
     for col in ("method", "rank", "P (trainable)", "step", "L_ft held-out", "L_ft train", "L_f (CE)", "KL", "status"):
         runs.add_column(col, justify="left" if col in ("method", "status") else "right")
-    for variant, info in block["variants"].items():
+    for group, info in block["variants"].items():
         for i, r in enumerate(info["runs"]):
-            runs.add_row(escape(variant) if i == 0 else "", "-" if r["rank"] is None else str(r["rank"]),
+            runs.add_row(escape(group) if i == 0 else "", "-" if r["rank"] is None else str(r["rank"]),
                          f"{r['P']:,.0f}", str(r["step"]), *(_fmt(r.get(c)) for c in
                                                             ("ft_loss", "ft_loss_train", "forget_ce", "forget_kl")),
                          r["status"])
@@ -148,17 +150,17 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
     dist = Table(title=title + f", steps >= {block.get('min_step', '?')}", title_justify="left")
     for col in ("method", "P", "rows", "law", "signed error [95%]", "mean |error| [95%]", "max |error|", "note"):
         dist.add_column(col, overflow="fold")
-    for variant, info in block["variants"].items():
+    for group, info in block["variants"].items():
         P = sorted({r["P"] for r in info["runs"]})
         p_text = ", ".join(f"{p:,.0f}" for p in P) if len(P) <= 3 else f"{P[0]:,.0f}-{P[-1]:,.0f}"
-        name = escape(f"{variant} (reference)" if variant == block.get("reference") else variant)
+        name = escape(f"{group} (reference)" if group == block.get("reference") else group)
         if info.get("status") != "compared":
             dist.add_row(name, p_text, "", "", "", "", "", escape(info.get("status", block.get("status", ""))))
             dist.add_section()
             continue
         for i, (law, e) in enumerate(info["errors"].items()):
             note = {"under": "[yellow]underestimates[/]", "over": "[yellow]overestimates[/]"}.get(e["bias"], "")
-            if variant == block["reference"]:
+            if group == block["reference"]:
                 note = "in-sample (fitted on these rows)"
             elif e["bias"] == "no finite prediction":
                 note = "[red]no finite prediction[/]"
@@ -174,9 +176,9 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
                   title_justify="left")
         for col in ("method", "law", "own fit", "pooled fit", "LoRA-only fit"):
             t.add_column(col, overflow="fold")
-        for variant, r in ho["by_variant"].items():
+        for group, r in ho["by_variant"].items():
             for i, law in enumerate(r["pooled"] or r["lora"]):
-                t.add_row(escape(variant) if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)),
+                t.add_row(escape(group) if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)),
                           _pct(r["lora"].get(law)))
             t.add_section()
         tables.append(t)
@@ -191,6 +193,26 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
                       ", ".join(_pct(v) for v in d["heldout_mare"].values()) if fitted else "", escape(d["status"]))
         tables.append(t)
     return tables
+
+
+def mitigation_tables(cells: list[dict[str, Any]]) -> list[Any]:
+    """Laws.json's 'mitigation' block: per cell the matched-loss and Eq. 4 tables, and one line per arm."""
+    items: list[Any] = []
+    for cell in cells:
+        t = Table(title=escape(f"{cell['label']}: forgetting at matched held-out L_ft (base {cell['base_ft']:.4f}); "
+                               "intervals over paired seeds"), title_justify="left")
+        for col in arms_report.HEADER:
+            t.add_column(col, overflow="fold")
+        for row in arms_report.rows(cell):
+            t.add_row(*(escape(c) for c in row))
+        lines = Table(title=escape(f"{cell['label']}: Eq. 4 per arm, L_f = slope * L_ft + intercept"),
+                      title_justify="left")
+        for col in ("arm", "slope [95%]", "intercept [95%]", "R^2", "status"):
+            lines.add_column(col, overflow="fold")
+        for row in arms_report.line_rows(cell):
+            lines.add_row(*(escape(c) for c in row))
+        items += [t, lines, *(f"- {escape(s)}" for s in summary_lines(cell)), ""]
+    return items
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         for line in crossmethod.verdict(block):
             console.print(f"- {escape(line)}", highlight=False)
         console.print()
-    for item in mitigation_console(doc.get("mitigation", [])):  # arms vs the control (docs/mitigations.md)
+    for item in mitigation_tables(doc.get("mitigation", [])):  # arms vs the control (docs/mitigations.md)
         console.print(item)
     console.print(f"wrote {path}")
     return 0

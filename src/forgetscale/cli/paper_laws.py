@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetscale.errors import ConfigError
-from forgetscale.laws import paper
+from forgetscale.laws.studies import paper
 
 NAME = "paper-laws"
 HELP = "print the paper's published laws on a (rank, step) grid"

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetscale.errors import ConfigError
-from forgetscale.laws import fitall, forecast, lawfile
+from forgetscale.laws.pipeline import fitall, forecast, lawfile
 
 NAME = "predict"
 HELP = "forecast L_ft and L_f at given trainable parameters and steps, with intervals"

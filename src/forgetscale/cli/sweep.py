@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from forgetscale.cli.eval import run_after_sweep
+from forgetscale.cli.tables import print_summary
 from forgetscale.config import load_config, parse_overrides
-from forgetscale.display import print_summary
 from forgetscale.executors import EXECUTORS
 
 NAME = "sweep"

@@ -1,4 +1,5 @@
-"""Terminal tables (rich). Only the CLI calls these."""
+"""Terminal tables (rich) of stored rows: the sweep summary and the eval summaries (printed by sweep,
+demo and eval). The tables of laws.json (fit, predict, paper-laws) stay in those verbs' modules."""
 
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ import torch
 
 from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
 from forgetscale.config.evals import EvalsConfig
-from forgetscale.config.mitigations import stored_arm_label
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.evals import choice, safety, samples  # noqa: F401  (register the suites)
+from forgetscale.evals.labels import run_labels
 from forgetscale.evals.suites import SUITES, Target
 from forgetscale.store import Store
 
@@ -42,25 +42,6 @@ class Checkpoint:
     @property
     def key(self) -> str:
         return f"{self.run_id}@{self.step}"
-
-
-def run_labels(store: Store) -> dict[str, str]:
-    """run_id -> a readable label, the sweep's own ('lora-r8', 'ia3', 'lora-r8-kl', '... -s1' when seeds differ)."""
-    runs = store.runs()
-    seeds = {r["seed"] for r in runs}
-    labels = {}
-    for r in runs:
-        label = r["method"] if r["rank"] is None else f"{r['method']}-r{r['rank']}"
-        arm = stored_arm_label(r)
-        if arm:  # the sweep's own run label: 'lora-r8-kl-s0', 'lora-r8-scale0.5-s0'
-            label += f"-{arm}"
-        if len(seeds) > 1:
-            label += f"-s{r['seed']}"
-        labels[r["run_id"]] = label
-    counts: dict[str, int] = {}
-    for label in labels.values():
-        counts[label] = counts.get(label, 0) + 1
-    return {rid: (f"{label}[{rid[:6]}]" if counts[label] > 1 else label) for rid, label in labels.items()}
 
 
 def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, steps: list[int] | str) -> tuple[list[Checkpoint], list[str]]:

@@ -2,20 +2,21 @@
 
 The report reads RUN_DIR/laws.json and the stored rows; it fits only when laws.json is missing
 (with `fit`'s defaults), and its figures evaluate the stored laws, never refit them. Sections come
-from the SECTIONS registry (report/sections.py), so other packages can append their own.
+from the SECTIONS registry (report/sections.py): the built-in ones, the capability suites' (evals.py)
+and the mitigation arms' (mitigations.py) register on import here; a plug-in registers its own.
 """
 
 from __future__ import annotations
 
 import html
-import importlib
 from pathlib import Path
 
 from forgetscale.errors import NotFittedError, StoreError
-from forgetscale.laws import fitall, lawfile
-from forgetscale.report import builtin  # noqa: F401  (registers the built-in sections)
+from forgetscale.laws.fit import fit_run_dir
+from forgetscale.laws.pipeline import lawfile
+from forgetscale.laws.pipeline.fitall import FitOptions, stale_groups
+from forgetscale.report import builtin, evals, mitigations  # noqa: F401  (register their sections)
 from forgetscale.report.sections import (
-    OPTIONAL_PROVIDERS,
     SECTIONS,
     Markup,
     ReportContext,
@@ -42,22 +43,8 @@ pre{background:#f5f5f7;padding:1em;overflow:auto;font-size:12px}nav a{margin-rig
 """
 
 
-def _import_providers() -> list[str]:
-    """Import optional section providers that are installed; return their names."""
-    found = []
-    for name in OPTIONAL_PROVIDERS:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and name.startswith(err.name):
-                continue
-            raise
-        found.append(name)
-    return found
-
-
 def build_report(run_dir: str | Path, *, fit_if_missing: bool = True,
-                 options: fitall.FitOptions | None = None) -> tuple[Path, list[str]]:
+                 options: FitOptions | None = None) -> tuple[Path, list[str]]:
     """Write RUN_DIR/report.html and RUN_DIR/figures/*.png; returns the page's path and notes to print.
 
     `options` are used only when laws.json is missing and the laws are fitted first (default: fit's).
@@ -76,13 +63,12 @@ def build_report(run_dir: str | Path, *, fit_if_missing: bool = True,
     except NotFittedError:
         if not fit_if_missing:
             raise
-        doc, path = fitall.fit_run_dir(run_dir, options or fitall.FitOptions())
+        doc, path = fit_run_dir(run_dir, options or FitOptions())
         notes.append(f"laws.json was missing: fitted with default options and wrote {path}")
-    ctx = ReportContext(run_dir, doc, frame, sweep_config, stale=fitall.stale_groups(frame, doc))
+    ctx = ReportContext(run_dir, doc, frame, sweep_config, stale=stale_groups(frame, doc))
     if ctx.stale:
         notes.append(f"results.sqlite changed since laws.json was written ({', '.join(ctx.stale)}); "
                      f"re-run `forgetscale fit {run_dir}`")
-    _import_providers()
     body, nav = [], []
     for name, section in ordered():
         fragment = section.build(ctx)

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from forgetscale.laws import crossmethod, forms, lawfile, paper
-from forgetscale.laws.select import group_label, group_rows
-from forgetscale.laws.variants import VARIANT, add_variants, non_default
+from forgetscale.laws.estimators import forms
+from forgetscale.laws.estimators.groups import GROUP, add_groups, non_default
+from forgetscale.laws.estimators.select import group_label, group_rows
+from forgetscale.laws.pipeline import lawfile
+from forgetscale.laws.studies import crossmethod, paper
 from forgetscale.report import figures
 from forgetscale.report.sections import Markup, ReportContext, register_section, table
 
@@ -111,16 +113,16 @@ def tradeoff(ctx: ReportContext) -> str:
 
 
 def _method_points(ctx: ReportContext, block: dict[str, Any]) -> pd.DataFrame:
-    """Every checkpoint (step > 0) of one dataset's method variants, marked with whether the comparison used it."""
+    """Every checkpoint (step > 0) of one dataset's method groups, marked with whether the comparison used it."""
     o = ctx.laws["options"]
-    frame = add_variants(ctx.frame)
+    frame = add_groups(ctx.frame)
     frame = frame[(frame["dataset"].astype(str) == block["dataset"])
                   & (frame["mitigation"].astype(str) == block["mitigation"]) & (frame["step"] > 0)]
     used = frame["step"] >= block.get("min_step", 1)
     if not o.get("include_unfinished"):
         used &= frame["status"] == "finished"
     return pd.DataFrame({
-        "variant": frame[VARIANT].to_numpy(), "P": frame["trainable_params"].to_numpy(float),
+        "group": frame[GROUP].to_numpy(), "P": frame["trainable_params"].to_numpy(float),
         "N": frame["step"].to_numpy(float), "ft": frame[o["ft_column"]].to_numpy(float),
         "f": frame[o["target"]].to_numpy(float), "rank": frame["rank"].to_numpy(), "used": used.to_numpy(),
     }).dropna(subset=["ft", "f", "P"]).reset_index(drop=True)
@@ -134,10 +136,10 @@ def _err(e: dict[str, Any], key: str) -> Markup:
 
 def _methods_table(block: dict[str, Any]) -> str:
     rows = []
-    for variant, info in block["variants"].items():
+    for group, info in block["variants"].items():
         for i, r in enumerate(info["runs"]):
             changed = non_default(info["method"], info["settings"])
-            rows.append([variant if i == 0 else "", "" if i else json.dumps(changed, sort_keys=True) if changed else "defaults",
+            rows.append([group if i == 0 else "", "" if i else json.dumps(changed, sort_keys=True) if changed else "defaults",
                          "-" if r["rank"] is None else r["rank"], f"{r['P']:,.0f}", r["step"], _fmt(r.get("ft_loss")),
                          _fmt(r.get("forget_ce")), _fmt(r.get("forget_kl")), r["status"]])
     return table(["method", "settings (non-default)", "rank", "P (trainable)", "last step", "L_ft held-out", "L_f (CE)", "KL",
@@ -146,19 +148,19 @@ def _methods_table(block: dict[str, Any]) -> str:
 
 def _distance_table(block: dict[str, Any]) -> str:
     rows = []
-    for variant, info in block["variants"].items():
-        ref = variant == block["reference"]
+    for group, info in block["variants"].items():
+        ref = group == block["reference"]
         P = sorted({r["P"] for r in info["runs"]})
         p_text = Markup("<br>".join(f"{p:,.0f}" for p in P) + "".join(
             f'<br><span class="ci">{html.escape(o)}</span>' for o in info.get("outside", [])))
         if info.get("status") != "compared":
-            rows.append([variant, p_text, "", "", "", "", "", info.get("status", "")])
+            rows.append([group, p_text, "", "", "", "", "", info.get("status", "")])
             continue
         for i, (law, e) in enumerate(info["errors"].items()):
             bias = {"under": "underestimates", "over": "overestimates"}.get(e["bias"], e["bias"].replace("unclear", ""))
             note = "in-sample (fitted on these rows)" if ref else (
                 Markup(f'<span class="warn">{bias}</span>') if e["bias"] in ("under", "over") else bias)
-            rows.append([f"{variant} (reference)" if ref and i == 0 else (variant if i == 0 else ""),
+            rows.append([f"{group} (reference)" if ref and i == 0 else (group if i == 0 else ""),
                          p_text if i == 0 else "", info["n_rows"] if i == 0 else "", law, _err(e, "signed"),
                          _err(e, "mean"), _pct(e["max"]), note])
     return table(["method", "P", "rows", "law fitted on LoRA", "signed mean error", "mean |error|", "max |error|",

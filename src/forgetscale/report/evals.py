@@ -12,7 +12,7 @@ import html
 import json
 from typing import Any
 
-from forgetscale.evals.runner import run_labels
+from forgetscale.evals.labels import run_labels
 from forgetscale.report.sections import Markup, ReportContext, register_section, table
 from forgetscale.store import Store
 

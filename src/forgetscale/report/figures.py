@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from forgetscale.laws import fitting  # noqa: E402
-from forgetscale.laws.base import Law  # noqa: E402
+from forgetscale.laws.estimators import fitting  # noqa: E402
+from forgetscale.laws.estimators.base import Law  # noqa: E402
 
 plt.rcParams.update({
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9, "figure.dpi": 100,
@@ -227,8 +227,8 @@ MARKERS = ("s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 
 
 def method_styles(points: pd.DataFrame, reference: str) -> dict[str, dict]:
-    """Scatter style per method variant: the reference LoRA as circles, every other one its own marker and colour."""
-    others = [v for v in sorted(points["variant"].unique()) if v != reference]
+    """Scatter style per method group: the reference LoRA as circles, every other one its own marker and colour."""
+    others = [v for v in sorted(points["group"].unique()) if v != reference]
     cmap = plt.get_cmap("tab10")
     styles = {v: {"marker": MARKERS[i % len(MARKERS)], "color": cmap((i + 1) % 10)} for i, v in enumerate(others)}
     styles[reference] = {"marker": "o", "color": None}
@@ -238,21 +238,21 @@ def method_styles(points: pd.DataFrame, reference: str) -> dict[str, dict]:
 def _method_scatter(ax, points: pd.DataFrame, reference: str, x: str, y: pd.Series | None = None) -> None:
     """Every checkpoint, one marker per method (LoRA coloured by rank); hollow where no fit used it."""
     styles = method_styles(points, reference)
-    ref = points[points["variant"] == reference]
+    ref = points[points["group"] == reference]
     col = colours(ref) if len(ref) else {}
-    for variant, g in points.groupby("variant", sort=True):
-        st = styles[variant]
+    for group, g in points.groupby("group", sort=True):
+        st = styles[group]
         yy = g["f"] if y is None else y.loc[g.index]
         for used, part in ((True, g["used"]), (False, ~g["used"])):
             if not part.any():
                 continue
-            c = [col[p] for p in g.loc[part, "P"]] if variant == reference else [st["color"]] * int(part.sum())
+            c = [col[p] for p in g.loc[part, "P"]] if group == reference else [st["color"]] * int(part.sum())
             kw = {"c": c} if used else {"facecolors": "none", "edgecolors": c, "alpha": 0.5}
             ax.scatter(g.loc[part, x], yy[part], s=30 if used else 24, marker=st["marker"], zorder=3, lw=1, **kw)
-        if variant != reference:
+        if group != reference:
             P = g["P"].unique()
             ptext = human(P[0]) if len(P) == 1 else f"{human(P.min())}-{human(P.max())}"
-            ax.scatter([], [], marker=st["marker"], color=st["color"], s=30, label=f"{variant} (P = {ptext})")
+            ax.scatter([], [], marker=st["marker"], color=st["color"], s=30, label=f"{group} (P = {ptext})")
     for p in sorted(col):
         ax.scatter([], [], marker="o", color=col[p], s=30, label=f"{reference}: {_rank_label(ref, p)}")
 
@@ -263,7 +263,7 @@ def methods_tradeoff(points: pd.DataFrame, reference: str, linear: Law | None, t
     fig, ax = plt.subplots(figsize=(11, 5.6))
     _method_scatter(ax, points, reference, "ft")
     if linear is not None:
-        ref_used = points[(points["variant"] == reference) & points["used"]]
+        ref_used = points[(points["group"] == reference) & points["used"]]
         lo, hi = ref_used["ft"].min(), ref_used["ft"].max()
         x_all = np.linspace(min(lo, points["ft"].min()), max(hi, points["ft"].max()), 200)
         inside = (x_all >= lo) & (x_all <= hi)

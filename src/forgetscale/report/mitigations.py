@@ -1,6 +1,7 @@
-"""How the mitigation comparison is shown: a report section (registered like any other, see
-report/sections.py) and the tables `forgetscale fit` prints. Both read laws.json's 'mitigation' block
-(laws/mitigation.py) and never fit; the figure plots the stored rows and draws the stored lines."""
+"""The mitigation comparison in the report: a section (registered like any other, see report/sections.py)
+and the text rows that `forgetscale fit`'s tables (cli/tables.py) share. Both read laws.json's
+'mitigation' block (laws/studies/mitigation.py) and never fit; the figure plots the stored rows and
+draws the stored lines."""
 
 from __future__ import annotations
 
@@ -69,30 +70,6 @@ def line_rows(cell: dict[str, Any]) -> list[list[str]]:
                     + _ci(line["intercept_ci"], 3), _f(line["r2"], 3), line["status"]])
     return out
 
-def console_tables(cells: list[dict[str, Any]]) -> list[Any]:
-    """Rich tables (and one line per arm) for `forgetscale fit`."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from forgetscale.laws.mitigation import summary_lines
-
-    items: list[Any] = []
-    for cell in cells:
-        t = Table(title=escape(f"{cell['label']}: forgetting at matched held-out L_ft (base {cell['base_ft']:.4f}); "
-                               "intervals over paired seeds"), title_justify="left")
-        for col in HEADER:
-            t.add_column(col, overflow="fold")
-        for row in rows(cell):
-            t.add_row(*(escape(c) for c in row))
-        lines = Table(title=escape(f"{cell['label']}: Eq. 4 per arm, L_f = slope * L_ft + intercept"),
-                      title_justify="left")
-        for col in ("arm", "slope [95%]", "intercept [95%]", "R^2", "status"):
-            lines.add_column(col, overflow="fold")
-        for row in line_rows(cell):
-            lines.add_row(*(escape(c) for c in row))
-        items += [t, lines, *(f"- {escape(s)}" for s in summary_lines(cell)), ""]
-    return items
-
 def figure(frame: Any, cell: dict[str, Any]) -> Any:
     """KL and L_f against held-out L_ft for every arm of a cell, with each arm's fitted Eq. 4 line."""
     import matplotlib.pyplot as plt
@@ -134,13 +111,13 @@ def section(ctx: ReportContext) -> str | None:
     cells = ctx.laws.get("mitigation")
     if not cells:
         return None
-    from forgetscale.laws.mitigation import summary_lines
-    from forgetscale.laws.variants import VARIANT, add_variants
+    from forgetscale.laws.estimators.groups import GROUP, add_groups
+    from forgetscale.laws.studies.mitigation import summary_lines
 
-    frame = add_variants(ctx.frame)
+    frame = add_groups(ctx.frame)
     parts = []
     for cell in cells:
-        rows_ = frame[(frame["dataset"] == cell["dataset"]) & (frame[VARIANT] == cell["variant"])]
+        rows_ = frame[(frame["dataset"] == cell["dataset"]) & (frame[GROUP] == cell["variant"])]
         if cell["rank"] is not None:
             rows_ = rows_[rows_["rank"] == cell["rank"]]
         slug = re.sub(r"[^A-Za-z0-9]+", "-", cell["label"]).strip("-").lower()

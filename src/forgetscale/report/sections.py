@@ -1,11 +1,10 @@
-"""The report is a list of sections; anything (the evals package, a user plug-in) can add one.
+"""The report is a list of sections; any module (builtin.py, evals.py, mitigations.py, a user plug-in) can add one.
 
 A section is a builder `(ReportContext) -> str | None` returning an HTML fragment (None: nothing to
 show for this sweep), registered with an order number in SECTIONS. The report calls every
 registered section in order; figures go through `ctx.figure(...)`, which writes
 RUN_DIR/figures/<name>.png and returns an <img> tag with the PNG embedded, so the page needs no
-network and no neighbouring files. Built-in sections use orders 10-90 (see report/builtin.py);
-modules named in OPTIONAL_PROVIDERS are imported first if they exist, so their sections register.
+network and no neighbouring files. Built-in sections use orders 10-90 (see report/builtin.py).
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ from typing import Any
 import pandas as pd
 
 from forgetscale.registry import Registry
-
-# Modules that may register sections when installed (e.g. the evals package's capability checks).
-OPTIONAL_PROVIDERS = ("forgetscale.evals.report", "forgetscale.mitigations.report")
 
 
 @dataclass

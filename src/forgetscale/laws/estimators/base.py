@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError, NotFittedError
-from forgetscale.laws import fitting
-from forgetscale.laws.select import FitData, Selection, heldout_split, select_rows
+from forgetscale.laws.estimators import fitting
+from forgetscale.laws.estimators.registry import LAWS
+from forgetscale.laws.estimators.select import FitData, Selection, heldout_split, select_rows
 
 GAUGE_C_FT = 0.002  # c_ft is pinned here (see forms.regauge): the paper's OpenOrca value, so a, b read on its scale
 RHO_RANGE = (0.05, 100.0)  # box on rho (power laws); a fit that ends on it has not identified rho
@@ -115,8 +116,6 @@ class Law:
     def _dependencies(self, sel: Selection, fingerprint: str, given: Mapping[str, Law] | None) -> dict[str, Law]:
         """The fitted laws whose constants this one borrows: reused when fitted on the same rows and
         settings (so they share bootstrap resamples), otherwise fitted here on our rows."""
-        from forgetscale.laws import LAWS
-
         out: dict[str, Law] = {}
         for name in self.requires:
             dep = (given or {}).get(name)

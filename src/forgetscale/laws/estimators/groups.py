@@ -1,16 +1,19 @@
-"""Method variants: which stored runs count as "the same method" for the laws, and their readable labels.
+"""Method groups: which stored runs count as "the same method" for the laws, and their readable labels.
 
 A law belongs to one fine-tuning method *with its settings*: LoRA on every linear module and LoRA on
 attention only are different methods (the paper's appendix treats them so). Runs are grouped by
-their stored `method_config` minus the rank (each rank is one run of the same variant), and each
+their stored `method_config` minus the rank (each rank is one run of the same group), and each
 group gets a short label such as `lora`, `lora[attn]`, `ia3`, `top_layers[k=3]` or `full`.
 
-A label names a setting only when it tells variants apart or departs from the method's default, so
+A label names a setting only when it tells groups apart or departs from the method's default, so
 a single-method sweep keeps the plain method name. The defaults below mirror the method specs in
 `forgetscale.methods` (kept here so that fitting never imports torch); tests/test_laws_methods.py
 checks that they match every registered method.
-"""
 
+laws.json stores a group's label under the key "variant" (a group's `key`, the cross_method block's
+"variants" and "by_variant", a mitigation cell): the file format predates the name, and keeping the
+key keeps laws.json files of every version readable.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +37,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {"lr": None},
 }
 ALWAYS = {"top_layers": ("k",)}  # settings that are the method's identity: always in the label
-NOT_SETTINGS = ("name", "rank", "ranks")  # stored beside the settings but not part of a variant
+NOT_SETTINGS = ("name", "rank", "ranks")  # stored beside the settings but not part of a group
 
-VARIANT, METHOD_KEY = "variant", "method_key"  # the columns add_variants() adds
+GROUP, METHOD_KEY = "group", "method_key"  # the columns add_groups() adds
 
 
 def settings(method_config: Any) -> dict[str, Any]:
@@ -48,7 +51,7 @@ def settings(method_config: Any) -> dict[str, Any]:
 
 
 def method_key(method: str, method_config: Any) -> str:
-    """Canonical identity of a variant: the method name and its settings as sorted JSON."""
+    """Canonical identity of a group: the method name and its settings as sorted JSON."""
     return json.dumps({"method": str(method), **settings(method_config)}, sort_keys=True)
 
 
@@ -84,7 +87,7 @@ def _part(key: str, value: Any) -> str:
 
 
 def labels(keys: list[str]) -> dict[str, str]:
-    """Readable, unique label for each variant key (from method_key) among the variants of one sweep."""
+    """Readable, unique label for each group key (from method_key) among the groups of one sweep."""
     parsed = {k: json.loads(k) for k in set(keys)}
     by_method: dict[str, list[str]] = {}
     for k, cfg in parsed.items():
@@ -104,7 +107,7 @@ def labels(keys: list[str]) -> dict[str, str]:
                 if n in ALWAYS.get(method, ()):
                     parts.append(_part(n, value))
                 elif n in defaults and _same(value, defaults[n]):
-                    continue  # the default says nothing, even where another variant differs
+                    continue  # the default says nothing, even where another group differs
                 elif n in varying or (n in defaults and n != "lr"):
                     parts.append(_part(n, value))  # lr is a training setting: named only where it varies
             out[k] = f"{method}[{','.join(parts)}]" if parts else method
@@ -117,19 +120,19 @@ def labels(keys: list[str]) -> dict[str, str]:
     return out
 
 
-def add_variants(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows with `method_key` and `variant` columns (unchanged when they are already there).
+def add_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with `method_key` and `group` columns (unchanged when they are already there).
 
-    Labels depend on which variants the frame holds, so call this on a whole sweep's rows before
-    splitting them; rows without a method_config column are one variant per method name.
+    Labels depend on which groups the frame holds, so call this on a whole sweep's rows before
+    splitting them; rows without a method_config column are one group per method name.
     """
-    if VARIANT in frame.columns and METHOD_KEY in frame.columns:
+    if GROUP in frame.columns and METHOD_KEY in frame.columns:
         return frame
     out = frame.copy()
     configs = out["method_config"] if "method_config" in out.columns else [None] * len(out)
     out[METHOD_KEY] = [method_key(m, c) for m, c in zip(out["method"].astype(str), configs, strict=True)]
     names = labels(list(out[METHOD_KEY].unique()))
-    out[VARIANT] = out[METHOD_KEY].map(names)
+    out[GROUP] = out[METHOD_KEY].map(names)
     return out
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from forgetscale.laws import forms
-from forgetscale.laws.nonlinear import NonlinearLaw
-from forgetscale.laws.power import (
+from forgetscale.laws.estimators import forms
+from forgetscale.laws.estimators.nonlinear import NonlinearLaw
+from forgetscale.laws.estimators.power import (
     EXP_HI,
     EXP_LO,
     RHO_HI,
@@ -22,6 +22,7 @@ from forgetscale.laws.power import (
     _block_internal,
     _block_natural,
 )
+from forgetscale.laws.estimators.registry import LAWS
 
 FT_COLS = np.array([0, 1, 2, 3, 8, 9])  # constants the L_ft points depend on
 F_COLS = np.array([4, 5, 6, 7, 8, 9])
@@ -113,3 +114,6 @@ class PowerJoint(NonlinearLaw):
         with np.errstate(all="ignore"):
             out = np.concatenate(starts)
         return out[np.all(np.isfinite(out), axis=1)] if np.isfinite(out).all(axis=1).any() else out
+
+
+LAWS.add(PowerJoint.name, PowerJoint)

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from forgetscale.laws import forms
-from forgetscale.laws.base import Law
+from forgetscale.laws.estimators import forms
+from forgetscale.laws.estimators.base import Law
+from forgetscale.laws.estimators.registry import LAWS
 
 
 class LinearLaw(Law):
@@ -51,3 +52,6 @@ class LinearLaw(Law):
     def predict_interval(self, L_ft: Any, N: Any = None, *, output: str | None = None,
                          level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         return super().predict_interval(L_ft, output=output, level=level)
+
+
+LAWS.add(LinearLaw.name, LinearLaw)

@@ -15,8 +15,9 @@ import itertools
 
 import numpy as np
 
-from forgetscale.laws import fitting, forms
-from forgetscale.laws.nonlinear import NonlinearLaw
+from forgetscale.laws.estimators import fitting, forms
+from forgetscale.laws.estimators.nonlinear import NonlinearLaw
+from forgetscale.laws.estimators.registry import LAWS
 
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 EXP_LO, EXP_HI = np.log(1e-4), np.log(10.0)
@@ -105,3 +106,7 @@ class MultF(_Mult):
 
     def _predict(self, p, P, N, ft):
         return {"f": forms.mult_f(P, N, p)}
+
+
+LAWS.add(MultFT.name, MultFT)
+LAWS.add(MultF.name, MultF)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from forgetscale.laws import fitting
-from forgetscale.laws.base import Law
-from forgetscale.laws.select import FitData
+from forgetscale.laws.estimators import fitting
+from forgetscale.laws.estimators.base import Law
+from forgetscale.laws.estimators.select import FitData
 
 
 class NonlinearLaw(Law):

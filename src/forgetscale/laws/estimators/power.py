@@ -18,10 +18,11 @@ import itertools
 
 import numpy as np
 
-from forgetscale.laws import fitting, forms
-from forgetscale.laws.base import RHO_RANGE
-from forgetscale.laws.nonlinear import NonlinearLaw
-from forgetscale.laws.select import FitData
+from forgetscale.laws.estimators import fitting, forms
+from forgetscale.laws.estimators.base import RHO_RANGE
+from forgetscale.laws.estimators.nonlinear import NonlinearLaw
+from forgetscale.laws.estimators.registry import LAWS
+from forgetscale.laws.estimators.select import FitData
 
 WIDE = 50.0  # bound on log (a/P0)^alpha and log (b/N0)^beta: never binds in a sensible fit
 EXP_LO, EXP_HI = np.log(1e-4), np.log(10.0)  # alpha, beta
@@ -195,3 +196,7 @@ class PowerF(NonlinearLaw):
         X = _block(data, *grid[:, :4].T, False)[0][:, data.point]
         log_m = np.median(target) - np.median(np.log(X), axis=1)
         return _rescale(grid, log_m)[:, :4]
+
+
+LAWS.add(PowerFT.name, PowerFT)
+LAWS.add(PowerF.name, PowerF)

@@ -1,9 +1,9 @@
 """Which stored checkpoints a law is fitted on, and the arrays the fitters read.
 
 Rules (the report and laws.json list the rows actually used):
-- one (dataset, method variant, mitigation) group per fit: laws of different data or methods differ,
-  and a method's settings make a different method (LoRA on attention only is not LoRA on every
-  linear module; see variants.py);
+- one group per fit, (dataset, method with its settings, mitigation): laws of different data or
+  methods differ, and a method's settings make a different method (LoRA on attention only is not
+  LoRA on every linear module; see groups.py);
 - runs with status 'finished' only, unless asked otherwise (a running or failed run's early
   checkpoints are valid measurements, but a half-done sweep over-weights small steps);
 - step 0 never (N = 0 has no power law), and nothing below the minimum step: the paper drops
@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError
-from forgetscale.laws.variants import METHOD_KEY, VARIANT, add_variants
+from forgetscale.laws.estimators.groups import GROUP, METHOD_KEY, add_groups
 
 GROUP_KEYS = ("dataset", "method", "variant", "mitigation")  # a group's key in laws.json
-_SPLIT = ("dataset", VARIANT, "mitigation")  # what splits rows (a variant implies its method)
+_SPLIT = ("dataset", GROUP, "mitigation")  # what splits rows (a group implies its method)
 TARGETS = ("forget_ce", "forget_kl")
 FT_COLUMNS = ("ft_loss", "ft_loss_train")
 PAPER_MIN_STEP = 50
@@ -36,15 +36,15 @@ def default_min_step(max_step: int) -> int:
 
 
 def groups(frame: pd.DataFrame) -> list[tuple[dict[str, str], pd.DataFrame]]:
-    """Split stored rows into the groups laws are fitted on (per dataset, method variant and mitigation)."""
+    """Split stored rows into the groups laws are fitted on (per dataset, method group and mitigation)."""
     missing = [k for k in ("dataset", "method", "mitigation") if k not in frame.columns]
     if missing:
         raise DataError(f"results have no {', '.join(missing)} column; is this a forgetscale results store?")
-    frame = add_variants(frame)
+    frame = add_groups(frame)
     out = []
     for key, sub in frame.groupby(list(_SPLIT), sort=True, dropna=False):
         d = dict(zip(_SPLIT, (str(k) for k in key), strict=True))
-        out.append(({"dataset": d["dataset"], "method": str(sub["method"].iloc[0]), "variant": d[VARIANT],
+        out.append(({"dataset": d["dataset"], "method": str(sub["method"].iloc[0]), "variant": d[GROUP],
                      "mitigation": d["mitigation"]}, sub))
     return out
 
@@ -58,10 +58,10 @@ def group_label(key: dict[str, str]) -> str:
 
 
 def group_rows(frame: pd.DataFrame, key: dict[str, str]) -> pd.DataFrame:
-    """The rows of one group of a whole sweep's frame (laws.json keys written before variants match
-    their method's plain variant)."""
-    frame = add_variants(frame)
-    want = {"dataset": key["dataset"], VARIANT: key.get("variant", key["method"]), "mitigation": key["mitigation"]}
+    """The rows of one group of a whole sweep's frame (laws.json keys written before groups had labels
+    match their method's plain label)."""
+    frame = add_groups(frame)
+    want = {"dataset": key["dataset"], GROUP: key.get("variant", key["method"]), "mitigation": key["mitigation"]}
     mask = np.ones(len(frame), bool)
     for col, value in want.items():
         mask &= (frame[col].astype(str) == value).to_numpy()
@@ -95,12 +95,12 @@ def select_rows(
             raise DataError(f"law '{law}' needs column '{col}'; the results have: {', '.join(frame.columns)}")
     split = [k for k in ("dataset", "mitigation") if k in frame.columns]
     if "method" in frame.columns:
-        split.append(add_variants(frame)[METHOD_KEY])
+        split.append(add_groups(frame)[METHOD_KEY])
     if split and frame.groupby(split, dropna=False).ngroups > 1:
         labels = sorted({group_label(k) for k, _ in groups(frame)})
         raise DataError(
             f"law '{law}' fits one (dataset, method variant, mitigation) group at a time; got {len(labels)}: "
-            f"{'; '.join(labels)}; filter the rows or use forgetscale.laws.fitall.fit_frame"
+            f"{'; '.join(labels)}; filter the rows or use forgetscale.laws.fit.fit_frame"
         )
     excluded: dict[str, int] = {}
     rows = frame

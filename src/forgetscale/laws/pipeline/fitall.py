@@ -1,9 +1,9 @@
-"""Fit every law on every group of a sweep and build the laws.json document (`forgetscale fit`).
+"""Fit every law on every group of a sweep: the per-group part of the laws.json document.
 
-Groups are (dataset, method variant, mitigation): a law is a property of one fine-tuning dataset and
-one method with its settings, so rows of different ones are never pooled in a group's fit. Where a
-sweep holds several methods, crossmethod.py then compares them with the LoRA-fitted laws and fits
-them pooled (the `cross_method` block). Within a group the laws are fitted in
+Groups are (dataset, method with its settings, mitigation): a law is a property of one fine-tuning
+dataset and one method with its settings, so rows of different ones are never pooled in a group's
+fit. The studies on these fits (laws across methods, mitigation arms) are added by laws/fit.py, which
+calls this module and them. Within a group the laws are fitted in
 dependency order and share their bootstrap resamples. A law that the group cannot support (one
 rank, too few steps, ...) is recorded as "not fitted: <why>" and the others still run; only when
 nothing at all can be fitted is the first reason raised.
@@ -14,17 +14,17 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from forgetscale import __version__
 from forgetscale.errors import ConfigError, DataError, ForgetscaleError
-from forgetscale.laws import LAWS, ORDER, lawfile
-from forgetscale.laws.base import GAUGE_C_FT, Law
-from forgetscale.laws.fitting import HUBER_DELTA
-from forgetscale.laws.select import FT_COLUMNS, TARGETS, FitData, group_label, groups, select_rows
+from forgetscale.laws.estimators.base import GAUGE_C_FT, Law
+from forgetscale.laws.estimators.fitting import HUBER_DELTA
+from forgetscale.laws.estimators.registry import LAWS, ORDER
+from forgetscale.laws.estimators.select import FT_COLUMNS, TARGETS, FitData, group_label, groups, select_rows
+from forgetscale.laws.pipeline import lawfile
 
 Progress = Callable[[str, str, int, int], None]
 
@@ -97,10 +97,10 @@ def fit_group(frame: pd.DataFrame, options: FitOptions, progress: Progress | Non
     return fitted, failed
 
 
-def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None) -> dict[str, Any]:
-    """The laws.json document for stored rows (all groups, and the comparison across methods)."""
-    from forgetscale.laws import crossmethod
-
+def fit_groups(frame: pd.DataFrame, options: FitOptions,
+               progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Law]]]:
+    """The laws.json document for stored rows with every group's laws (no study yet), and the fitted
+    laws by group label (the studies reuse them, so their intervals come from the same bootstrap)."""
     if frame.empty:
         raise DataError("the results store has no checkpoints yet; run the sweep first")
     out_groups = []
@@ -121,31 +121,14 @@ def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | Non
         out_groups.append({"key": key, "label": label, "models": models, "laws": laws})
     if not any("params" in d for g in out_groups for d in g["laws"].values()):
         raise DataError(first_error or "no law could be fitted")
-    return {
+    doc = {
         "format": lawfile.FORMAT,
         "forgetscale_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "options": {**asdict(options), "laws": list(options.laws)},
         "groups": out_groups,
-        "cross_method": crossmethod.compare(frame, by_label, options, progress),
     }
-
-
-def fit_run_dir(run_dir: str | Path, options: FitOptions, progress: Progress | None = None) -> tuple[dict, Path]:
-    """Fit a sweep's stored rows and (over)write RUN_DIR/laws.json."""
-    from forgetscale.store import Store
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"{run_dir}: no such run directory; pass the --out folder of `forgetscale sweep`")
-    with Store(run_dir, create=False) as store:
-        frame = store.frame()
-    doc = fit_frame(frame, options, progress)
-    doc["run_dir"] = str(run_dir)
-    from forgetscale.laws import mitigation
-
-    mitigation.add_to_doc(doc, run_dir, options)  # mitigation arms vs the control at matched L_ft
-    return doc, lawfile.save(run_dir, doc)
+    return doc, by_label
 
 
 def stale_groups(frame: pd.DataFrame, doc: dict[str, Any]) -> list[str]:

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError, UnknownNameError, did_you_mean
-from forgetscale.laws import fitting, lawfile
-from forgetscale.laws.base import Law
+from forgetscale.laws.estimators import fitting
+from forgetscale.laws.estimators.base import Law
+from forgetscale.laws.pipeline import lawfile
 
 # (form as printed, law, output); "linear of power_ft" is Eq. 4 applied to Eq. 5 (the paper's third column)
 FORECASTS = (
@@ -34,16 +35,16 @@ def choose_group(doc: dict[str, Any], dataset: str | None = None, method: str | 
                  mitigation: str | None = None) -> dict[str, Any]:
     """The one group matching the filters; a sweep with one group (or one group with fitted laws) needs none.
 
-    `method` matches a method name ('lora') or a variant label ('lora[attn]'); where both LoRA on every
-    linear module ('lora') and another LoRA variant exist, 'lora' means the variant labelled 'lora'.
+    `method` matches a method name ('lora') or a group label ('lora[attn]'); where both LoRA on every
+    linear module ('lora') and another LoRA group exist, 'lora' means the group labelled 'lora'.
     """
-    def variant(g: dict[str, Any]) -> str:
+    def method_label(g: dict[str, Any]) -> str:
         return g["key"].get("variant", g["key"]["method"])
 
     want = {"dataset": dataset, "mitigation": mitigation}
     hits = [g for g in doc["groups"] if all(v is None or g["key"].get(k) == v for k, v in want.items())]
     if method is not None:
-        exact = [g for g in hits if variant(g) == method]
+        exact = [g for g in hits if method_label(g) == method]
         hits = exact or [g for g in hits if g["key"]["method"] == method]
     if len(hits) > 1:  # groups where no law could be fitted (a method with one run) cannot forecast
         fitted = [g for g in hits if any("params" in d for d in g["laws"].values())]
@@ -53,7 +54,7 @@ def choose_group(doc: dict[str, Any], dataset: str | None = None, method: str | 
     labels = [g["label"] for g in doc["groups"]]
     if not hits:
         known = {"dataset": {g["key"]["dataset"] for g in doc["groups"]},
-                 "method": {variant(g) for g in doc["groups"]} | {g["key"]["method"] for g in doc["groups"]},
+                 "method": {method_label(g) for g in doc["groups"]} | {g["key"]["method"] for g in doc["groups"]},
                  "mitigation": {g["key"].get("mitigation") for g in doc["groups"]}}
         given = {"dataset": dataset, "method": method, "mitigation": mitigation}
         key = next((k for k, v in given.items() if v is not None and v not in known[k]), "dataset")

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from forgetscale.errors import NotFittedError, StoreError
-from forgetscale.laws.base import Law
+from forgetscale.laws.estimators.base import Law
+from forgetscale.laws.estimators.registry import LAWS
 
 LAWS_FILE = "laws.json"
 FORMAT = 1
@@ -64,8 +65,6 @@ def law_to_dict(law: Law) -> dict[str, Any]:
 
 def law_from_dict(d: dict[str, Any]) -> Law:
     """A fitted estimator rebuilt from laws.json: predict() and predict_interval() work on it."""
-    from forgetscale.laws import LAWS
-
     law = LAWS.get(d["law"])(**d["settings"])
     law.params_ = {k: _float(v) for k, v in d["params"].items()}
     law.ci_ = {k: (_float(v[0]), _float(v[1])) for k, v in d["ci"].items()}

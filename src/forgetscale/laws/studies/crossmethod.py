@@ -3,19 +3,19 @@
 The paper fits its laws on LoRA (every linear module, several ranks) and asks whether they also hold
 for other methods (IA3, top-3 layers, attention-only LoRA, very high ranks, full fine-tuning): the
 power law in (P, N) still predicted them all; the linear law in L_ft underestimated forgetting for
-IA3 and top-layer tuning. For each dataset (and mitigation) of a sweep with several method variants:
+IA3 and top-layer tuning. For each dataset (and mitigation) of a sweep with several method groups:
 
-1. **Distance from the LoRA laws.** The reference is the all-linear LoRA variant with >= 2 ranks;
-   its laws as `fit` fitted them predict L_f on every other variant's checkpoints (same row rules,
-   same minimum step). Per variant and law: signed mean, mean and max relative error
+1. **Distance from the LoRA laws.** The reference is the all-linear LoRA group with >= 2 ranks;
+   its laws as `fit` fitted them predict L_f on every other group's checkpoints (same row rules,
+   same minimum step). Per group and law: signed mean, mean and max relative error
    (predicted - observed) / observed (a negative signed mean: the law underestimates forgetting),
-   each with a 95% interval over the LoRA laws' bootstrap refits, and R^2 on all other variants'
+   each with a 95% interval over the LoRA laws' bootstrap refits, and R^2 on all other groups'
    rows together (the paper's figure). The LoRA rows' own in-sample error is the yardstick.
-2. **Pooled fit.** Every law fitted on all variants' rows together, as one group.
+2. **Pooled fit.** Every law fitted on all groups' rows together, as one group.
 3. **Which is better.** A forecast test in N that every method supports (one run is enough): each
    run's checkpoints up to the cut step train, the later ones test. Fits on the training rows of
-   (own) the variant alone, (pooled) all variants, (lora) the reference alone each forecast every
-   variant's later rows; the mean absolute relative error (MARE) says which source to trust.
+   (own) the group alone, (pooled) all groups, (lora) the reference alone each forecast every
+   group's later rows; the mean absolute relative error (MARE) says which source to trust.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError
-from forgetscale.laws import fitting, lawfile
-from forgetscale.laws.base import Law
-from forgetscale.laws.fitall import FitOptions, Progress, fit_group
-from forgetscale.laws.select import group_label, select_rows
-from forgetscale.laws.variants import ALL_LINEAR, METHOD_KEY, VARIANT, add_variants, settings
+from forgetscale.laws.estimators import fitting
+from forgetscale.laws.estimators.base import Law
+from forgetscale.laws.estimators.groups import ALL_LINEAR, GROUP, METHOD_KEY, add_groups, settings
+from forgetscale.laws.estimators.select import group_label, select_rows
+from forgetscale.laws.pipeline import lawfile
+from forgetscale.laws.pipeline.fitall import FitOptions, Progress, fit_group
 
 COMPARED = ("linear", "power_f", "power_joint", "mult_f")  # the L_f laws compared across methods
 REFERENCE_METHOD = "lora"
@@ -42,7 +43,7 @@ SOURCES = ("own", "pooled", "lora")
 COARSE_RESAMPLES = 30  # fewer distinct bootstrap resamples than this: say the intervals are coarse
 
 
-def is_reference_variant(method: str, method_config: Any) -> bool:
+def is_reference_group(method: str, method_config: Any) -> bool:
     """All-linear LoRA on every layer (the paper's main setting); scaling, alpha and dropout may vary."""
     cfg = settings(method_config)
     modules = cfg.get("target_modules", list(ALL_LINEAR))
@@ -56,16 +57,16 @@ def _select(rows: pd.DataFrame, options: FitOptions, min_step: int) -> pd.DataFr
 
 
 def _reference(frame: pd.DataFrame, options: FitOptions) -> tuple[str | None, str]:
-    """The reference variant's label, or None and why there is none."""
+    """The reference group's label, or None and why there is none."""
     best: tuple[int, int, str] | None = None
-    for variant, sub in frame.groupby(VARIANT, sort=True):
+    for group, sub in frame.groupby(GROUP, sort=True):
         first = sub.iloc[0]
-        if not is_reference_variant(str(first["method"]), first.get("method_config")):
+        if not is_reference_group(str(first["method"]), first.get("method_config")):
             continue
         done = sub if options.include_unfinished else sub[sub["status"] == "finished"]
         n_p = done["trainable_params"].nunique()
         if n_p >= 2:
-            cand = (int(variant == REFERENCE_METHOD), n_p, str(variant))
+            cand = (int(group == REFERENCE_METHOD), n_p, str(group))
             best = cand if best is None or cand[:2] > best[:2] else best
     if best is None:
         return None, "no all-linear LoRA variant with >= 2 finished ranks to fit the reference laws on"
@@ -109,7 +110,7 @@ def relative_errors(law: Law, rows: pd.DataFrame) -> dict[str, Any]:
 
 
 def _outside(ref: Law, rows: pd.DataFrame) -> list[str]:
-    """Where the variant's rows lie outside what the reference fit saw (its predictions extrapolate)."""
+    """Where the group's rows lie outside what the reference fit saw (its predictions extrapolate)."""
     notes = []
     lo, hi = ref.ranges_["P"]
     P = rows["trainable_params"].to_numpy(float)
@@ -141,8 +142,8 @@ def _r2(laws: dict[str, Law], rows: pd.DataFrame) -> dict[str, float]:
 
 
 def _pooled(rows: pd.DataFrame) -> pd.DataFrame:
-    """All variants' rows relabelled as one group."""
-    return rows.assign(method=POOLED, **{VARIANT: POOLED, METHOD_KEY: POOLED})
+    """All groups' rows relabelled as one group."""
+    return rows.assign(method=POOLED, **{GROUP: POOLED, METHOD_KEY: POOLED})
 
 
 def _mean(values) -> float:
@@ -151,7 +152,7 @@ def _mean(values) -> float:
 
 
 def _time_split(rows: pd.DataFrame, ref: str, options: FitOptions, min_step: int) -> dict[str, Any]:
-    """Forecast every variant's later steps from fits on earlier steps: own, pooled or LoRA-only rows."""
+    """Forecast every group's later steps from fits on earlier steps: own, pooled or LoRA-only rows."""
     steps = np.unique(rows["step"])
     if steps.size < 4:
         return {"description": f"no held-out test: needs >= 4 distinct steps >= {min_step}; got {steps.size} "
@@ -165,32 +166,32 @@ def _time_split(rows: pd.DataFrame, ref: str, options: FitOptions, min_step: int
         fitted, _ = fit_group(part, opts, heldout=False) if len(part) else ({}, {})
         return {n: law for n, law in fitted.items() if n in opts.laws}
 
-    shared = {"pooled": fit(_pooled(train)), "lora": fit(train[train[VARIANT] == ref])}
-    by_variant: dict[str, Any] = {}
-    for variant, t in test.groupby(VARIANT, sort=True):
-        own = shared["lora"] if variant == ref else fit(train[train[VARIANT] == variant])
+    shared = {"pooled": fit(_pooled(train)), "lora": fit(train[train[GROUP] == ref])}
+    by_group: dict[str, Any] = {}
+    for group, t in test.groupby(GROUP, sort=True):
+        own = shared["lora"] if group == ref else fit(train[train[GROUP] == group])
         obs = t[options.target].to_numpy(float)
         res: dict[str, Any] = {"n_test": int(len(t))}
         for source, laws in (("own", own), *shared.items()):
             res[source] = {n: fitting.mare(obs, _predict(law, np.array([[law.params_[k] for k in law.names]]), t)[0])
                            for n, law in laws.items()}
-        by_variant[str(variant)] = res
+        by_group[str(group)] = res
     summary: dict[str, Any] = {}
     for name in opts.laws:
-        got = {v: {s: r[s].get(name, math.nan) for s in SOURCES} for v, r in by_variant.items()}
+        got = {v: {s: r[s].get(name, math.nan) for s in SOURCES} for v, r in by_group.items()}
         paired = [g for g in got.values() if math.isfinite(g["own"]) and math.isfinite(g["pooled"])]
         every = [g for g in got.values() if math.isfinite(g["pooled"]) and math.isfinite(g["lora"])]
         summary[name] = {
-            "paired_n": len(paired),  # variants with both an own and a pooled forecast
+            "paired_n": len(paired),  # groups with both an own and a pooled forecast
             "own_mean": _mean(g["own"] for g in paired), "pooled_mean_paired": _mean(g["pooled"] for g in paired),
             "own_better": sum(g["own"] < g["pooled"] for g in paired),
             "pooled_better": sum(g["pooled"] < g["own"] for g in paired),
-            "all_n": len(every),  # variants with both a pooled and a LoRA-only forecast
+            "all_n": len(every),  # groups with both a pooled and a LoRA-only forecast
             "pooled_mean": _mean(g["pooled"] for g in every), "lora_mean": _mean(g["lora"] for g in every),
         }
     desc = (f"fit on N <= {n_cut:g} ({len(train)} rows), forecast N > {n_cut:g} ({len(test)} rows) of every run; "
             "own = the variant's rows alone, pooled = all variants, lora = the reference alone")
-    return {"description": desc, "n_cut": n_cut, "by_variant": by_variant, "summary": summary}
+    return {"description": desc, "n_cut": n_cut, "by_variant": by_group, "summary": summary}
 
 
 def _compare_one(frame: pd.DataFrame, key: dict[str, str], fitted: dict[str, dict[str, Law]], options: FitOptions,
@@ -198,11 +199,11 @@ def _compare_one(frame: pd.DataFrame, key: dict[str, str], fitted: dict[str, dic
     ref, why = _reference(frame, options)
     block: dict[str, Any] = {"dataset": key["dataset"], "mitigation": key["mitigation"], "reference": ref,
                              "variants": {}}
-    for variant, sub in frame.groupby(VARIANT, sort=True):
+    for group, sub in frame.groupby(GROUP, sort=True):
         first = sub.iloc[0]
-        block["variants"][str(variant)] = {
+        block["variants"][str(group)] = {
             "method": str(first["method"]), "settings": settings(first.get("method_config")),
-            "label": group_label({**key, "method": str(first["method"]), "variant": str(variant)}),
+            "label": group_label({**key, "method": str(first["method"]), "variant": str(group)}),
             "runs": _summary(sub[sub["step"] > 0] if (sub["step"] > 0).any() else sub)}
     if ref is None:
         block["status"] = f"not compared: {why}"
@@ -218,8 +219,8 @@ def _compare_one(frame: pd.DataFrame, key: dict[str, str], fitted: dict[str, dic
                  reference_ranges=ref_laws["linear"].ranges_, reference_runs=len(ref_laws["linear"].rows_),
                  distinct_resamples=int(len(np.unique(boot[np.all(np.isfinite(boot), axis=1)], axis=0))))
     selected = []
-    for variant, sub in frame.groupby(VARIANT, sort=True):
-        info = block["variants"][str(variant)]
+    for group, sub in frame.groupby(GROUP, sort=True):
+        info = block["variants"][str(group)]
         try:
             rows = _select(sub, options, min_step)
         except DataError as err:
@@ -229,18 +230,18 @@ def _compare_one(frame: pd.DataFrame, key: dict[str, str], fitted: dict[str, dic
         info.update(status="compared", n_rows=int(len(rows)), steps=sorted(int(s) for s in rows["step"].unique()),
                     outside=_outside(ref_laws["linear"], rows),
                     errors={n: relative_errors(law, rows) for n, law in laws.items()})
-    if not any((r[VARIANT] == ref).any() for r in selected) or len(selected) < 2:
+    if not any((r[GROUP] == ref).any() for r in selected) or len(selected) < 2:
         block["status"] = "not compared: fewer than two method variants have rows at the reference's steps"
         return block
     rows = pd.concat(selected, ignore_index=True)
-    others = rows[rows[VARIANT] != ref]
+    others = rows[rows[GROUP] != ref]
     block["r2_other_methods"] = _r2(laws, others)
     block["n_other_rows"] = int(len(others))
     if progress:
         progress(f"{key['dataset']} / {POOLED}", "pooled laws", 0, 1)
     pooled_laws, failed = fit_group(_pooled(frame), options)
     block["pooled"] = {
-        "label": f"{key['dataset']} / {POOLED} ({rows[VARIANT].nunique()} methods)",
+        "label": f"{key['dataset']} / {POOLED} ({rows[GROUP].nunique()} methods)",
         "laws": {n: lawfile.law_to_dict(pooled_laws[n]) if n in pooled_laws else
                  {"law": n, "status": f"not fitted: {failed.get(n, 'a law it borrows from was not fitted')}"}
                  for n in options.laws}}
@@ -251,15 +252,15 @@ def _compare_one(frame: pd.DataFrame, key: dict[str, str], fitted: dict[str, dic
 
 def compare(frame: pd.DataFrame, fitted: dict[str, dict[str, Law]], options: FitOptions,
             progress: Progress | None = None) -> list[dict[str, Any]]:
-    """The cross_method blocks: one per (dataset, mitigation) holding two or more method variants.
+    """The cross_method blocks: one per (dataset, mitigation) holding two or more method groups.
 
     `fitted` maps group labels to the laws `fit` fitted on them (the reference's are reused, so its
     bootstrap draws give the intervals). A single-method sweep gives an empty list.
     """
-    frame = add_variants(frame)
+    frame = add_groups(frame)
     out = []
     for (dataset, mitigation), sub in frame.groupby(["dataset", "mitigation"], sort=True, dropna=False):
-        if sub[VARIANT].nunique() < 2:
+        if sub[GROUP].nunique() < 2:
             continue
         key = {"dataset": str(dataset), "method": REFERENCE_METHOD, "mitigation": str(mitigation)}
         out.append(_compare_one(sub, key, fitted, options, progress))

@@ -1,6 +1,6 @@
 """Does a mitigation move the forgetting trade-off line, or only slide a run along it? (`forgetscale fit`)
 
-Per cell (fine-tuning dataset, method variant, rank) holding the control arm ('none') and other arms:
+Per cell (fine-tuning dataset, method group, rank) holding the control arm ('none') and other arms:
 
 1. Trajectories. A trained run's is its checkpoints in step order from step 0. A scale run's is its
    s-curve at the last step, from s = 0 (the control's step-0 row: the base) through each measured s to
@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError
-from forgetscale.laws import fitting
-from forgetscale.laws.linear import LinearLaw
-from forgetscale.laws.variants import VARIANT, add_variants
+from forgetscale.laws.estimators import fitting
+from forgetscale.laws.estimators.groups import GROUP, add_groups
+from forgetscale.laws.estimators.linear import LinearLaw
 
 QUANTILES = (0.25, 0.5, 0.75, 1.0)
 MIN_DEPTH = 0.25  # below this share of the control's L_ft gain, an arm has barely fine-tuned: no verdict
@@ -243,14 +243,14 @@ def compare(frame: pd.DataFrame, runs: list[dict[str, Any]], options: Any) -> li
             arm_config[run["run_id"]] = json.loads(run["config"]).get("mitigation") or {}
         except (TypeError, ValueError):
             arm_config[run["run_id"]] = {}
-    frame = add_variants(frame)
+    frame = add_groups(frame)
     cells = []
-    for (dataset, variant, rank), rows in frame.groupby(["dataset", VARIANT, frame["rank"].fillna(-1)], sort=True):
+    for (dataset, group, rank), rows in frame.groupby(["dataset", GROUP, frame["rank"].fillna(-1)], sort=True):
         if set(rows["mitigation"].astype(str)) <= {CONTROL}:
             continue
         rank_label = "" if rank == -1 else f" / r{int(rank)}"
-        cell = {"dataset": str(dataset), "variant": str(variant), "rank": None if rank == -1 else int(rank),
-                "label": f"{dataset} / {variant}{rank_label}", **compare_cell(rows, arm_config, options)}
+        cell = {"dataset": str(dataset), "variant": str(group), "rank": None if rank == -1 else int(rank),
+                "label": f"{dataset} / {group}{rank_label}", **compare_cell(rows, arm_config, options)}
         cells.append(cell)
     return cells
 

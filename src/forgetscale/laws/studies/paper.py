@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import UnknownNameError, did_you_mean
-from forgetscale.laws import forms
+from forgetscale.laws.estimators import forms
 
 SOURCE = (
     "arXiv 2401.05605 Table 1 (Llama 2 7B chat, LoRA on all linear modules, rsLoRA scaling); "

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forgetscale.laws import forms, paper
+from forgetscale.laws.estimators import forms
+from forgetscale.laws.studies import paper
 
 
 def simulate_frame(
