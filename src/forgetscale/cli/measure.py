@@ -1,0 +1,86 @@
+"""Measure the forgetting of models you trained elsewhere: PEFT adapter folders, full fine-tuned checkpoints,
+or an HF Trainer / TRL output folder (one row per checkpoint-*/), against the base model's own predictions.
+
+Rows go into RUN_DIR/results.sqlite exactly as a sweep writes them (step 0 is the base), so `forgetscale
+fit`, `report`, `export` and `eval` read measured runs unchanged. The forgetting set takes the sweep keys
+(`--set forgetting.max_tokens=8192`, or `--config sweep.yaml`: only model, forgetting, finetune and
+train.context_length / eval_batch_size / device / dtype / threads are used). Re-running skips every model
+already stored (identity: base + forgetting settings + path + weight-file hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+NAME = "measure"
+HELP = "measure forgetting of PEFT adapters, full checkpoints or Trainer outputs trained elsewhere"
+EPILOG = """examples:
+  forgetscale measure --base smollm2-135m-instruct --adapter my-lora --out runs/mine
+  forgetscale measure --base HuggingFaceTB/SmolLM2-135M --trainer-output out/ --out runs/mine \\
+      --set forgetting.dataset=hf:wikitext --set forgetting.max_tokens=16384
+  forgetscale measure --base ./base --model ./tuned-a ./tuned-b --data heldout.jsonl --out runs/full
+see docs/integrations.md (also: the Trainer / TRL callback, the notebook API)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="MODEL",
+                        help="the base model (model.name: embedded name, hub id, local dir or .gguf)")
+    parser.add_argument("--adapter", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="PEFT adapter folders (anything PeftModel.from_pretrained loads)")
+    parser.add_argument("--model", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="full fine-tuned checkpoints (same architecture and tokenizer as the base)")
+    parser.add_argument("--trainer-output", type=Path, action="append", default=[], metavar="DIR",
+                        help="HF Trainer / TRL output folder with checkpoint-*/ subfolders; repeatable")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory (results.sqlite)")
+    parser.add_argument("--config", type=Path, default=None, help="a YAML config (e.g. the sweep's) for the keys")
+    parser.add_argument("--data", default=None, metavar="DATASET",
+                        help="finetune.dataset: held-out data for the fine-tuning loss (finetune.* keys via --set)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted), value parsed as YAML; repeatable")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from forgetscale.config import apply_overrides, load_config, parse_config, parse_overrides
+
+    overrides = {**parse_overrides(args.overrides), "model.name": args.base, "finetune.dataset": args.data}
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    return parse_config(apply_overrides({}, overrides, shorthands={"model": "name"}), "--set")
+
+
+def _ci(row: dict, key: str) -> str:
+    lo, hi = row[key]
+    return "" if lo is None or not math.isfinite(lo) else f" [{lo:.4g}, {hi:.4g}]"
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from forgetscale.measure import measure_sources
+
+    cfg = config_from_args(args)
+    rows = measure_sources(cfg, args.out, adapters=args.adapter, models=args.model,
+                           trainer_outputs=args.trainer_output, with_data=args.data is not None,
+                           progress=not args.no_progress)
+    if rows:
+        blocks = rows[0].get("blocks")
+        print(f"base entropy H(p_base) = {rows[0]['base_entropy']:.4f} nats/token on {cfg.forgetting.dataset} "
+              f"({blocks} blocks; intervals: 95% over blocks)")
+    shown_base = False
+    for row in rows:
+        if row["step"] == 0:
+            if shown_base:
+                continue
+            shown_base = True
+        params = "-" if row["trainable_params"] is None or row["step"] == 0 else f"{row['trainable_params']:,}"
+        name = "base" if row["step"] == 0 else row["label"]
+        print(f"{name:<28} step {row['step']:>6}  P {params:>12}  KL {row['forget_kl']:.5f}{_ci(row, 'kl_ci')}  "
+              f"CE {row['forget_ce']:.4f}{_ci(row, 'ce_ci')}  CE hard {row['forget_ce_hard']:.4f}"
+              f"{_ci(row, 'ce_hard_ci')}  L_ft {_fmt(row['ft_loss'])}")
+    print(f"results: {Path(args.out) / 'results.sqlite'}")
+    return 0

@@ -1,0 +1,186 @@
+"""`ForgettingCallback`: the forgetting metric inside a transformers Trainer or a TRL trainer, unchanged.
+
+    from forgetscale.integrations import ForgettingCallback
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, peft_config=lora,
+                         callbacks=[ForgettingCallback(max_tokens=4096, run_dir="runs/sft")])
+    trainer.train()
+
+- on_train_begin: the base model's predictions on the forgetting set, once (PEFT models with the adapter
+  disabled by peft's disable_adapter(); a fully fine-tuned model as it is before the first step);
+- at every evaluation (on_evaluate) and/or every `every_steps` update steps: one forward pass of the
+  model being trained, logged through the trainer's own `log()` (so every report_to backend and
+  trainer.state.log_history receive forgetting/kl, forgetting/ce, forgetting/ce_hard, forgetting/entropy);
+- with `run_dir`: sweep-shaped rows (step 0 = the base) appended to RUN_DIR/results.sqlite, ft_loss from
+  the trainer's eval_loss at the same step, so `forgetscale fit/report/export` read them.
+
+The callback finds its trainer on the first event (the Trainer calls its callbacks from its own methods);
+pass `trainer=` to say it explicitly, as TRL's own callbacks take it. Resuming a full fine-tune from a
+checkpoint: the model at on_train_begin is no longer the base; pass `reference=` built beforehand.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from forgetscale.measure import BaseReference, ForgettingResult, is_peft, method_of
+from forgetscale.methods.attach import trainable_parameters
+from forgetscale.plan import run_hash
+from forgetscale.store import Store
+
+KEYS = ("kl", "ce", "ce_hard", "entropy")
+
+
+def _find_trainer(callback: TrainerCallback) -> Any:
+    """The Trainer whose callback handler holds `callback`, from the frames that called it."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None)
+        if handler is not None and any(cb is callback for cb in getattr(handler, "callbacks", ())):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _tokenizer(processing_class: Any) -> Any:
+    return getattr(processing_class, "tokenizer", None) or processing_class
+
+
+class ForgettingCallback(TrainerCallback):
+    """Measure forgetting (KL / soft CE / hard CE against the base model) while a Trainer trains."""
+
+    def __init__(self, forgetting: Any = "embedded:wikipedia", *, max_tokens: int | None = 4096,
+                 block_length: int = 128, batch_size: int = 8, every_steps: int | None = None,
+                 on_evaluate: bool = True, run_dir: str | Path | None = None, trainer: Any = None,
+                 tokenizer: Any = None, reference: BaseReference | None = None, dtype: Any = "auto",
+                 prefix: str = "forgetting/") -> None:
+        if every_steps is not None and every_steps < 1:
+            raise ValueError("every_steps: must be >= 1 or None")
+        self.forgetting, self.max_tokens, self.block_length = forgetting, max_tokens, block_length
+        self.batch_size, self.every_steps, self.measure_on_evaluate = batch_size, every_steps, on_evaluate
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.trainer, self.tokenizer, self.reference, self.dtype, self.prefix = trainer, tokenizer, reference, dtype, prefix
+        self.results: dict[int, ForgettingResult] = {}  # step -> result, also kept here for notebooks
+        self.run_id: str | None = None
+        self._last_step: int | None = None
+
+    # -- events ----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.trainer is None:
+            self.trainer = _find_trainer(self)
+        if self.reference is None:
+            tokenizer = self.tokenizer or _tokenizer(processing_class)
+            self.reference = BaseReference.build(
+                model, tokenizer, forgetting=self.forgetting, max_tokens=self.max_tokens,
+                block_length=self.block_length, batch_size=self.batch_size, dtype=self._autocast(args, model))
+        if self.run_dir is not None:
+            self._open_run(args, state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_steps and state.global_step % self.every_steps == 0:
+            self._measure(model, state)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not self.measure_on_evaluate:
+            return
+        eval_loss = (metrics or {}).get("eval_loss")
+        if self._last_step == state.global_step and state.global_step in self.results:
+            self._store(state, self.results[state.global_step], eval_loss)  # measured this step: add L_ft only
+            return
+        self._measure(model, state, eval_loss)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.run_dir is not None and self.run_id is not None:
+            with Store(self.run_dir) as store:
+                store.update_run(self.run_id, status="finished", error=None)
+
+    # -- work --------------------------------------------------------------------------------------
+    def _autocast(self, args: Any, model: torch.nn.Module) -> torch.dtype | None:
+        if self.dtype != "auto":
+            return self.dtype
+        device = next(model.parameters()).device
+        if getattr(args, "bf16", False):
+            return torch.bfloat16
+        if getattr(args, "fp16", False) and device.type == "cuda":
+            return torch.float16
+        return None
+
+    def _measure(self, model: torch.nn.Module, state: Any, eval_loss: float | None = None) -> ForgettingResult:
+        if self.reference is None:
+            raise RuntimeError("ForgettingCallback: no base reference (on_train_begin did not run)")
+        result = self.reference.measure(model)
+        step = int(state.global_step)
+        self.results[step], self._last_step = result, step
+        logs = {f"{self.prefix}{k}": float(getattr(result, k)) for k in KEYS}
+        if self.trainer is not None:
+            self.trainer.log(logs)
+        else:  # no trainer found: keep the numbers in the history the trainer would have written
+            state.log_history.append({**logs, "step": step})
+        self._store(state, result, eval_loss)
+        return result
+
+    def _open_run(self, args: Any, state: Any, model: torch.nn.Module) -> None:
+        name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+        settings = dict(self.reference.settings)
+        self.run_id = run_hash({"callback": True, "model": name, "forgetting": settings,
+                                "output_dir": str(Path(args.output_dir).resolve()), "run_name": args.run_name})
+        if is_peft(model):
+            config = model.peft_config[getattr(model, "active_adapter", "default")]
+            method, rank, method_config = method_of(config.to_dict())
+        else:
+            method, rank, method_config = "full", None, {"name": "full", "source": "trainer"}
+        params = trainable_parameters(model)
+        total = int(getattr(args, "max_steps", 0) or 0)
+        config = {"model": {"name": name}, "forgetting": settings, "method": method_config, "rank": rank, "seed":
+                  int(args.seed), "mitigation": {"name": "none"}, "train": {"steps": max(total, state.max_steps or 0)},
+                  "measured": {"by": "ForgettingCallback", "output_dir": str(args.output_dir)}}
+        with Store(self.run_dir) as store:
+            if store.get_meta("sweep_config") is None:
+                store.set_meta("sweep_config", json.dumps(self._sweep_config(name, settings), sort_keys=True))
+            store.add_run({"run_id": self.run_id, "model": name, "dataset": str(getattr(args, "run_name", None) or
+                           "trainer"), "method": method, "method_config": method_config, "rank": rank,
+                           "trainable_params": params, "seed": int(args.seed), "config": config, "status": "running"})
+            store.update_run(self.run_id, status="running", trainable_params=params)
+            store.delete_checkpoints_after(self.run_id, int(state.global_step))  # a resumed run keeps its rows
+        if int(state.global_step) == 0:  # the base row: measured, so KL is exactly 0 there
+            with (model.disable_adapter() if is_peft(model) else _null()):
+                base = self.reference.measure(model)
+            self._store(state, base, None)
+
+    @staticmethod
+    def _sweep_config(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """A config `forgetscale eval/report` can read (the keys that apply; the rest are defaults)."""
+        from forgetscale.config import SweepConfig
+
+        forgetting = {k: v for k, v in settings.items() if k in SweepConfig.model_fields["forgetting"].annotation.model_fields}
+        try:
+            return SweepConfig.model_validate({"name": "trainer", "model": name, "forgetting": forgetting}).to_dict()
+        except ValueError:
+            return {"name": "trainer", "model": {"name": name}}
+
+    def _store(self, state: Any, result: ForgettingResult, eval_loss: float | None) -> None:
+        if self.run_dir is None or self.run_id is None:
+            return
+        step = int(state.global_step)
+        losses = [e["loss"] for e in state.log_history if "loss" in e and e.get("step", -1) <= step]
+        with Store(self.run_dir) as store:
+            store.add_checkpoint({
+                "run_id": self.run_id, "step": step, "ft_loss": eval_loss, "ft_loss_train": None,
+                "train_loss": losses[-1] if losses and step > 0 else None, "forget_ce": result.ce,
+                "forget_ce_hard": result.ce_hard, "base_entropy": result.entropy, "forget_kl": result.kl,
+                "ft_kl": None, "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0), "wall_s": 0.0,
+            })
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
