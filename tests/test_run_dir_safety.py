@@ -171,3 +171,70 @@ def test_an_unreachable_hub_fails_in_seconds_with_one_line(capsys, tmp_path, wri
 ])
 def test_bad_eval_overrides_are_one_line(capsys, swept, setting, match):
     _one_line(capsys, ["eval", str(swept), "--suite", "safety", "--set", setting], match)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train:\n  steps: 4\ntrain:\n  lr: 0.1\n", "c.yaml:3: not valid YAML (key 'train' appears twice (also on line 1)"),
+    ("train:\n  steps: true\n", "train.steps: must be a number, not true/false"),
+    ("train:\n  lr: .inf\n", "train.lr: input should be a finite number"),
+    ("method: []\n", "method: must list at least one method"),
+    ("method:\n  name: lora\n  alpha: .nan\n", "method.alpha: input should be a finite number"),
+])
+def test_values_yaml_would_accept_silently_are_refused(capsys, tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    err = _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o")], match)
+    assert not (tmp_path / "o").exists(), err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--params", "nan", "--steps", "10"], "--params must be finite"),
+    (["--params", "inf", "--steps", "10"], "--params must be finite"),
+    (["--params", "1e6", "--steps", "1.5"], "--steps must be whole numbers"),
+])
+def test_predict_refuses_non_numbers(capsys, tmp_path, argv, match):
+    from forgetscale.laws.studies.synthetic import simulate_sweep
+
+    run_dir = tmp_path / "sim"
+    simulate_sweep(run_dir, ranks=(8, 32, 128), steps=range(20, 201, 20))
+    assert main(["fit", str(run_dir), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    _one_line(capsys, ["predict", str(run_dir), *argv], match)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sweep"], "the following arguments are required"),
+    (["export", "x", "--format", "xml"], "invalid choice"),
+    (["nosuchverb"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("forgetscale: ") and "\n" not in err and match in err, err
+
+
+def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path, write_yaml):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_yaml(tiny_config(method={"name": "lora", "ranks": [2]}, train={"threads": 1, "steps": 400,
+                                                                             "checkpoints": [0, 1, 400]}))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "forgetscale", "sweep", str(path), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first stored row, then stop it
+        if (out / "results.sqlite").exists() and Store(out, create=False).checkpoints():
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("forgetscale: interrupted"), err
+    run = Store(out, create=False).runs()[0]
+    assert run["status"] == "pending" and Store(out, create=False).checkpoints()

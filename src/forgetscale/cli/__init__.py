@@ -11,6 +11,7 @@ import errno
 import importlib
 import os
 import pkgutil
+import signal
 import sqlite3
 import sys
 from types import ModuleType
@@ -28,8 +29,16 @@ def _verbs() -> dict[str, ModuleType]:
     return dict(sorted(verbs.items()))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are bad input like any other: one `forgetscale:` line, exit 2 (`--help` shows usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"forgetscale: {self.prog.removeprefix('forgetscale ')}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forgetscale",
         description="Measure, explain and forecast what a language model forgets when it is fine-tuned.",
     )
@@ -61,7 +70,13 @@ def _machine_limit(err: BaseException) -> str | None:
     return None
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a killed sweep stops as Ctrl-C does: stored rows kept, runs left resumable
+
+
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:

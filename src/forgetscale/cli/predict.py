@@ -51,16 +51,16 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.level < 1:
         raise ConfigError(f"--level must be between 0 and 1; got {args.level}")
     for n in args.steps:
-        if n <= 0:
-            raise ConfigError(f"--steps must be > 0; got {n:g}")
+        if not math.isfinite(n) or n <= 0 or not float(n).is_integer():
+            raise ConfigError(f"--steps must be whole numbers of update steps > 0; got {n:g}")
     doc = lawfile.load(args.run_dir)
     group = forecast.choose_group(doc, args.dataset, args.method, args.mitigation)
     if args.rank:
         points = [(forecast.params_for_rank(group, r), f"rank {r}") for r in args.rank]
     else:
         for p in args.params:
-            if p <= 0:
-                raise ConfigError(f"--params must be > 0; got {p:g}")
+            if not math.isfinite(p) or p <= 0:
+                raise ConfigError(f"--params must be finite numbers > 0; got {p:g}")
         points = [(p, "") for p in args.params]
     grid = [(p, n, label) for p, label in points for n in args.steps]
     P = np.array([g[0] for g in grid])

@@ -7,19 +7,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from forgetscale.config.sources import SourceSpec
+from forgetscale.config.sources import SourceSpec, Strict
 
 SUITE_NAMES = ("safety", "choice", "samples")
 
 
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Settings(Strict):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Source(SourceSpec):
     """A suite's item source (the key is `source`: a suite reads prompts or questions, not documents)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class SafetySettings(_Source):

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from forgetscale.config.sources import Strict
 from forgetscale.registry import Registry
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class MethodSpec(BaseModel):
+class MethodSpec(Strict):
     """Settings common to every method."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str
     lr: float | None = Field(None, gt=0.0, description="learning rate for this method (default: train.lr)")
 

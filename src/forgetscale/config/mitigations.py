@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from forgetscale.config.methods import METHODS, MethodSpec, adapter_methods
+from forgetscale.config.sources import Strict
 from forgetscale.errors import ConfigError
 from forgetscale.registry import Registry
 
 
-class MitigationSpec(BaseModel):
+class MitigationSpec(Strict):
     """Settings common to every arm."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str
 
     derived: ClassVar[bool] = False  # True: runs measured from the control run's weights, never trained

@@ -3,13 +3,46 @@ declared once. Torch-free."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
-class Section(BaseModel):
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_bool(a) for a in typing.get_args(annotation))
+    return origin is typing.Literal and any(isinstance(a, bool) for a in typing.get_args(annotation))
+
+
+class Strict(BaseModel):
+    """What every config model refuses: unknown keys, inf/nan, and true/false where a number or text is
+    asked for (pydantic would read `steps: true` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise ValueError(f"must be a {_kind(field.annotation)}, not true/false")
+        return value
+
+
+def _kind(annotation: Any) -> str:
+    text = str(annotation)
+    return "number" if ("int" in text or "float" in text) else "value"
+
+
+class Section(Strict):
     """A config section: unknown keys are errors, values never change after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SourceSpec(Section):

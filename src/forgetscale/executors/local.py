@@ -97,6 +97,10 @@ class LocalExecutor:
                 started, bar_start = time.perf_counter(), bar.n
                 try:
                     execute_plan(plan, ctx, LoggedSink(store, log), on_step)
+                except KeyboardInterrupt:
+                    store.update_run(plan.run_id, status="pending", error="interrupted; re-run to resume")
+                    log.write("interrupted")
+                    raise
                 except (RunFailed, torch.cuda.OutOfMemoryError) as err:
                     reason = failure_reason(err)
                     store.update_run(plan.run_id, status="failed", error=reason)
