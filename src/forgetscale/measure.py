@@ -524,21 +524,11 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
                   progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
+    from forgetscale.models import load_configured_base
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    m = cfg.model
-    base = load_model(m.name, device=device, gguf_file=m.gguf_file, revision=m.revision,
-                      trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir)
-    length = cfg.train.context_length
-    block = cfg.forgetting.block_length or length
-    for key, value in (("train.context_length", length), ("forgetting.block_length", block)):
-        if value > base.max_positions:
-            raise ConfigError(f"{key}: must be <= the model's {base.max_positions} positions; got {value}")
-    cache = cache_root(m.cache_dir) / "data"
+    setup = load_configured_base(cfg)
+    base, device, dtype, length, block, cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
+                                                 setup.block_length, setup.data_cache)
     blocks = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, cache)
     heldout = build_finetune_data(cfg.finetune, base.tokenizer, length, cache).heldout if with_data else None
     ref = BaseReference.build(base.model, forgetting=blocks, batch_size=cfg.train.eval_batch_size, device=device,

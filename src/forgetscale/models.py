@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -188,6 +189,44 @@ def load_model(
     model.eval()
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, max_positions=max_positions)
+
+
+@dataclass
+class ConfiguredBase:
+    """A config's base model on its device, with the sequence lengths the config asks for checked against it."""
+
+    loaded: LoadedModel
+    device: torch.device
+    dtype: torch.dtype | None
+    context_length: int  # train.context_length
+    block_length: int  # forgetting.block_length (default: the context length)
+    data_cache: Path
+
+
+def load_base_weights(cfg: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Fresh weights of a config's base model (a run changes them in place or wraps them)."""
+    return load_model(cfg.model.name, device=device, **_model_kwargs(cfg.model)).model
+
+
+def _model_kwargs(mcfg: Any) -> dict[str, Any]:
+    return dict(gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
+                cache_dir=mcfg.cache_dir)
+
+
+def load_configured_base(cfg: Any) -> ConfiguredBase:
+    """What a sweep and `forgetscale measure` both start from: torch threads set, device and dtype resolved,
+    the base loaded, and train.context_length / forgetting.block_length checked against its positions."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    base = load_model(cfg.model.name, device=device, **_model_kwargs(cfg.model))
+    length = cfg.train.context_length
+    block = cfg.forgetting.block_length or length
+    for key, value in (("train.context_length", length), ("forgetting.block_length", block)):
+        if value > base.max_positions:
+            raise ConfigError(f"{key}: must be <= the model's {base.max_positions} positions; got {value}")
+    return ConfiguredBase(base, device, dtype, length, block, cache_root(cfg.model.cache_dir) / "data")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

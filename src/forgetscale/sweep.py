@@ -18,7 +18,7 @@ from forgetscale.errors import ConfigError, StoreError
 from forgetscale.executors import EXECUTORS, make_executor
 from forgetscale.forgetting import reference
 from forgetscale.mitigations.runtime import prepare_arms
-from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
+from forgetscale.models import load_base_weights, load_configured_base
 from forgetscale.plan import (
     EXTENDABLE,
     RUN_IRRELEVANT_SECTIONS,
@@ -39,20 +39,9 @@ def keep_adapter_steps(cfg: SweepConfig) -> frozenset[int]:
 
 def build_context(cfg: SweepConfig, out_dir: Path) -> RunContext:
     """Load the base model once, build the data, and compute the base predictions once per sweep."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    mcfg = cfg.model
-    kwargs = dict(gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
-                  cache_dir=mcfg.cache_dir)
-    base = load_model(mcfg.name, device=device, **kwargs)
-    length = cfg.train.context_length
-    block = cfg.forgetting.block_length or length
-    for key, value in (("train.context_length", length), ("forgetting.block_length", block)):
-        if value > base.max_positions:
-            raise ConfigError(f"{key}: must be <= the model's {base.max_positions} positions; got {value}")
-    data_cache = cache_root(mcfg.cache_dir) / "data"
+    setup = load_configured_base(cfg)
+    base, device, dtype, length, block, data_cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
+                                                      setup.block_length, setup.data_cache)
     data = build_finetune_data(cfg.finetune, base.tokenizer, length, data_cache)
     forgetting = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, data_cache)
     batch = cfg.train.eval_batch_size
@@ -61,10 +50,10 @@ def build_context(cfg: SweepConfig, out_dir: Path) -> RunContext:
     # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
     arm_inputs = prepare_arms(cfg, cfg.mitigation, base.model, base.tokenizer, forgetting, length, data_cache,
                               out_dir, device, dtype)
-    del base
+    del base, setup  # the runs load their own copies: this one must not stay in memory
 
     def load_base() -> torch.nn.Module:
-        return load_model(mcfg.name, device="cpu", **kwargs).model
+        return load_base_weights(cfg)
 
     return RunContext(cfg, out_dir, device, dtype, None, data, forgetting, forgetting_ref, heldout_ref, load_base,
                       keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs)
