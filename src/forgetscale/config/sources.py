@@ -1,5 +1,6 @@
-"""Where text comes from: the keys every data source shares (finetune, forgetting, the eval suites),
-declared once. Torch-free."""
+"""The base classes of every config model (Strict: what all of them refuse; Section: a frozen sweep
+section) and where text comes from: the keys every data source shares (finetune, forgetting, the eval
+suites), declared once. Torch-free."""
 
 from __future__ import annotations
 
