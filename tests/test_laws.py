@@ -180,7 +180,7 @@ def test_min_step_above_the_sweep_is_explained():
 
 
 def test_options_are_validated():
-    with pytest.raises(ConfigError, match=r"target must be one of forget_ce, forget_kl; got 'kl'"):
+    with pytest.raises(ConfigError, match=r"target must be one of forget_ce, forget_kl, forget_ce_hard; got 'kl'"):
         FitOptions(target="kl")
     with pytest.raises(ConfigError, match=r"n_bootstrap must be 0 \(no intervals\) or an integer >= 20; got 5"):
         FitOptions(n_bootstrap=5)

@@ -96,16 +96,16 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
     runs = len(any_law.get("rows", {}))
     summary = Table(title=f"{escape(group['label'])}: {any_law.get('n_rows', 0)} checkpoints of {runs} runs, "
                     f"steps >= {any_law.get('min_step', '?')}, L_f = {target}", title_justify="left")
-    for col in ("law", "output", "R^2", "held-out error", "status"):
+    for col in ("law", "output", "R^2", "status"):
         summary.add_column(col, overflow="fold")
     for d in group["laws"].values():
         if "params" not in d:
-            summary.add_row(d["law"], "", "", "", f"[red]{escape(d['status'])}[/]")
+            summary.add_row(d["law"], "", "", f"[red]{escape(d['status'])}[/]")
             continue
         for i, out in enumerate(d["outputs"]):
-            colour = "green" if d["status"] == "converged" else "yellow"
+            colour = "green" if d["status"].startswith("converged") else "yellow"
             summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], _fmt(d["r2"].get(out)),
-                            _pct(d["heldout_mare"].get(out)), f"[{colour}]{escape(d['status'])}[/]" if i == 0 else "")
+                            f"[{colour}]{escape(d['status'])}[/]" if i == 0 else "")
     consts = Table(title=f"{escape(group['label'])}: constants (95% bootstrap interval)", title_justify="left")
     for col in ("law", "constant", "value", "95% interval", "note"):
         consts.add_column(col)
@@ -126,7 +126,24 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
                            f"[{_fmt(lo)}, {_fmt(hi)}]", note)
             first = False
         consts.add_section()
-    return [summary, consts]
+    return [summary, *forecast_check_tables(group, target), consts]
+
+
+def forecast_check_tables(group: dict[str, Any], target: str) -> list[Table]:
+    """Held-out forecast errors of every form, in nats and relative to how far the runs moved."""
+    check = group.get("forecast_check")
+    if not check:
+        return []
+    t = Table(title=escape(f"{group['label']}: held-out forecast ({check['description']})"), title_justify="left")
+    for col in ("form", "output", "rows", "mean |error| (nats)", "|error| / change", "signed / change",
+                "|error| / value", "note"):
+        t.add_column(col, overflow="fold")
+    rise = {"ft": "L_ft drop", "f": "KL rise" if target != "forget_ce_hard" else "hard-CE rise"}
+    for r in check["forms"]:
+        note = "not a forecast: uses the held-out runs' measured L_ft" if r["given_ft"] else ""
+        t.add_row(escape(r["form"]), OUT_NAME[r["output"]], str(r.get("rows", "")), _fmt(r["mae"]),
+                  f"{_pct(r['rise'])} of {rise[r['output']]}", _pct(r["bias"]), _pct(r["mare"]), note)
+    return [t]
 
 
 def _err(e: dict[str, Any], key: str) -> str:

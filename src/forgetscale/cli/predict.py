@@ -1,9 +1,11 @@
 """Predict fine-tuning loss and forgetting at new (P, N) from the laws in RUN_DIR/laws.json.
 
-Every fitted form answers, with a 95% interval over its bootstrap refits: the paper's power laws
-(separate and joint), Eq. 4 applied to Eq. 5 ("linear of power_ft"), and the multiplicative form.
-When the forms disagree by more than their intervals, the forecast depends on the form chosen:
-trust the one with the smaller held-out error in `forgetscale fit`.
+Every fitted form answers: the paper's power laws (separate and joint), Eq. 4 applied to Eq. 5
+("linear of power_ft"), and the multiplicative form, each with two intervals: the mean curve's (over
+bootstrap refits: where the law's curve is) and a new run's (the curve's uncertainty plus one run's
+scatter around it: where the run you are about to make will land). When the forms disagree by more
+than their intervals, the forecast depends on the form chosen: trust the one with the smallest
+held-out error in `forgetscale fit`'s forecast table.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def _fmt(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x:.4f}"
 
 
+def _interval(lo: float, hi: float) -> str:
+    return "none" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.level < 1:
         raise ConfigError(f"--level must be between 0 and 1; got {args.level}")
@@ -84,16 +90,19 @@ def run(args: argparse.Namespace) -> int:
         rows = table[(table["P"] == p) & (table["N"] == n)]
         t = Table(title=f"{group['label']}: P = {p:,.0f}{f' ({label})' if label else ''}, N = {n:g}",
                   title_justify="left")
-        for col in ("form", "L_ft (nats)", f"{pct} interval", "L_f (nats)", f"{pct} interval", "note"):
+        for col in ("form", "L_ft (nats)", f"{pct} mean", f"{pct} new run", "L_f (nats)", f"{pct} mean",
+                    f"{pct} new run", "note"):
             t.add_column(col)
         for form in dict.fromkeys(rows["form"]):
             cells = {}
             for o in ("ft", "f"):
                 r = rows[(rows["form"] == form) & (rows["output"] == o)]
-                cells[o] = (("-", "") if r.empty else
-                            (_fmt(r["value"].iloc[0]), f"[{_fmt(r['lo'].iloc[0])}, {_fmt(r['hi'].iloc[0])}]"))
-            kinds = {s.split(":")[0] for s in rows[rows["form"] == form]["status"]} - {"converged"}
-            note = "; ".join(sorted(kinds)).replace("not identifiable", "some constants not identified")
+                cells[o] = (("-", "", "") if r.empty else
+                            (_fmt(r["value"].iloc[0]), _interval(r["lo"].iloc[0], r["hi"].iloc[0]),
+                             _interval(r["pi_lo"].iloc[0], r["pi_hi"].iloc[0])))
+            statuses = " ".join(rows[rows["form"] == form]["status"])
+            kinds = [k for k in ("not identifiable", "not converged", "no intervals") if k in statuses]
+            note = "; ".join(kinds).replace("not identifiable", "some constants not identified")
             t.add_row(form, *cells["ft"], *cells["f"], note)
         out.print(t)
     return 0

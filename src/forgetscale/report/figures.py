@@ -305,7 +305,7 @@ def methods_parity(points: pd.DataFrame, reference: str, laws: Mapping[str, Law]
         pad = 0.04 * (hi2 - lo2)
         ax.plot([lo2 - pad, hi2 + pad], [lo2 - pad, hi2 + pad], color="grey", lw=1, zorder=2)
         status = laws[name].status_
-        note = "" if status == "converged" else "\n" + textwrap.fill(textwrap.shorten(status, 96, placeholder="..."), 48)
+        note = "" if status.startswith("converged") else "\n" + textwrap.fill(textwrap.shorten(status, 96, placeholder="..."), 48)
         ax.set_title(f"{name} fitted on {reference}{note}", fontsize=None if not note else 10)
         ax.set_xlabel(f"observed $L_f$ ({'CE' if target == 'forget_ce' else 'KL'}, nats)")
         ax.set_ylabel("predicted $L_f$ (nats)")

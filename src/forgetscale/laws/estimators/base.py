@@ -2,7 +2,13 @@
 
 `fit(frame)` selects rows, fits the full data (multi-start), refits each run-bootstrap resample
 (warm-started, batched), refits on the held-out split, and sets the learned attributes, which end
-in `_`: `params_`, `ci_`, `boot_`, `status_` (never None), `r2_`, `heldout_mare_`, `weak_`.
+in `_`: `params_`, `ci_`, `boot_`, `status_` (never None), `r2_`, `heldout_mare_`, `heldout_errors_`,
+`noise_`, `weak_`.
+
+Two intervals: `predict_interval(kind="mean")` is the bootstrap interval of the mean curve (the
+uncertainty of the constants); `kind="new_run"` adds the scatter of one new run around that curve
+(seed-to-seed and measurement noise, estimated from the fit's residuals), which is what a run not
+yet made falls inside.
 A law that reuses another law's constants (Eq. 6 reuses Eq. 4 and Eq. 5) takes that law's values
 per bootstrap resample, so the uncertainty of the shared constants carries through.
 """
@@ -20,9 +26,34 @@ from forgetscale.laws.estimators import fitting
 from forgetscale.laws.estimators.registry import LAWS
 from forgetscale.laws.estimators.select import FitData, Selection, heldout_split, select_rows
 
+FORECAST_METRICS = ("mae", "mare", "rise", "bias")
+
+
+def heldout_errors(te: FitData, output: str, pred: np.ndarray) -> dict[str, float]:
+    """Forecast errors on held-out rows, in the units that matter.
+
+    mae: mean |error| in nats; mare: relative to the loss itself (for forget_ce that includes the base
+    entropy, which no fine-tune moves, so it flatters); rise: mean |error| over the mean distance the
+    runs moved from their base (the KL rise for L_f, the L_ft drop for L_ft); bias: the signed mean error
+    on the same scale (negative: the law under-predicts the change)."""
+    obs = te.ft if output == "ft" else te.f
+    base = te.ft0 if output == "ft" else te.f0
+    err = pred - obs
+    moved = float(np.mean(np.abs(obs - base))) if obs.size else float("nan")
+    sign = 1.0 if output == "f" else -1.0  # L_f rises from its base, L_ft falls
+    with np.errstate(all="ignore"):
+        return {"mae": float(np.mean(np.abs(err))) if obs.size else float("nan"),
+                "mare": fitting.mare(obs, pred),
+                "rise": float(np.mean(np.abs(err)) / moved) if moved > 0 else float("nan"),
+                "bias": float(sign * np.mean(err) / moved) if moved > 0 else float("nan"),
+                "rows": int(obs.size)}
+
 GAUGE_C_FT = 0.002  # c_ft is pinned here (see forms.regauge): the paper's OpenOrca value, so a, b read on its scale
 RHO_RANGE = (0.05, 100.0)  # box on rho (power laws); a fit that ends on it has not identified rho
 WEAK_RATIO = 10.0  # a constant whose 95% bootstrap interval spans more than this factor is reported as not identified
+MIN_RUNS = 3  # fewer runs: every resample is (nearly) the original sweep, so no interval is given
+MIN_DISTINCT = 10  # fewer distinct resamples than this: a percentile interval is false precision, none is given
+MAX_FAILED = 0.1  # more bootstrap refits than this share failing: no interval (not converging: said in status)
 OUTPUT_COLUMN = {"ft": "ft_loss", "f": "forgetting"}
 
 
@@ -37,6 +68,8 @@ class Law:
     free: ClassVar[tuple[str, ...]]  # the constants this law fits (the rest are fixed or borrowed)
     borrowed: ClassVar[dict[str, str]] = {}  # constant -> law it is taken from
     requires: ClassVar[tuple[str, ...]] = ()
+    given_ft: ClassVar[bool] = False  # predicts from a measured L_ft (Eq. 4), not from (P, N): not a forecast
+    space: ClassVar[str] = "log"  # where residuals are measured: "log" (log-space fits) or "nats" (OLS)
     min_ranks: ClassVar[int] = 2
     min_steps: ClassVar[int] = 3
 
@@ -170,6 +203,7 @@ class Law:
         self.fingerprint_ = fingerprint
         self._fit_bootstrap(data, dep, full)
         self._fit_heldout(data, dep)
+        self._fit_noise(data, full)
         pred = self._predict(self._columns_of(full), data.P, data.N, data.ft)
         self.r2_ = {o: fitting.r2(self._obs(data, o), pred[o][0]) for o in self.outputs}
         self._set_status(data, full)
@@ -191,28 +225,47 @@ class Law:
 
     def _fit_bootstrap(self, data: FitData, dep: dict[str, Law], full: np.ndarray) -> None:
         self.bootstrap_ = {"n": int(self.n_bootstrap), "seed": int(self.seed), "scheme": "none", "redrawn": 0}
+        self.boot_ = np.empty((0, len(self.names)))
+        self.ci_ = {n: (float("nan"), float("nan")) for n in self.names}
         if not self.n_bootstrap:
-            self.boot_ = np.empty((0, len(self.names)))
-            self.ci_ = {n: (float("nan"), float("nan")) for n in self.names}
             return
         # the same draws for every law (min_strata fixed), so borrowed constants come from the same resample
         counts, redrawn = fitting.bootstrap_counts(data.run, data.run_strata(), int(self.n_bootstrap), int(self.seed))
+        n_runs, distinct = len(data.run_ids), int(np.unique(counts, axis=0).shape[0])
+        self.bootstrap_.update(scheme="whole runs resampled across the group", redrawn=int(redrawn),
+                               distinct=distinct)
+        if n_runs < MIN_RUNS:
+            self.bootstrap_["no_interval"] = f"too few runs ({n_runs}; intervals need >= {MIN_RUNS})"
+            return
+        if distinct < MIN_DISTINCT:
+            self.bootstrap_["no_interval"] = (f"too few distinct resamples ({distinct} of {self.n_bootstrap} "
+                                              f"from {n_runs} runs; intervals need >= {MIN_DISTINCT}): add runs")
+            return
         w = counts[:, data.run].astype(float)
         dep_boot = {k: v.boot_ for k, v in dep.items()}
         boot, conv, _ = self._solve(data, w, self._borrow(dep, "boot"), full, dep_boot)
-        boot[~np.all(np.isfinite(boot), axis=1)] = np.nan
+        failed = ~np.all(np.isfinite(boot), axis=1)
+        boot[failed] = np.nan
+        # a refit stopped by the iteration limit is kept: its predictions agree with the converged refits'
+        # (the slow directions are the constants' flat ones), but the status says how many there were
+        not_converged = int((~conv & ~failed).sum())
+        self.bootstrap_.update(failed=int(failed.sum()), not_converged=not_converged)
+        if failed.sum() > MAX_FAILED * len(boot):  # too few refits for any interval worth printing
+            self.bootstrap_["no_interval"] = f"{int(failed.sum())} of {len(boot)} bootstrap refits failed"
+            self.boot_ = np.full_like(boot, np.nan)
+            return
+        if not_converged > MAX_FAILED * len(boot):
+            self.bootstrap_["note"] = (f"{not_converged} of {len(boot)} bootstrap refits stopped at the iteration "
+                                       "limit (kept: their predictions agree; their constants may not)")
         self.boot_ = boot
         lo, hi = fitting.interval(boot)
-        if np.isnan(boot[:, 0]).sum() > 0.1 * len(boot):  # too few refits for any interval worth printing
-            lo, hi = np.full(len(self.names), np.nan), np.full(len(self.names), np.nan)
-            self.boot_ = np.full_like(boot, np.nan)
         self.ci_ = {n: (float(a), float(b)) for n, a, b in zip(self.names, lo, hi, strict=True)}
-        self.bootstrap_.update(scheme="whole runs resampled across the group", redrawn=int(redrawn), failed=int(np.isnan(boot[:, 0]).sum()),
-                               not_converged=int((~conv).sum()))
 
     def _fit_heldout(self, data: FitData, dep: dict[str, Law]) -> None:
         self.heldout_params_ = None
         self.heldout_mare_ = {o: float("nan") for o in self.outputs}
+        self.heldout_errors_: dict[str, dict[str, Any]] = {}
+        self.heldout_test_: FitData | None = None
         train, test, desc = heldout_split(data)
         if train.any() and int(train.sum()) < len(self.free) + 2:
             desc = f"no held-out test: {int(train.sum())} training rows for {len(self.free)} constants"
@@ -227,12 +280,49 @@ class Law:
             return
         params, _, _ = self._solve(tr, np.ones((1, tr.n)), self._borrow(dep, "heldout"), None, dep_ho)
         self.heldout_params_ = dict(zip(self.names, (float(x) for x in params[0]), strict=True))
-        pred = self._predict(self._columns_of(params), data.P[test], data.N[test], data.ft[test])
-        self.heldout_mare_ = {o: fitting.mare(self._obs(data, o)[test], pred[o][0]) for o in self.outputs}
+        te = data.subset(test, self.target, self.ft_column)
+        self.heldout_test_ = te
+        pred = self._predict(self._columns_of(params), te.P, te.N, te.ft)
+        for o in self.outputs:
+            self.heldout_errors_[o] = {**heldout_errors(te, o, pred[o][0]), "given_ft": self.given_ft}
+            self.heldout_mare_[o] = self.heldout_errors_[o]["mare"]
         self.heldout_split_.update(
             p_max=float(data.P.max()), n_cut=float(data.N[train].max()),
             test=[[str(r), int(s)] for r, s in zip(data.frame["run_id"][test], data.frame["step"][test], strict=True)],
         )
+
+    def _fit_noise(self, data: FitData, full: np.ndarray) -> None:
+        """How far one run's checkpoints scatter around the fitted curve, per output: the part of a
+        new run's prediction interval that no amount of fitting removes.
+
+        Residuals are taken in the space the law is fitted in (log for the power laws, nats for the
+        straight line). Their spread is split into a per-run offset (seed-to-seed: a run sits above or
+        below the curve as a whole) and the point-to-point rest (measurement noise); a new checkpoint
+        deviates by both. Degrees of freedom use the runs, not the rows, when the runs' offsets dominate
+        (Kish's design effect), so a sweep of few runs gets wide t quantiles rather than false precision.
+        """
+        pred = self._predict(self._columns_of(full), data.P, data.N, data.ft)
+        self.noise_ = {}
+        for o in self.outputs:
+            obs, p = self._obs(data, o), pred[o][0]
+            with np.errstate(all="ignore"):
+                r = obs - p if self.space == "nats" else np.log(obs) - np.log(p)
+            if not np.all(np.isfinite(r)):
+                continue
+            n, k = r.size, len(data.run_ids)
+            dof_fit = max(1, n - len(self.free))
+            total = float(np.sum(r**2) / dof_fit)
+            means = np.bincount(data.run, weights=r, minlength=k) / np.maximum(np.bincount(data.run, minlength=k), 1)
+            within = r - means[data.run]
+            point = float(np.sum(within**2) / max(1, n - k)) if n > k else float("nan")
+            run = max(0.0, total - point) if np.isfinite(point) else total
+            icc = run / total if total > 0 else 0.0
+            m = n / k
+            n_eff = n / (1.0 + (m - 1.0) * icc)
+            dof = float(max(1.0, n_eff - 1.0))
+            self.noise_[o] = {"sd": float(np.sqrt(total)), "run_sd": float(np.sqrt(run)),
+                              "point_sd": float(np.sqrt(point)) if np.isfinite(point) else None,
+                              "dof": dof, "space": self.space, "runs": k, "rows": n}
 
     def _set_status(self, data: FitData, full: np.ndarray) -> None:
         """'converged', 'not converged: why' or 'not identifiable: which constants and why' (never None)."""
@@ -250,9 +340,11 @@ class Law:
         J = self._jacobian(data, full)
         flat = [] if J is None else fitting.weak_directions(J, list(self.free))
         wide = []
+        no_interval = self.bootstrap_.get("no_interval")
         for name in self.free:
             lo, hi = self.ci_[name]
-            if self.n_bootstrap and (not np.isfinite(lo) or not np.isfinite(hi) or lo <= 0 or hi / lo > WEAK_RATIO):
+            if self.n_bootstrap and not no_interval and (
+                    not np.isfinite(lo) or not np.isfinite(hi) or lo <= 0 or hi / lo > WEAK_RATIO):
                 wide.append(name)
         reasons = []
         pinned = [*self.at_bound_, *(f"{n} (from {self.borrowed[n]})" for n in getattr(self, "_borrowed_at_bound", []))]
@@ -269,14 +361,14 @@ class Law:
         if wide:
             reasons.append(f"{', '.join(wide)} (95% interval spans >{WEAK_RATIO:g}x)")
         self.weak_ = [*self.at_bound_, *flat, *wide]
-        failed = self.bootstrap_.get("failed", 0)
-        if self.n_bootstrap and failed > 0.1 * self.n_bootstrap:
-            self.weak_ = list(self.free)
-            self.status_ = f"not converged: {failed} of {self.n_bootstrap} bootstrap resamples failed"
-        elif reasons:
+        if reasons:
             self.status_ = "not identifiable: " + "; ".join(reasons)
         else:
             self.status_ = "converged"
+        if no_interval:
+            self.status_ += f"; no intervals: {no_interval}"
+        elif self.bootstrap_.get("note"):
+            self.status_ += f"; {self.bootstrap_['note']}"
 
     # -- predict --------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -288,11 +380,29 @@ class Law:
         self._check_fitted()
         return self._predict_draws(np.array([[self.params_[n] for n in self.names]]), P, N, output)[0]
 
-    def predict_interval(self, P: Any, N: Any = None, *, output: str | None = None,
-                         level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile interval of the prediction over the bootstrap resamples."""
+    def predict_interval(self, P: Any, N: Any = None, *, output: str | None = None, level: float = 0.95,
+                         kind: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+        """Percentile interval over the bootstrap resamples: of the mean curve (kind='mean'), or of
+        where one new run's checkpoint falls (kind='new_run': the curve's draws plus the run scatter
+        in noise_). NaN where the fit gave no intervals."""
         self._check_fitted()
-        return fitting.interval(self._predict_draws(self.boot_, P, N, output), level)
+        draws = self._predict_draws(self.boot_, P, N, output)
+        if kind == "new_run":
+            draws = self.new_run_draws(draws, output or self.outputs[-1])
+        elif kind != "mean":
+            raise ValueError(f"kind must be 'mean' or 'new_run'; got {kind!r}")
+        return fitting.interval(draws, level)
+
+    def new_run_draws(self, draws: np.ndarray, output: str) -> np.ndarray:
+        """Mean-curve draws (b, n) turned into draws of a new run's value: each gets a t-distributed
+        deviation with the residual scale and degrees of freedom of noise_ (fixed seed: reproducible)."""
+        noise = getattr(self, "noise_", {}).get(output)
+        if noise is None or not len(draws):
+            return np.full_like(draws, np.nan)
+        rng = np.random.default_rng([int(self.seed), 2401])
+        dev = noise["sd"] * rng.standard_t(noise["dof"], size=draws.shape)
+        with np.errstate(all="ignore"):
+            return draws + dev if noise["space"] == "nats" else draws * np.exp(dev)
 
     def _predict_draws(self, params: np.ndarray, P: Any, N: Any, output: str | None) -> np.ndarray:
         output = output or self.outputs[-1]

@@ -28,6 +28,8 @@ class LinearLaw(Law):
     free = forms.LINEAR
     min_ranks = 1
     min_steps = 1
+    given_ft = True
+    space = "nats"
 
     def _solve(self, data, w, fixed, warm, deps):
         x, y = data.ft, data.f
@@ -50,8 +52,8 @@ class LinearLaw(Law):
         return super().predict(L_ft, output=output)
 
     def predict_interval(self, L_ft: Any, N: Any = None, *, output: str | None = None,
-                         level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        return super().predict_interval(L_ft, output=output, level=level)
+                         level: float = 0.95, kind: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+        return super().predict_interval(L_ft, output=output, level=level, kind=kind)
 
 
 LAWS.add(LinearLaw.name, LinearLaw)

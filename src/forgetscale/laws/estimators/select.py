@@ -25,7 +25,7 @@ from forgetscale.laws.estimators.groups import GROUP, METHOD_KEY, add_groups
 
 GROUP_KEYS = ("dataset", "method", "variant", "mitigation")  # a group's key in laws.json
 _SPLIT = ("dataset", GROUP, "mitigation")  # what splits rows (a group implies its method)
-TARGETS = ("forget_ce", "forget_kl")
+TARGETS = ("forget_ce", "forget_kl", "forget_ce_hard")
 FT_COLUMNS = ("ft_loss", "ft_loss_train")
 PAPER_MIN_STEP = 50
 
@@ -68,6 +68,22 @@ def group_rows(frame: pd.DataFrame, key: dict[str, str]) -> pd.DataFrame:
     return frame[mask]
 
 
+def base_column(col: str) -> str:
+    """The column holding each row's step-0 value of `col` (its run's base model)."""
+    return f"base:{col}"
+
+
+def _with_base(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """`frame` plus, per used column, its run's step-0 value: errors are then also stated relative to
+    how far a run moved from the base (the KL rise, the L_ft drop), not only to the loss itself, whose
+    base entropy part no fine-tune changes. NaN where a run has no step-0 row."""
+    base = frame[frame["step"] == 0].drop_duplicates("run_id").set_index("run_id")
+    out = frame.copy()
+    for col in columns:
+        out[base_column(col)] = out["run_id"].map(pd.to_numeric(base[col], errors="coerce")).astype(float)
+    return out
+
+
 @dataclass
 class Selection:
     """The rows a law uses and why the others were left out."""
@@ -103,7 +119,7 @@ def select_rows(
             f"{'; '.join(labels)}; filter the rows or use forgetscale.laws.fit.fit_frame"
         )
     excluded: dict[str, int] = {}
-    rows = frame
+    rows = _with_base(frame, columns)
     if not include_unfinished:
         keep = rows["status"] == "finished"
         if not keep.any():
@@ -151,6 +167,8 @@ class FitData:
     N: np.ndarray
     ft: np.ndarray
     f: np.ndarray
+    ft0: np.ndarray  # the run's step-0 (base) value of each row, NaN when not stored
+    f0: np.ndarray
     run: np.ndarray  # run index per row
     run_ids: list[str]
     lp0: float
@@ -168,15 +186,18 @@ class FitData:
         P = rows["trainable_params"].to_numpy(dtype=float)
         N = rows["step"].to_numpy(dtype=float)
         nan = np.full(len(rows), np.nan)
-        ft = rows[ft_column].to_numpy(dtype=float) if ft_column in rows else nan
-        f = rows[target].to_numpy(dtype=float) if target in rows else nan
+        def col(name: str) -> np.ndarray:
+            return rows[name].to_numpy(dtype=float) if name in rows else nan
+
+        ft, f = col(ft_column), col(target)
+        ft0, f0 = col(base_column(ft_column)), col(base_column(target))
         run_ids, run = np.unique(rows["run_id"].astype(str).to_numpy(), return_inverse=True)
         lp, ln = np.log(P), np.log(N)
         lp0, ln0 = float(lp.mean()), float(ln.mean())
         uP, iP = np.unique(lp - lp0, return_inverse=True)
         uN, iN = np.unique(ln - ln0, return_inverse=True)
         pairs, point = np.unique(np.stack([iP, iN], axis=1), axis=0, return_inverse=True)
-        return cls(rows, P, N, ft, f, run, list(run_ids), lp0, ln0, uP, iP, uN, iN,
+        return cls(rows, P, N, ft, f, ft0, f0, run, list(run_ids), lp0, ln0, uP, iP, uN, iN,
                    pairs[:, 0], pairs[:, 1], np.asarray(point).ravel())
 
     @property

@@ -24,7 +24,7 @@ from forgetscale.laws.estimators.base import GAUGE_C_FT, Law
 from forgetscale.laws.estimators.fitting import HUBER_DELTA
 from forgetscale.laws.estimators.registry import LAWS, ORDER
 from forgetscale.laws.estimators.select import FT_COLUMNS, TARGETS, FitData, group_label, groups, select_rows
-from forgetscale.laws.pipeline import lawfile
+from forgetscale.laws.pipeline import forecast, lawfile
 
 Progress = Callable[[str, str, int, int], None]
 
@@ -33,7 +33,8 @@ Progress = Callable[[str, str, int, int], None]
 class FitOptions:
     """How `fit` fits; every field is recorded in laws.json."""
 
-    target: str = field(default="forget_ce", metadata={"help": "forgetting column: forget_ce (L_f) or forget_kl"})
+    target: str = field(default="forget_ce",
+                        metadata={"help": "forgetting column: forget_ce (L_f), forget_kl or forget_ce_hard"})
     ft_column: str = field(default="ft_loss", metadata={"help": "L_ft column: held-out ft_loss or ft_loss_train"})
     min_step: int | str = field(default="auto", metadata={"help": "smallest step fitted; auto = min(50, 20% of max)"})
     include_unfinished: bool = field(default=False, metadata={"help": "also fit rows of running/failed runs"})
@@ -118,7 +119,11 @@ def fit_groups(frame: pd.DataFrame, options: FitOptions,
                 laws[name] = {"law": name, "title": LAWS.get(name).title, "status": f"not fitted: {failed[name]}"}
                 first_error = first_error or failed[name]
         models = sorted(str(m) for m in sub["model"].dropna().unique()) if "model" in sub else []
-        out_groups.append({"key": key, "label": label, "models": models, "laws": laws})
+        group = {"key": key, "label": label, "models": models, "laws": laws}
+        check = forecast.heldout_check(fitted)
+        if check is not None:
+            group["forecast_check"] = check
+        out_groups.append(group)
     if not any("params" in d for g in out_groups for d in g["laws"].values()):
         raise DataError(first_error or "no law could be fitted")
     doc = {

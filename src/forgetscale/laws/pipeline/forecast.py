@@ -1,10 +1,14 @@
-"""Forecasts from fitted laws: L_ft and L_f at new (P, N) with bootstrap intervals (`forgetscale predict`).
+"""Forecasts from fitted laws: L_ft and L_f at new (P, N) with two intervals (`forgetscale predict`).
 
-Each interval is the percentile interval of the prediction over the stored bootstrap draws, so it
-carries the uncertainty of every constant together (including their correlations), not a
-propagation of the per-constant intervals. A forecast outside the P and N the fit saw is an
-extrapolation: it is still printed, with a warning, because forecasting the expensive run is the
-point, but its interval only covers parameter uncertainty, not a change of form.
+The mean-curve interval is the percentile interval of the prediction over the stored bootstrap draws,
+so it carries the uncertainty of every constant together (including their correlations). The
+new-run (prediction) interval adds the scatter of one run around the curve (Law.noise_): a run you
+make next lands inside it, not inside the mean-curve interval. A forecast outside the P and N the fit
+saw is an extrapolation: it is still printed, with a warning, because forecasting the expensive run is
+the point, but neither interval covers a change of form.
+
+`heldout_check` scores every form on the same held-out rows (the largest P's later steps, fitted on
+the rest) in nats and relative to how far the runs moved from their base, beside a naive baseline.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError, UnknownNameError, did_you_mean
-from forgetscale.laws.estimators import fitting
-from forgetscale.laws.estimators.base import Law
+from forgetscale.laws.estimators import fitting, forms
+from forgetscale.laws.estimators.base import Law, heldout_errors
 from forgetscale.laws.pipeline import lawfile
 
 # (form as printed, law, output); "linear of power_ft" is Eq. 4 applied to Eq. 5 (the paper's third column)
@@ -74,39 +78,95 @@ def params_for_rank(group: dict[str, Any], rank: int) -> float:
     return float(ranks[str(int(rank))])
 
 
-def _draws(laws: dict[str, Law], name: str, output: str, P: np.ndarray, N: np.ndarray,
-           heldout: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Point prediction (n,) and bootstrap draws (b, n) of one forecast row."""
+def _draws(laws: dict[str, Law], name: str, output: str, P: np.ndarray,
+           N: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point prediction (n,), mean-curve draws (b, n) and new-run draws (b, n) of one forecast row."""
     law = laws[name]
+    empty = np.empty((0, P.size))
     if name == "linear":  # Eq. 4 of Eq. 5, resample by resample
         ft_law = laws["power_ft"]
         lin = np.array([[law.params_[k] for k in law.names]])
         ft_point = ft_law.predict(P, N, output="ft")
         point = law._predict_draws(lin, ft_point, None, "f")[0]
-        ft_draws = ft_law._predict_draws(ft_law.boot_, P, N, "ft") if len(ft_law.boot_) else np.empty((0, P.size))
-        draws = -law.boot_[:, :1] * ft_draws + law.boot_[:, 1:2] if len(law.boot_) else ft_draws
-        return point, draws
+        n = min(len(ft_law.boot_), len(law.boot_))
+        if not n:
+            return point, empty, empty
+        ft_draws = ft_law._predict_draws(ft_law.boot_[:n], P, N, "ft")
+        c, s = law.boot_[:n, :1], law.boot_[:n, 1:2]
+        ft_new = ft_law.new_run_draws(ft_draws, "ft")  # a new run's own L_ft, then its own scatter about Eq. 4
+        return point, -c * ft_draws + s, law.new_run_draws(-c * ft_new + s, "f")
     point = law.predict(P, N, output=output)
-    draws = law._predict_draws(law.boot_, P, N, output) if len(law.boot_) else np.empty((0, P.size))
-    return point, draws
+    if not len(law.boot_):
+        return point, empty, empty
+    draws = law._predict_draws(law.boot_, P, N, output)
+    return point, draws, law.new_run_draws(draws, output)
 
 
 def forecast(group: dict[str, Any], P: Any, N: Any, level: float = 0.95) -> pd.DataFrame:
-    """One row per (form, output, P, N): prediction and its bootstrap interval."""
+    """One row per (form, output, P, N): prediction, mean-curve interval (lo, hi) and new-run
+    prediction interval (pi_lo, pi_hi); NaN intervals where the fit gave none."""
     laws = lawfile.fitted_laws(group)
     P, N = np.broadcast_arrays(np.atleast_1d(np.asarray(P, float)), np.atleast_1d(np.asarray(N, float)))
     rows = []
+    nan = (np.full(P.size, np.nan),) * 2
     for form, name, output in FORECASTS:
         if name not in laws or (name == "linear" and "power_ft" not in laws):
             continue
-        point, draws = _draws(laws, name, output, P, N)
-        lo, hi = fitting.interval(draws, level) if len(draws) else (np.full(P.size, np.nan),) * 2
+        point, draws, new = _draws(laws, name, output, P, N)
+        lo, hi = fitting.interval(draws, level) if len(draws) else nan
+        pi_lo, pi_hi = fitting.interval(new, level) if len(new) else nan
+        status = laws[name].status_ if name != "linear" else "; ".join(
+            dict.fromkeys([laws["power_ft"].status_, laws[name].status_]))
         for i in range(P.size):
             rows.append({"form": form, "law": name, "output": output, "P": P[i], "N": N[i], "value": point[i],
-                         "lo": lo[i], "hi": hi[i], "status": laws[name].status_})
+                         "lo": lo[i], "hi": hi[i], "pi_lo": pi_lo[i], "pi_hi": pi_hi[i], "status": status})
     if not rows:
         raise DataError(f"no law with a P, N form was fitted for {group['label']}; see `forgetscale fit` output")
     return pd.DataFrame(rows)
+
+
+def heldout_check(fitted: dict[str, Law]) -> dict[str, Any] | None:
+    """Every form's forecast of the held-out rows from the fit on the others, on one scale.
+
+    Rows: each (P, N) law and output; Eq. 4 twice, once given the held-out rows' measured L_ft (not a
+    forecast: it needs the run to have been made) and once of Eq. 5's forecast L_ft (a true forecast);
+    and a baseline that reuses the nearest fitted checkpoint (largest fitted P, latest fitted step),
+    which any law should beat. None when the sweep is too small for a held-out test."""
+    ref = next((law for law in fitted.values() if law.heldout_test_ is not None), None)
+    if ref is None:
+        return None
+    rows: list[dict[str, Any]] = []
+    for form, name, output in FORECASTS:
+        law = fitted.get(name)
+        if law is None or law.heldout_params_ is None:
+            continue
+        if name == "linear":
+            rows.append({"form": "Eq. 4 given measured L_ft", "law": name, "output": "f", "given_ft": True,
+                         **law.heldout_errors_["f"]})
+            ft_law = fitted.get("power_ft")
+            if ft_law is None or ft_law.heldout_params_ is None:
+                continue
+            te = law.heldout_test_
+            ft_pred = forms.power_ft(te.P, te.N, ft_law.heldout_params_)
+            pred = forms.linear(ft_pred, law.heldout_params_)
+            rows.append({"form": form, "law": name, "output": "f", "given_ft": False,
+                         **heldout_errors(te, "f", pred)})
+            continue
+        rows.append({"form": form, "law": name, "output": output, "given_ft": False, **law.heldout_errors_[output]})
+    split = ref.heldout_split_
+    for output in ("ft", "f"):
+        law = next((x for x in fitted.values() if output in x.reads and x.heldout_test_ is not None), None)
+        if law is None:
+            continue
+        sel = law.selection_.rows
+        col = law.ft_column if output == "ft" else law.target
+        train = sel[(sel["trainable_params"] < split["p_max"]) & (sel["step"] <= split["n_cut"])]
+        nearest = train.sort_values(["trainable_params", "step"]).iloc[-1]
+        te = law.heldout_test_
+        pred = np.full(te.n, float(nearest[col]))
+        rows.append({"form": "baseline: nearest fitted checkpoint", "law": "", "output": output, "given_ft": False,
+                     **heldout_errors(te, output, pred)})
+    return {"description": split["description"], "forms": rows}
 
 
 def outside_range(group: dict[str, Any], P: Any, N: Any) -> list[str]:

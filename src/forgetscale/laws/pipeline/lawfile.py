@@ -55,7 +55,8 @@ def law_to_dict(law: Law) -> dict[str, Any]:
         "free": list(law.free), "borrowed": dict(law.borrowed), "settings": law.get_params(),
         "status": law.status_, "weak": law.weak_, "converged": law.converged_, "at_bound": law.at_bound_,
         "params": law.params_, "ci": {k: list(v) for k, v in law.ci_.items()},
-        "r2": law.r2_, "heldout_mare": law.heldout_mare_,
+        "r2": law.r2_, "heldout_mare": law.heldout_mare_, "heldout_errors": law.heldout_errors_,
+        "given_ft": law.given_ft, "noise": law.noise_,
         "heldout": {"params": law.heldout_params_, **law.heldout_split_},
         "min_step": law.min_step_, "n_rows": law.n_rows_, "ranges": law.ranges_, "ranks": law.ranks_,
         "rows_fingerprint": law.fingerprint_, "excluded": law.excluded_, "rows": law.rows_,
@@ -74,6 +75,9 @@ def law_from_dict(d: dict[str, Any]) -> Law:
     law.at_bound_ = d.get("at_bound", [])
     law.r2_ = {k: _float(v) for k, v in d["r2"].items()}
     law.heldout_mare_ = {k: _float(v) for k, v in d["heldout_mare"].items()}
+    law.heldout_errors_ = {o: {k: (_float(v) if k not in ("given_ft", "rows") else v) for k, v in e.items()}
+                           for o, e in (d.get("heldout_errors") or {}).items()}
+    law.noise_ = d.get("noise") or {}  # laws.json written before prediction intervals: none
     ho = d["heldout"].get("params")
     law.heldout_params_ = None if ho is None else {k: _float(v) for k, v in ho.items()}
     law.heldout_split_ = {k: v for k, v in d["heldout"].items() if k != "params"}

@@ -152,7 +152,7 @@ def verdict(gap: dict[str, Any], depth: float, kl_control: float, lines: dict[st
         return (f"not comparable: reaches {100 * depth:.0f}% of the control's L_ft gain "
                 f"(needs {100 * MIN_DEPTH:.0f}%)")
     for who, line in lines.items():
-        if line.get("status") != "converged":
+        if not str(line.get("status", "")).startswith("converged"):
             r2 = f" (R^2 {line['r2']:.2f})" if line.get("r2") is not None else ""
             since = f" on steps >= {line['min_step']}" if line.get("min_step") else ""
             hint = " (or refit from an earlier step: fit --min-step)" if line.get("min_step", 0) > 1 else ""
