@@ -242,6 +242,10 @@ def bootstrap_counts(run_codes: np.ndarray, strata: np.ndarray, n_boot: int, see
 def interval(draws: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval over the first axis, ignoring failed resamples (NaN)."""
     tail = 50.0 * (1.0 - level)
+    draws = np.asarray(draws, dtype=float)
+    if draws.shape[0] == 0:  # no resamples (no intervals): NaN, not an error
+        nan = np.full(draws.shape[1:], np.nan)
+        return nan, nan.copy()
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, which is the answer
         lo, hi = np.nanpercentile(draws, [tail, 100.0 - tail], axis=0)
