@@ -77,8 +77,10 @@ def summary(ctx: ReportContext) -> str:
         f"{html.escape(ctx.laws.get('forgetscale_version', '?'))}: L_f = <code>{o['target']}</code>, "
         f"L_ft = <code>{o['ft_column']}</code>, {o['n_bootstrap']} bootstrap resamples of whole runs "
         f"(seed {o['seed']}), log-space Huber loss (delta {o['huber_delta']:g}), c_ft fixed at {o['gauge_c_ft']:g} "
-        "(gauge). Intervals are 2.5-97.5 percentiles over the resamples. Held-out error: fit on the smaller ranks' "
-        "earlier steps, mean absolute relative error on the largest rank's later steps.</p>")
+        "(gauge). Intervals are 2.5-97.5 percentiles over the resamples; a fit of fewer than 3 runs or 10 distinct "
+        "resamples gives none. Held-out forecast: fit on the smaller ranks' earlier steps, errors on the largest "
+        "rank's later steps, in nats and as a share of how far those runs moved from the base (KL rise for L_f, "
+        "L_ft drop for L_ft); the share of the loss itself includes the base entropy and flatters.</p>")
     for group in ctx.laws["groups"]:
         if not _fitted(group):  # e.g. a method with one run: say why once, not law by law
             why = sorted({re.sub(r"^not fitted: law '\w+' ", "", d["status"]) for d in group["laws"].values()
@@ -94,10 +96,18 @@ def summary(ctx: ReportContext) -> str:
                 rows.append([d["law"], "", "", "", d["status"]])
                 continue
             for out in d["outputs"]:
-                rows.append([d["law"], OUT[out], _fmt(d["r2"].get(out)), _pct(d["heldout_mare"].get(out)),
-                             d["status"]])
-        parts.append(f"<h3>{html.escape(group['label'])}</h3>" + table(
-            ["law", "output", "R²", "held-out error", "status"], rows))
+                rows.append([d["law"], OUT[out], _fmt(d["r2"].get(out)), d["status"]])
+        parts.append(f"<h3>{html.escape(group['label'])}</h3>" + table(["law", "output", "R²", "status"], rows))
+        check = group.get("forecast_check")
+        if check:
+            moved = {"ft": "L_ft drop", "f": "KL rise"}
+            crows = [[r["form"], OUT[r["output"]], _fmt(r["mae"]), f"{_pct(r['rise'])} of {moved[r['output']]}",
+                      _pct(r["bias"]), _pct(r["mare"]),
+                      "not a forecast: uses the held-out runs' measured L_ft" if r["given_ft"] else ""]
+                     for r in check["forms"]]
+            parts.append(f"<p>Held-out forecast: {html.escape(check['description'])}.</p>" + table(
+                ["form", "output", "mean |error| (nats)", "|error| / change", "signed / change", "|error| / value",
+                 "note"], crows))
     return "".join(parts)
 
 

@@ -122,23 +122,29 @@ def curves(points: pd.DataFrame, laws: Mapping[str, Law], target: str) -> plt.Fi
     n_grid = np.geomspace(used["N"].min(), used["N"].max(), 80)
     specs = (("ft", "power_ft", FT_LABEL), ("f", "power_f", TARGET_LABEL[target]))
     for ax, (out, name, ylabel) in zip(axes, specs, strict=True):
+        # the axes show the data: a law's curve or band never stretches them (an unidentified law's
+        # bootstrap band can span hundreds of nats on a small sweep), and such a law gets no band
+        lo, hi = float(used[out].min()), float(used[out].max())
+        pad = 0.25 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3
+        ylim = (lo - pad, hi + pad)
         for p, g in points.groupby("P"):
             gu = g[g["used"]]
             ax.scatter(gu["N"], gu[out], s=16, color=col[p], alpha=0.8, zorder=3, label=_rank_label(points, p))
             if name in laws:
                 P = np.full_like(n_grid, p)
                 ax.plot(n_grid, laws[name].predict(P, n_grid, output=out), color=col[p], lw=1.8, zorder=4)
-                band = _band(laws[name], P, n_grid, out)
+                band = _band(laws[name], P, n_grid, out) if laws[name].status_.startswith("converged") else None
                 if band is not None:
-                    ax.fill_between(n_grid, *band, color=col[p], alpha=0.18, lw=0)
+                    ax.fill_between(n_grid, *np.clip(band, *ylim), color=col[p], alpha=0.18, lw=0)
             if "power_joint" in laws:
                 P = np.full_like(n_grid, p)
                 ax.plot(n_grid, laws["power_joint"].predict(P, n_grid, output=out), color=col[p], lw=1, ls="--")
         _log_steps(ax)
+        ax.set_ylim(*ylim)
         ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{OUT[out][1]} against steps ({'Eq. 5' if out == 'ft' else 'Eq. 6'})")
-    axes[0].plot([], [], color="grey", lw=1.8, label="separate fit, 95% band")
+    axes[0].plot([], [], color="grey", lw=1.8, label="separate fit, 95% mean-curve band (identified laws only)")
     axes[0].plot([], [], color="grey", lw=1, ls="--", label="joint fit")
     _legend_below(fig, axes[:1], ncol=4)
     return fig
