@@ -28,6 +28,7 @@ EPILOG = """examples:
   forgetscale predict runs/demo --rank 64 --steps 100 200 400
   forgetscale predict runs/demo --params 2.5e8 --steps 260
   forgetscale predict runs/demo --dataset news --rank 8 16 --steps 150
+  forgetscale predict runs/pilot --against runs/target   # score the forecast of runs made later
 
 --rank R uses the exact P the sweep stored for rank R of this method; --params gives P directly.
 Run `forgetscale fit RUN_DIR` first."""
@@ -38,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--params", type=float, nargs="+", metavar="P", help="trainable parameter counts")
     where.add_argument("--rank", type=int, nargs="+", metavar="R", help="adapter ranks that were run (P looked up)")
-    parser.add_argument("--steps", type=float, nargs="+", required=True, metavar="N", help="update steps")
+    where.add_argument("--against", metavar="TARGET_DIR", default=None,
+                       help="a RUN_DIR of runs made later: forecast their checkpoints and score the forecast")
+    parser.add_argument("--steps", type=float, nargs="+", default=None, metavar="N", help="update steps")
     parser.add_argument("--dataset", default=None, help="fine-tuning dataset (when the sweep has several)")
     parser.add_argument("--method", default=None, help="method (when the sweep has several)")
     parser.add_argument("--mitigation", default=None, help="mitigation arm (when the sweep has several)")
@@ -53,14 +56,49 @@ def _interval(lo: float, hi: float) -> str:
     return "none" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _score_against(group: dict, target: Path, level: float) -> int:
+    """Forecast every stored checkpoint of TARGET_DIR's runs and print the errors and coverage."""
+    from forgetscale.laws.estimators.select import group_rows
+    from forgetscale.store import Store
+
+    with Store(target, create=False) as store:
+        frame = store.frame()
+    rows = group_rows(frame, group["key"])
+    if rows.empty:
+        raise ConfigError(f"{target} holds no runs of {group['label']} (its groups: "
+                          f"{', '.join(sorted(frame['method'].astype(str).unique()))})")
+    scored = forecast.against(group, rows, level)
+    for warning in forecast.outside_range(group, scored["P"].unique(), scored["N"].max()):
+        print(f"warning: {warning}", file=sys.stderr)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=150)
+    pct = f"{100 * level:g}%"
+    t = Table(title=f"{group['label']}: forecasts of {target} ({scored['run_id'].nunique()} runs)", title_justify="left")
+    for col in ("form", "output", "P", "N", "forecast", "measured", "error (nats)", "error / change",
+                f"{pct} new run", "covered"):
+        t.add_column(col, justify="left" if col in ("form", "output") else "right")
+    for r in scored.itertuples(index=False):
+        t.add_row(r.form, {"ft": "L_ft", "f": "L_f"}[r.output], f"{r.P:,.0f}", f"{r.N:g}", _fmt(r.forecast),
+                  _fmt(r.measured), f"{r.error:+.4f}", "-" if not math.isfinite(r.share_of_change)
+                  else f"{100 * r.share_of_change:+.1f}%", _interval(r.pi_lo, r.pi_hi),
+                  "-" if r.covered is None else ("yes" if r.covered else "no"))
+    out.print(t)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.level < 1:
         raise ConfigError(f"--level must be between 0 and 1; got {args.level}")
-    for n in args.steps:
+    if args.against is None and args.steps is None:
+        raise ConfigError("--steps is required with --params or --rank")
+    for n in args.steps or []:
         if not math.isfinite(n) or n <= 0 or not float(n).is_integer():
             raise ConfigError(f"--steps must be whole numbers of update steps > 0; got {n:g}")
     doc = lawfile.load(args.run_dir)
     group = forecast.choose_group(doc, args.dataset, args.method, args.mitigation)
+    if args.against is not None:
+        return _score_against(group, Path(args.against), args.level)
     if args.rank:
         points = [(forecast.params_for_rank(group, r), f"rank {r}") for r in args.rank]
     else:

@@ -169,6 +169,43 @@ def heldout_check(fitted: dict[str, Law]) -> dict[str, Any] | None:
     return {"description": split["description"], "forms": rows}
 
 
+def against(group: dict[str, Any], rows: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Score forecasts against runs measured later (a target run made after the pilot sweep was fitted).
+
+    `rows` are Store.frame() rows of the measured runs, step 0 included (it gives each run's base, so
+    errors can be stated relative to the run's own KL rise / L_ft drop). One row per (form, output,
+    run, step >= the laws' minimum step): forecast, measured, error in nats, error as a share of the
+    measured change, and whether the new-run interval covered the measured value."""
+    laws = lawfile.fitted_laws(group)
+    if not laws:
+        raise DataError(f"no law was fitted for {group['label']}")
+    any_law = next(iter(laws.values()))
+    cols = {"ft": any_law.ft_column, "f": any_law.target}
+    missing = [c for c in ("run_id", "step", "trainable_params", *cols.values()) if c not in rows.columns]
+    if missing:
+        raise DataError(f"the measured runs have no '{missing[0]}' column")
+    min_step = max(int(law.min_step_) for law in laws.values())
+    base = rows[rows["step"] == 0].drop_duplicates("run_id").set_index("run_id")
+    test = rows[rows["step"] >= min_step].sort_values(["run_id", "step"])
+    if test.empty:
+        raise DataError(f"the measured runs have no checkpoint at step >= {min_step} (the laws' minimum step)")
+    table = forecast(group, test["trainable_params"].to_numpy(float), test["step"].to_numpy(float), level)
+    out = []
+    for (form, law, output), sub in table.groupby(["form", "law", "output"], sort=False):
+        measured = test[cols[output]].to_numpy(float)
+        start = test["run_id"].map(base[cols[output]] if len(base) else {}).to_numpy(float)
+        for i, r in enumerate(sub.itertuples(index=False)):
+            change = abs(measured[i] - start[i])
+            err = r.value - measured[i]
+            out.append({"form": form, "law": law, "output": output, "run_id": test["run_id"].iloc[i],
+                        "P": r.P, "N": r.N, "forecast": r.value, "measured": measured[i], "error": err,
+                        "share_of_change": err / change if change > 0 else np.nan,
+                        "pi_lo": r.pi_lo, "pi_hi": r.pi_hi,
+                        "covered": (bool(r.pi_lo <= measured[i] <= r.pi_hi)
+                                    if np.isfinite(r.pi_lo) and np.isfinite(r.pi_hi) else None)})
+    return pd.DataFrame(out)
+
+
 def outside_range(group: dict[str, Any], P: Any, N: Any) -> list[str]:
     """Warnings for (P, N) outside what the fits saw, or below the minimum step."""
     ranges = [d["ranges"] for d in group["laws"].values() if "ranges" in d]
