@@ -29,6 +29,7 @@ HELP = "fit the forgetting laws on a sweep's checkpoints (writes RUN_DIR/laws.js
 EPILOG = """examples:
   forgetscale fit runs/demo
   forgetscale fit runs/demo --target forget_kl          # fit the KL part of forgetting (no base entropy)
+  forgetscale fit runs/demo --target forget_ce_hard     # fit the hard CE (the base's top token)
   forgetscale fit runs/demo --min-step 20 --bootstrap 200 --seed 1
   forgetscale fit runs/demo --laws linear,power_joint   # only these (and what they borrow from)
 
@@ -37,7 +38,11 @@ is fitted per method, then compared: the LoRA laws (all-linear LoRA, >= 2 ranks)
 method's L_f (signed/mean/max relative error; negative signed = the law underestimates forgetting),
 all methods are fitted pooled, and own vs pooled vs LoRA-only fits forecast each run's later steps.
 
-reading the table: an interval is the 2.5-97.5 percentile over bootstrap refits on resampled runs.
+reading the table: an interval is the 2.5-97.5 percentile over bootstrap refits on resampled runs;
+fewer than 3 runs (or 10 distinct resamples) give no interval ('no intervals: ...' in the status).
+The held-out forecast table scores every form on the largest rank's later steps, fitted on the rest:
+read '|error| / change' (share of the KL rise), not the error relative to L_f, which includes the
+base entropy; 'Eq. 4 given measured L_ft' is not a forecast (it needs the run's measured L_ft).
 A status 'not identifiable: X' means the data do not pin X down (its interval spans >10x or it ran
 to its bound): do not quote X, use the law's predictions (forgetscale predict), which stay usable.
 c_ft is fixed (gauge): c_ft, a and b trade off exactly, so only their combination is fitted."""
