@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from forgetscale.sweep import run_sweep
 
     cfg = load_config(args.config, parse_overrides(args.overrides))
+    if cfg.evals.suites:  # an unknown suite or task, or a missing extra, before any training
+        from forgetscale.evals.runner import check_suites
+
+        check_suites(cfg.evals)
     store = run_sweep(cfg, args.out, progress=not args.no_progress, executor=args.executor, address=args.address)
     return finish_sweep(cfg, store, args.out, progress=not args.no_progress)
 
