@@ -57,7 +57,7 @@ def test_stored_rows_equal_lm_evals_own_results(lm_sweep, capsys):
             args["peft"] = str(lm_sweep / "runs" / run_id / f"adapter-step{step}")
             assert runs[run_id]["method"] == "lora"
         # lm-eval loads the model and the adapter itself: an independent path to the same numbers
-        own = simple_evaluate(model="hf", model_args=args, tasks=[TASK], task_manager=task_manager(str(TASKS)),
+        own = simple_evaluate(model="hf", model_args=args, tasks=[TASK], task_manager=task_manager(str(TASKS), TASK),
                               bootstrap_iters=0, log_samples=True)
         for metric in ("acc", "acc_norm"):
             stored = summaries[(key, metric, "accuracy")]
