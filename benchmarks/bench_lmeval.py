@@ -7,7 +7,7 @@ simple_evaluate with log_samples, rows built, adapter unloaded; beside it, the s
 built-in choice suite's loglik protocol. The one-off costs per `forgetscale eval`
 (lm-eval's index of include_path's tasks, the first load of the task's documents) are printed apart.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_lmeval.py --threads 1 --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_lmeval.py --threads 1 --repeats 3 [--full-index]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--full-index", action="store_true",
+                        help="also time lm-eval's index of its own tasks (what a task outside include_path costs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -46,6 +48,14 @@ def main() -> None:
     started = time.perf_counter()
     task_manager(settings.include_path, "forgetscale_mini")
     index_s = time.perf_counter() - started
+    full_s = None
+    if args.full_index:
+        from forgetscale.evals.lmeval import _index
+
+        started = time.perf_counter()
+        full = _index(settings.include_path, True)
+        full_s = time.perf_counter() - started
+        print(f"lm-eval's own task index: {full_s:.1f} s ({len(full.all_tasks)} names)")
     suite = task_suite("forgetscale_mini")
     started = time.perf_counter()
     items = suite.load(settings, None)

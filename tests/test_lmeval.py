@@ -73,6 +73,10 @@ def test_stored_rows_equal_lm_evals_own_results(lm_sweep, capsys):
             mine = {r["item_id"]: r["prediction"] for r in items if r["model_key"] == key and r["protocol"] == "acc"}
             base = {r["item_id"]: r["prediction"] for r in items if r["model_key"] == "base" and r["protocol"] == "acc"}
             assert agree["k"] == sum(mine[i] == base[i] for i in base) and agree["n"] == 8
+    from forgetscale.report import build_report
+
+    page = build_report(lm_sweep)[0].read_text()
+    assert f"lm-eval:{TASK}" in page and "agreement_with_base" in page  # the report's lm-eval section
     # the same settings again: nothing re-evaluated, the stored rows unchanged
     before = sorted((r["model_key"], r["protocol"], r["item_id"], r["output"]) for r in items)
     assert main(["eval", str(lm_sweep), "--suite", f"lm-eval:{TASK}", *SET, "--no-progress"]) == 0

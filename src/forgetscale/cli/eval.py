@@ -1,4 +1,4 @@
-"""Run capability suites (safety, choice, samples) on the base model and on a sweep's saved adapters,
+"""Run capability suites (safety, choice, samples, lm-evaluation-harness tasks) on the base model and on a sweep's saved adapters,
 store per-item rows and per-model summaries in RUN_DIR/results.sqlite, and print base vs each run.
 
 Settings come from the sweep config's `evals:` section (defaults if it has none); --set changes
@@ -14,12 +14,14 @@ from pathlib import Path
 from forgetscale.tracking import LOG_HELP
 
 NAME = "eval"
-HELP = "run capability suites (safety, choice, samples) on the base model and saved adapters"
+HELP = "run capability suites (safety, choice, samples, lm-eval:TASK) on the base model and saved adapters"
 EPILOG = """examples:
   forgetscale eval runs/demo --suite safety,choice,samples       # embedded sets, offline
   forgetscale eval runs/demo --suite choice --runs lora-r32 --steps 8,48
   forgetscale eval runs/x --suite safety --set safety.source=hf:walledai/AdvBench --set safety.limit=50
   forgetscale eval runs/x --suite choice --set choice.source=hf:allenai/ai2_arc    # ARC-Challenge test
+  forgetscale eval runs/x --suite lm-eval:arc_easy,hellaswag                       # lm-evaluation-harness tasks
+  forgetscale eval runs/x --suite lm-eval:my_task --set lm-eval.include_path=tasks/ --log mlflow
 
 reading the table: each rate is k/n with its 95% Wilson interval; 'vs base' is the paired difference
 on the same items with Newcombe's 95% interval; '(noise)' marks a difference whose interval contains 0."""
