@@ -28,8 +28,11 @@ def lm_sweep(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lmeval")
     path = out / "sweep.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(method={"name": "lora", "ranks": [2, 4]}, evals={"batch_size": 4})))
+    evals = {"batch_size": 4, "suites": [f"lm-eval:{TASK}"], "lm-eval": {"include_path": str(TASKS)}}
+    path.write_text(yaml.safe_dump(tiny_config(method={"name": "lora", "ranks": [2, 4]}, evals=evals)))
+    # the sweep runs the task once training is done (evals.suites), as `forgetscale eval` would
     assert main(["sweep", str(path), "--out", str(out / "run"), "--no-progress"]) == 0
+    assert len({r["model_key"] for r in Store(out / "run").eval_items(f"lm-eval:{TASK}")}) == 3
     return out / "run"
 
 

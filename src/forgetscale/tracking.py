@@ -93,6 +93,10 @@ class MlflowSink:
             from mlflow import MlflowClient
         except ImportError:
             raise ConfigError(EXTRA) from None
+        import logging
+
+        for name in ("mlflow", "alembic"):  # their notices on creating a store are not ours to print
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.run_dir = Path(run_dir).resolve()
         self.uri = tracking_uri(spec, run_dir)
         local = self.uri.startswith("sqlite:///") and self.uri.endswith(f"/{DEFAULT_DB}")
