@@ -116,6 +116,12 @@ class MlflowSink:
             raise ConfigError(f"--log: cannot reach the MLflow tracking URI {self.uri} ({_first_line(err)}); "
                               "start the server or give another URI") from None
         self._ids: dict[str, str] = {}
+        # what this process knows MLflow holds (read once per MLflow run, then kept up to date), so a sync
+        # every few seconds costs one read of the store, not a query per metric
+        self._params_seen: dict[str, set[str]] = {}
+        self._logged: dict[tuple[str, str], dict[int, float]] = {}
+        self._status: dict[str, str] = {}
+        self._files: dict[str, tuple[float, int]] = {}
 
     # -- runs -------------------------------------------------------------------------------------
     def _run(self, key: str, name: str, parent: str | None) -> str:
@@ -135,12 +141,29 @@ class MlflowSink:
         return run_id
 
     def _params(self, run_id: str, params: dict[str, str]) -> None:
-        have = self.client.get_run(run_id).data.params
         from mlflow.entities import Param
 
+        if run_id not in self._params_seen:
+            self._params_seen[run_id] = set(self.client.get_run(run_id).data.params)
+        have = self._params_seen[run_id]
         new = [Param(k, v) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[i:i + 100])
+        have.update(p.key for p in new)
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        if run_id not in self._status:
+            self._status[run_id] = self.client.get_run(run_id).info.status
+        if self._status[run_id] != status:
+            self.client.set_terminated(run_id, status)
+            self._status[run_id] = status
+
+    def _artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        """Upload a file when it is new or changed since this process last uploaded it."""
+        stat = path.stat()
+        if self._files.get(str(path)) != (stat.st_mtime, stat.st_size):
+            self.client.log_artifact(run_id, str(path), folder)
+            self._files[str(path)] = (stat.st_mtime, stat.st_size)
 
     def _metrics(self, run_id: str, values: list[tuple[str, int, float]], *, update: bool) -> int:
         """Log (key, step, value) MLflow lacks; `update`: also a value that differs from the one logged."""
@@ -148,15 +171,20 @@ class MlflowSink:
 
         from mlflow.entities import Metric
 
-        logged: dict[tuple[str, int], float] = {}
         for key in {k for k, _, _ in values}:
-            for m in self.client.get_metric_history(run_id, key):
-                logged[(key, m.step)] = m.value  # the latest entry per step wins
+            if (run_id, key) not in self._logged:
+                history = sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+                self._logged[(run_id, key)] = {m.step: m.value for m in history}  # the latest entry per step
         now = int(time.time() * 1000)
-        new = [Metric(k, v, now, s) for k, s, v in values
-               if (k, s) not in logged or (update and abs(logged[(k, s)] - v) > 1e-12)]
+        new = []
+        for k, step, v in values:
+            seen = self._logged[(run_id, k)]
+            if step not in seen or (update and abs(seen[step] - v) > 1e-12):
+                new.append(Metric(k, v, now, step))
         for i in range(0, len(new), 1000):
             self.client.log_batch(run_id, metrics=new[i:i + 1000])
+        for m in new:
+            self._logged[(run_id, m.key)][m.step] = m.value
         return len(new)
 
     def sync(self) -> int:
@@ -192,17 +220,17 @@ class MlflowSink:
             mine = [s for s in summaries if s["run_id"] == run["run_id"]]
             logged += self._metrics(run_id, _eval_values(mine), update=True)
             status = {"finished": "FINISHED", "failed": "FAILED"}.get(run["status"])
-            if status and self.client.get_run(run_id).info.status != status:
-                self.client.set_terminated(run_id, status)
+            if status:
+                self._terminate(run_id, status)
         statuses = {r["status"] for r in store.runs()}
         done = "FINISHED" if statuses == {"finished"} else "FAILED" if statuses == {"finished", "failed"} else None
-        if done and self.client.get_run(parent).info.status != done:
-            self.client.set_terminated(parent, done)
+        if done:
+            self._terminate(parent, done)
         for name in FILES:
             if (self.run_dir / name).is_file():
-                self.client.log_artifact(parent, str(self.run_dir / name))
-        if (self.run_dir / "figures").is_dir():
-            self.client.log_artifacts(parent, str(self.run_dir / "figures"), "figures")
+                self._artifact(parent, self.run_dir / name)
+        for figure in sorted((self.run_dir / "figures").glob("*.png")):
+            self._artifact(parent, figure, "figures")
         return logged
 
     # -- during a command -------------------------------------------------------------------------
