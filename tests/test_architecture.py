@@ -26,7 +26,7 @@ LAYERS = [
     ["forgetscale.train", "forgetscale.measure"],  # the loop; measuring models trained elsewhere
     ["forgetscale.mitigations", "forgetscale.integrations"],  # the arms' torch halves; the Trainer callback
     ["forgetscale.executors", "forgetscale.evals"],
-    ["forgetscale.sweep"],
+    ["forgetscale.sweep", "forgetscale.tracking"],  # the whole pipeline; the store mirrored into MLflow
     ["forgetscale.report"],  # presentation of stored numbers
     ["forgetscale.cli"],
     ["forgetscale.__main__"],

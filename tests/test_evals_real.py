@@ -76,3 +76,30 @@ def test_shared_context_option_scores_equal_whole_sequences(smollm):
     shared = option_logprobs(smollm.model, tok, contexts, conts, batch_size=16)
     whole = option_logprobs(smollm.model, tok, contexts, conts, batch_size=16, share_context=False)
     assert shared == pytest.approx(whole, abs=1e-4)
+
+
+def test_lm_eval_bridge_equals_lm_eval_on_the_embedded_model(smollm):
+    """The lm-eval suite on the loaded SmolLM2 gives lm-eval's own per-document scores for the model lm-eval
+    loads itself (4 items of the local task tests/data/lmeval)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+
+    from forgetscale.config.evals import LmEvalSettings
+    from forgetscale.evals.lmeval import task_manager, task_suite
+    from forgetscale.models import resolve_source
+
+    tasks = str(Path(__file__).parent / "data" / "lmeval")
+    settings = LmEvalSettings(include_path=tasks, limit=4)
+    suite = task_suite("forgetscale_mini")
+    items = suite.load(settings, None)
+    target = Target("base", smollm.model, smollm.tokenizer, smollm.model.device, None, batch_size=4, seed=0)
+    rows = suite.evaluate(target, items, settings)
+    assert len(items) == 4 and len(rows) == 8  # acc and acc_norm per item
+    own = simple_evaluate(model="hf", model_args={"pretrained": resolve_source(EMBEDDED)[0], "device": "cpu",
+                                                  "dtype": "float32"},
+                          tasks=["forgetscale_mini"], limit=4, bootstrap_iters=0, log_samples=True,
+                          task_manager=task_manager(tasks, "forgetscale_mini"))
+    for metric in ("acc", "acc_norm"):
+        mine = {r["item_id"]: r["correct"] for r in rows if r["protocol"] == metric}
+        assert mine == {str(s["doc_id"]): int(s[metric]) for s in own["samples"]["forgetscale_mini"]}
+    assert {r["prediction"] for r in rows} <= {"0", "1", "2", "3"}  # the picked option's index

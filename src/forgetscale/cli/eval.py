@@ -1,4 +1,4 @@
-"""Run capability suites (safety, choice, samples) on the base model and on a sweep's saved adapters,
+"""Run capability suites (safety, choice, samples, lm-evaluation-harness tasks) on the base model and on a sweep's saved adapters,
 store per-item rows and per-model summaries in RUN_DIR/results.sqlite, and print base vs each run.
 
 Settings come from the sweep config's `evals:` section (defaults if it has none); --set changes
@@ -11,13 +11,17 @@ import argparse
 import json
 from pathlib import Path
 
+from forgetscale.tracking import LOG_HELP
+
 NAME = "eval"
-HELP = "run capability suites (safety, choice, samples) on the base model and saved adapters"
+HELP = "run capability suites (safety, choice, samples, lm-eval:TASK) on the base model and saved adapters"
 EPILOG = """examples:
   forgetscale eval runs/demo --suite safety,choice,samples       # embedded sets, offline
   forgetscale eval runs/demo --suite choice --runs lora-r32 --steps 8,48
   forgetscale eval runs/x --suite safety --set safety.source=hf:walledai/AdvBench --set safety.limit=50
   forgetscale eval runs/x --suite choice --set choice.source=hf:allenai/ai2_arc    # ARC-Challenge test
+  forgetscale eval runs/x --suite lm-eval:arc_easy,hellaswag                       # lm-evaluation-harness tasks
+  forgetscale eval runs/x --suite lm-eval:my_task --set lm-eval.include_path=tasks/ --log mlflow
 
 reading the table: each rate is k/n with its 95% Wilson interval; 'vs base' is the paired difference
 on the same items with Newcombe's 95% interval; '(noise)' marks a difference whose interval contains 0."""
@@ -33,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the sweep's train.device)")
     parser.add_argument("--force", action="store_true", help="re-evaluate models already stored with these settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--log", default=None, metavar="mlflow[:URI]", help=LOG_HELP)
 
 
 def _steps(text: str | None):
@@ -59,16 +64,23 @@ def evals_settings(run_dir: Path, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from forgetscale.cli.tables import print_eval_summary
     from forgetscale.evals.labels import run_labels
     from forgetscale.evals.runner import run_evals
     from forgetscale.store import Store
+    from forgetscale.tracking import open_sink
 
     settings = evals_settings(args.run_dir, args.overrides)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else None
     runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
-    summaries, notes = run_evals(args.run_dir, settings, suites=suites, runs=runs, steps=_steps(args.steps),
-                                 force=args.force, progress=not args.no_progress, device=args.device)
+    with Store(args.run_dir, create=False) as store:
+        name = json.loads(store.get_meta("sweep_config") or "{}").get("name", args.run_dir.name)
+    sink = open_sink(args.log, args.run_dir, f"forgetscale/{name}")
+    with sink.following() if sink else contextlib.nullcontext():
+        summaries, notes = run_evals(args.run_dir, settings, suites=suites, runs=runs, steps=_steps(args.steps),
+                                     force=args.force, progress=not args.no_progress, device=args.device)
     for note in notes:
         print(f"skipped: {note}")
     with Store(args.run_dir, create=False) as store:

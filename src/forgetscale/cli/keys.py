@@ -27,6 +27,7 @@ def config_keys() -> list[tuple[str, str, str]]:
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
+            name = field.alias or name  # the key as written (`evals.lm-eval`)
             annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name}.")

@@ -14,6 +14,8 @@ import argparse
 import math
 from pathlib import Path
 
+from forgetscale.tracking import LOG_HELP
+
 NAME = "measure"
 HELP = "measure forgetting of PEFT adapters, full checkpoints or Trainer outputs trained elsewhere"
 EPILOG = """examples:
@@ -40,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted), value parsed as YAML; repeatable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--log", default=None, metavar="mlflow[:URI]", help=LOG_HELP)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -61,12 +64,17 @@ def _fmt(x) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from forgetscale.measure import measure_sources
+    from forgetscale.tracking import open_sink
 
     cfg = config_from_args(args)
-    rows = measure_sources(cfg, args.out, adapters=args.adapter, models=args.model,
-                           trainer_outputs=args.trainer_output, with_data=args.data is not None,
-                           progress=not args.no_progress)
+    sink = open_sink(args.log, args.out, f"forgetscale/{cfg.name}")
+    with sink.following() if sink else contextlib.nullcontext():
+        rows = measure_sources(cfg, args.out, adapters=args.adapter, models=args.model,
+                               trainer_outputs=args.trainer_output, with_data=args.data is not None,
+                               progress=not args.no_progress)
     if rows:
         blocks = rows[0].get("blocks")
         print(f"base entropy H(p_base) = {rows[0]['base_entropy']:.4f} nats/token on {cfg.forgetting.dataset} "

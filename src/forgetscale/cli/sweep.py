@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from forgetscale.cli.eval import run_after_sweep
 from forgetscale.cli.tables import print_summary
 from forgetscale.config import load_config, parse_overrides
 from forgetscale.executors import EXECUTORS
+from forgetscale.tracking import LOG_HELP, open_sink
 
 NAME = "sweep"
 HELP = "run or resume a forgetting sweep from a YAML config"
@@ -34,14 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, metavar="ADDR",
                         help="ray: the cluster to join (e.g. auto, HOST:6379); default $RAY_ADDRESS, else a new "
                         "local instance")
+    parser.add_argument("--log", default=None, metavar="mlflow[:URI]", help=LOG_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     from forgetscale.sweep import run_sweep
 
     cfg = load_config(args.config, parse_overrides(args.overrides))
-    store = run_sweep(cfg, args.out, progress=not args.no_progress, executor=args.executor, address=args.address)
-    return finish_sweep(cfg, store, args.out, progress=not args.no_progress)
+    if cfg.evals.suites:  # an unknown suite or task, or a missing extra, before any training
+        from forgetscale.evals.runner import check_suites
+
+        check_suites(cfg.evals)
+    sink = open_sink(args.log, args.out, f"forgetscale/{cfg.name}")  # an unreachable URI: before any training
+    with sink.following() if sink else contextlib.nullcontext():
+        store = run_sweep(cfg, args.out, progress=not args.no_progress, executor=args.executor, address=args.address)
+        return finish_sweep(cfg, store, args.out, progress=not args.no_progress)
 
 
 def finish_sweep(cfg, store, out: Path, progress: bool) -> int:

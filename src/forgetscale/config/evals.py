@@ -3,6 +3,7 @@ suites themselves are forgetscale.evals."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
@@ -10,6 +11,7 @@ from pydantic import ConfigDict, Field, field_validator
 from forgetscale.config.sources import SourceSpec, Strict
 
 SUITE_NAMES = ("safety", "choice", "samples")
+LMEVAL = "lm-eval"  # `lm-eval:TASK[,TASK...]`: lm-evaluation-harness tasks (forgetscale.evals.lmeval)
 
 
 class _Settings(Strict):
@@ -56,9 +58,49 @@ class SamplesSettings(_Settings):
     temperature: float = Field(0.7, gt=0.0, description="sampling temperature when sample: true")
 
 
+class LmEvalSettings(_Settings):
+    include_path: str | None = Field(None, description="folder of extra lm-eval task YAMLs (e.g. a local task over a local JSONL)")
+    limit: int | None = Field(None, gt=0, description="first N documents of each task (null: all)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (null: the task's own default)")
+    apply_chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
+
+    @field_validator("include_path")
+    @classmethod
+    def _folder(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"must be a folder of lm-eval task YAMLs; {v} is not a folder")
+        return None if v is None else str(Path(v).expanduser().resolve())
+
+
+def split_suites(names: list[str]) -> list[str]:
+    """One name per suite: `lm-eval:a,b` (a CLI comma list, or one config entry) becomes `lm-eval:a`,
+    `lm-eval:b`; a bare name after an lm-eval entry that is not a built-in suite is one more task."""
+    out: list[str] = []
+    in_lmeval = False
+    for part in (p.strip() for name in names for p in name.split(",")):
+        if not part:
+            continue
+        if part.startswith(f"{LMEVAL}:"):
+            in_lmeval = True
+            part = part.removeprefix(f"{LMEVAL}:").strip()
+            if not part:
+                raise ValueError(f"'{LMEVAL}:' needs a task name, e.g. {LMEVAL}:arc_easy")
+            out.append(f"{LMEVAL}:{part}")
+        elif in_lmeval and part not in SUITE_NAMES:
+            out.append(f"{LMEVAL}:{part}")
+        else:
+            in_lmeval = False
+            out.append(part)
+    return out
+
+
 class EvalsConfig(_Settings):
-    suites: list[Literal["safety", "choice", "samples"]] = Field(
-        [], description="capability suites run after the sweep (also `forgetscale eval RUN_DIR`)"
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
+    suites: list[str] = Field(
+        [], description="capability suites run after the sweep (also `forgetscale eval RUN_DIR`): safety, choice, "
+        "samples, lm-eval:TASK[,TASK...]"
     )
     steps: list[int] | Literal["last"] = Field(
         "last", description="checkpoint steps to evaluate ('last' or a list; adapters are saved at these steps)"
@@ -68,10 +110,16 @@ class EvalsConfig(_Settings):
     safety: SafetySettings = Field(default_factory=SafetySettings, description="harmful-request refusals")
     choice: ChoiceSettings = Field(default_factory=ChoiceSettings, description="multiple-choice knowledge and reasoning")
     samples: SamplesSettings = Field(default_factory=SamplesSettings, description="side-by-side generations")
+    lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings, alias=LMEVAL,
+                                    description="lm-evaluation-harness tasks (`lm-eval:TASK` suites; extra [lmeval])")
 
     @field_validator("suites")
     @classmethod
     def _distinct(cls, v: list[str]) -> list[str]:
+        v = split_suites(v)
+        unknown = [s for s in v if s not in SUITE_NAMES and not s.startswith(f"{LMEVAL}:")]
+        if unknown:
+            raise ValueError(f"unknown suite '{unknown[0]}'; known: {', '.join(SUITE_NAMES)}, {LMEVAL}:TASK")
         if len(set(v)) != len(v):
             raise ValueError("must list each suite once")
         return v

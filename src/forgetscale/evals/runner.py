@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
-from forgetscale.config.evals import EvalsConfig
+from forgetscale.config.evals import EvalsConfig, split_suites
 from forgetscale.errors import ConfigError, StoreError
-from forgetscale.evals import choice, safety, samples  # noqa: F401  (register the suites)
+from forgetscale.evals import choice, lmeval, safety, samples  # noqa: F401  (register the suites)
 from forgetscale.evals.labels import run_labels
-from forgetscale.evals.suites import SUITES, Target
+from forgetscale.evals.suites import Target, suite_for
 from forgetscale.store import Store
 
 BASE = "base"
@@ -131,18 +131,14 @@ def run_evals(
     if stored is None:
         raise StoreError(f"{store.path}: no sweep config stored; run `forgetscale sweep` into {run_dir} first")
     cfg = SweepConfig.model_validate(json.loads(stored))
-    names = suites or list(evals.suites)
-    if not names:
-        raise ConfigError("--suite: name at least one suite (safety, choice, samples) or set evals.suites in the config")
-    for name in names:
-        SUITES.get(name)  # unknown suite -> did-you-mean error
+    names = _names(suites or list(evals.suites))
     targets, notes = select_checkpoints(store, run_dir, runs, steps if steps is not None else evals.steps)
 
     cache = cache_root(cfg.model.cache_dir) / "data"
-    items = {name: SUITES.get(name).load(getattr(evals, SUITES.get(name).settings_key), cache) for name in names}
+    items = {name: suite_for(name).load(getattr(evals, suite_for(name).settings_key), cache) for name in names}
     todo: list[tuple[str, str]] = []  # (suite, model key) to evaluate
     for name in names:
-        settings = _settings_json(getattr(evals, SUITES.get(name).settings_key))
+        settings = _settings_json(getattr(evals, suite_for(name).settings_key))
         done = _stored_settings(store, name)
         for key in [BASE] + [t.key for t in targets]:
             # the base must match the settings too: every comparison is on the same items
@@ -157,7 +153,7 @@ def run_evals(
         mcfg = cfg.model
         base = load_model(mcfg.name, device=dev, gguf_file=mcfg.gguf_file, revision=mcfg.revision,
                           trust_remote_code=mcfg.trust_remote_code, cache_dir=mcfg.cache_dir)
-        work = sum(_work(items[n], getattr(evals, SUITES.get(n).settings_key)) for n, _ in todo)
+        work = sum(_work(items[n], getattr(evals, suite_for(n).settings_key)) for n, _ in todo)
         by_key = {t.key: t for t in targets}
         with tqdm(total=work, desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for key in [BASE] + [t.key for t in targets]:
@@ -169,7 +165,7 @@ def run_evals(
                 with context as model:
                     target = Target(key, model, base.tokenizer, dev, dtype, evals.batch_size, evals.seed, bar.update)
                     for name in names_here:
-                        suite = SUITES.get(name)
+                        suite = suite_for(name)
                         rows = suite.evaluate(target, items[name], getattr(evals, suite.settings_key))
                         run_id, step = (None, None) if key == BASE else (by_key[key].run_id, by_key[key].step)
                         for row in rows:
@@ -178,9 +174,34 @@ def run_evals(
     summaries = []
     wanted = [BASE] + [t.key for t in targets]
     for name in names:
-        summaries += summarize_suite(store, name, getattr(evals, SUITES.get(name).settings_key), wanted)
+        summaries += summarize_suite(store, name, getattr(evals, suite_for(name).settings_key), wanted)
     store.close()
     return summaries, notes
+
+
+def _names(names: list[str]) -> list[str]:
+    """One name per suite (`lm-eval:a,b` is two), each known: an unknown one is a did-you-mean error."""
+    try:
+        names = split_suites(names)
+    except ValueError as err:
+        raise ConfigError(f"--suite: {err}") from None
+    if not names:
+        raise ConfigError("--suite: name at least one suite (safety, choice, samples, lm-eval:TASK) or set "
+                          "evals.suites in the config")
+    for name in names:
+        suite_for(name)
+    return names
+
+
+def check_suites(evals: EvalsConfig) -> None:
+    """What a sweep's evals.suites name exists, before the sweep trains for hours (lm-eval: the extra, the
+    task names and their documents)."""
+    from forgetscale.models import cache_root
+
+    for name in _names(list(evals.suites)):
+        suite = suite_for(name)
+        if name.startswith("lm-eval:"):
+            suite.load(getattr(evals, suite.settings_key), cache_root(None) / "data")
 
 
 def _work(items: list[Any], settings: Any) -> int:
@@ -191,7 +212,7 @@ def _work(items: list[Any], settings: Any) -> int:
 def summarize_suite(store: Store, name: str, settings: Any, keys: list[str]) -> list[dict[str, Any]]:
     """(Re)compute and store the suite's summaries of these models from their stored items (other models'
     summaries, possibly made with other settings, stay as they are)."""
-    suite = SUITES.get(name)
+    suite = suite_for(name)
     rows = store.eval_items(name)
     by_key: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

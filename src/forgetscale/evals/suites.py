@@ -4,6 +4,9 @@
 - `evaluate(target, items, settings)`: one model's per-item rows (generation and parsing happen here);
 - `summarize(rows, base_rows, settings)`: per-model metrics with 95% intervals, compared item by item
   with the base model's rows (None for the base model itself).
+
+A family of suites is named `<family>:<argument>` (`lm-eval:arc_easy`): its module registers a function
+in FAMILIES that builds the Suite for one argument.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ class Suite:
 
 
 SUITES: Registry[Suite] = Registry("eval suite")
+FAMILIES: dict[str, Callable[[str], Suite]] = {}
+
+
+def suite_for(name: str) -> Suite:
+    """The suite a name picks: a registered one, or one member of a family (`lm-eval:TASK`)."""
+    family, sep, argument = name.partition(":")
+    if sep and family in FAMILIES:
+        return FAMILIES[family](argument)
+    return SUITES.get(name)
 
 
 def rate(metric: str, protocol: str, flags: list[bool], base_flags: list[bool] | None, note: str = "") -> dict[str, Any]:

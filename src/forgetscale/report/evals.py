@@ -103,6 +103,31 @@ def choice_section(ctx: ReportContext) -> str | None:
     return "".join(parts)
 
 
+@register_section("eval-lmeval", "lm-evaluation-harness tasks", 61.5)
+def lmeval_section(ctx: ReportContext) -> str | None:
+    """One table per lm-eval task: each 0/1 metric's accuracy, paired difference and agreement with the base."""
+    with Store(ctx.run_dir, create=False) as store:
+        every, labels = store.eval_summaries(), run_labels(store)
+    tasks = sorted({s["suite"] for s in every if s["suite"].startswith("lm-eval:")})
+    parts = []
+    for suite in tasks:
+        summaries = [s for s in every if s["suite"] == suite and s["metric"] in ("accuracy", "agreement_with_base")]
+        if not summaries:
+            continue
+        parts.append(f"<h3>{html.escape(suite)}</h3>")
+        parts.append(_metric_table(summaries, labels, ["accuracy", "agreement_with_base"]))
+        parts.append(_settings_note(summaries))
+        fig = _agreement_figure(ctx, summaries, labels)
+        if fig is not None:
+            name = "eval_" + "".join(c if c.isalnum() else "_" for c in suite)
+            parts.append(ctx.figure(name, fig, f"{suite}: accuracy and agreement with base against forgetting KL"))
+    if not parts:
+        return None
+    parts.append("<p class='cap'>protocol: the lm-eval metric (acc: the most likely choice; acc_norm: per "
+                 "character). Agreement: the same answer as the base model on the same document.</p>")
+    return "".join(parts)
+
+
 def _agreement_figure(ctx: ReportContext, summaries: list[dict[str, Any]], labels: dict[str, str]):
     import matplotlib.pyplot as plt
 
