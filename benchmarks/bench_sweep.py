@@ -1,0 +1,199 @@
+"""End to end: a forgetscale sweep against the stock pipeline a user would write, in one process.
+
+Stock: for each rank, an HF `Trainer` over a PEFT LoRA model (Adafactor, constant LR after warm-up),
+with a `TrainerCallback` that at every checkpoint re-runs a second copy of the base model on the
+forgetting set and compares the two models' next-token distributions (soft CE and KL), and measures
+the held-out loss. forgetscale: `run_sweep` on the same config (base predictions computed once and
+reused by every run and checkpoint). Both use the same token blocks, LoRA settings, optimizer, LR,
+warm-up, steps and checkpoints; the data order differs (Trainer's sampler vs forgetscale's seeded
+permutation), so the stored numbers agree within run-to-run noise, not bitwise.
+
+Prints the seconds of each part (start-up, training, measurement), both totals, their ratio, and the
+last checkpoint's KL and held-out loss of each rank from both.
+
+    python benchmarks/bench_sweep.py                                  # SmolLM2, ranks 1/4/16, 60 steps
+    python benchmarks/bench_sweep.py --model tiny-random-llama --steps 6 --ranks 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from forgetscale.config import parse_config
+from forgetscale.data import build_finetune_data, build_forgetting_blocks
+from forgetscale.data.blocks import IGNORE
+from forgetscale.models import cache_root, resolve_source
+
+
+def config(args: argparse.Namespace) -> dict:
+    return {
+        "name": "bench-sweep", "model": args.model,
+        "finetune": {"dataset": "embedded:news", "heldout_max_tokens": args.heldout_tokens},
+        "forgetting": {"dataset": "embedded:wikipedia", "max_tokens": args.forget_tokens},
+        "method": {"name": "lora", "ranks": list(args.ranks), "scaling": "rslora"},
+        "train": {"steps": args.steps, "num_checkpoints": args.checkpoints, "batch_size": args.batch,
+                  "context_length": args.context, "lr": args.lr, "optimizer": "adafactor", "seed": 0,
+                  "save_adapters": "none", "threads": args.threads},
+    }
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    def add(self, part: str, seconds: float) -> None:
+        self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+
+def stock(cfg, timer: Timer) -> dict[int, dict[str, float]]:
+    """What a user writes with transformers + peft: Trainer, a callback, a second base for the reference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    t = time.perf_counter()
+    source, _ = resolve_source(cfg.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    data_cache = cache_root() / "data"
+    data = build_finetune_data(cfg.finetune, tokenizer, cfg.train.context_length, data_cache)
+    forget = build_forgetting_blocks(cfg.forgetting, tokenizer, cfg.train.context_length, data_cache)
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    timer.add("start-up", time.perf_counter() - t)
+    checkpoints = set(cfg.train.checkpoint_steps)
+    batch = cfg.train.eval_batch_size
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data.train)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": data.train.input_ids[i], "labels": data.train.labels[i],
+                    "attention_mask": data.train.attention_mask[i]}
+
+    @torch.no_grad()
+    def measure(model) -> dict[str, float]:
+        model.eval()
+        nll = n = 0.0
+        for i in range(0, len(data.heldout), batch):
+            ids, lab = data.heldout.input_ids[i:i + batch], data.heldout.labels[i:i + batch]
+            logits = model(input_ids=ids, attention_mask=data.heldout.attention_mask[i:i + batch]).logits[:, :-1]
+            y = lab[:, 1:]
+            keep = y != IGNORE
+            nll += float(torch.nn.functional.cross_entropy(logits[keep].float(), y[keep], reduction="sum"))
+            n += int(keep.sum())
+        ce = kl = m = 0.0
+        for i in range(0, len(forget), batch):
+            ids, mask = forget.input_ids[i:i + batch], forget.attention_mask[i:i + batch]
+            keep = forget.labels[i:i + batch, 1:] != IGNORE
+            base = reference(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float().log_softmax(-1)
+            tuned = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float().log_softmax(-1)
+            p = base.exp()
+            ce -= float((p * tuned).sum())
+            kl += float((p * (base - tuned)).sum())
+            m += int(keep.sum())
+        model.train()
+        return {"ft_loss": nll / n, "forget_ce": ce / m, "forget_kl": kl / m}
+
+    results: dict[int, dict[str, float]] = {}
+    spec = cfg.method[0]
+    for rank in spec.ranks:
+        t = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+                                                 use_rslora=spec.scaling == "rslora", target_modules="all-linear"))
+        timer.add("start-up", time.perf_counter() - t)
+        rows: dict[int, dict[str, float]] = {}
+
+        class Forgetting(TrainerCallback):
+            def __init__(self, rows: dict[int, dict[str, float]]) -> None:
+                self.rows = rows
+
+            def _measure(self, step: int, model) -> None:
+                t0 = time.perf_counter()
+                self.rows[step] = measure(model)
+                timer.add("measurement", time.perf_counter() - t0)
+
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                self._measure(0, model)
+
+            def on_step_end(self, args, state, control, model=None, **kw):
+                if state.global_step in checkpoints:
+                    self._measure(state.global_step, model)
+
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(
+                output_dir=out, max_steps=cfg.train.steps, per_device_train_batch_size=cfg.train.batch_size,
+                learning_rate=cfg.train.lr, lr_scheduler_type="constant_with_warmup",
+                warmup_steps=cfg.train.warmup, optim="adafactor", weight_decay=0.0, max_grad_norm=1.0,
+                logging_strategy="no", save_strategy="no", report_to=[], seed=cfg.train.seed, use_cpu=True,
+                dataloader_num_workers=0, disable_tqdm=True,
+            )
+            trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Forgetting(rows)])
+            t = time.perf_counter()
+            trainer.train()
+            timer.add("training", time.perf_counter() - t)
+        results[rank] = rows[max(rows)]
+    timer.parts["training"] -= timer.parts.get("measurement", 0.0)
+    return results
+
+
+def ours(cfg, timer: Timer) -> dict[int, dict[str, float]]:
+    from forgetscale.store import Store
+    from forgetscale.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory() as out:
+        t = time.perf_counter()
+        run_sweep(cfg, Path(out), progress=False)
+        total = time.perf_counter() - t
+        with Store(Path(out), create=False) as store:
+            frame = store.frame()
+    last = frame.sort_values("step").groupby("run_id").tail(1)
+    timer.add("training", float(last["wall_s"].sum()))  # wall_s: training time only
+    timer.add("start-up + measurement", total - float(last["wall_s"].sum()))
+    return {int(r["rank"]): {"ft_loss": r["ft_loss"], "forget_ce": r["forget_ce"], "forget_kl": r["forget_kl"]}
+            for r in last.to_dict("records")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--checkpoints", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--forget-tokens", type=int, default=4096)
+    parser.add_argument("--heldout-tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = parse_config(config(args))
+    print(f"{args.model}: LoRA ranks {args.ranks}, {args.steps} steps of {args.batch} x {args.context} tokens, "
+          f"checkpoints {cfg.train.checkpoint_steps}, {args.forget_tokens} forgetting tokens, "
+          f"{torch.get_num_threads()} threads")
+    timings = {}
+    numbers = {}
+    for name, fn in (("stock (Trainer + PEFT + base copy)", stock), ("forgetscale sweep", ours)):
+        timer = Timer()
+        t = time.perf_counter()
+        numbers[name] = fn(cfg, timer)
+        timings[name] = time.perf_counter() - t
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in timer.parts.items())
+        print(f"{name}: {timings[name]:.1f} s ({parts})")
+    a, b = timings.values()
+    print(f"ratio stock / forgetscale: {a / b:.2f}x")
+    print("last checkpoint per rank (stock | forgetscale):")
+    for rank in args.ranks:
+        s, o = (numbers[k][rank] for k in numbers)
+        print(f"  rank {rank}: KL {s['forget_kl']:.4f} | {o['forget_kl']:.4f}   held-out L_ft "
+              f"{s['ft_loss']:.4f} | {o['ft_loss']:.4f}   CE {s['forget_ce']:.4f} | {o['forget_ce']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
