@@ -259,6 +259,17 @@ def load_configured_base(cfg: Any) -> ConfiguredBase:
     return ConfiguredBase(base, device, dtype, length, block, cache_root(cfg.model.cache_dir) / "data", weights)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """train.gradient_checkpointing: each decoder layer's activations recomputed in the backward pass.
+    Non-reentrant: it works with a frozen embedding (adapters) and replays dropout's RNG, so the numbers stay."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def model_identity(cfg: Any, device: torch.device) -> dict[str, Any]:
     """What decides the base model's predictions, for keying stored ones: the source (with its weight files'
     size and mtime where it is local), the weights' and compute precisions, quantization and device type."""

@@ -23,6 +23,7 @@ from forgetscale.data import Blocks, FinetuneData, batch_indices
 from forgetscale.errors import RunFailed
 from forgetscale.forgetting import BasePredictions, autocast, measure
 from forgetscale.methods.attach import attach, trainable_parameters, upcast_trainable
+from forgetscale.models import enable_gradient_checkpointing
 from forgetscale.plan import RunPlan
 
 
@@ -125,13 +126,8 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
     # -- model: fresh base weights, then the method (its init is seeded) ---------------------------
     torch.manual_seed(plan.seed)
     base = ctx.load_base()
-    if tcfg.gradient_checkpointing:  # non-reentrant: works with a frozen embedding, keeps dropout's RNG
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        base.config.use_cache = False
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     model = attach(base, plan.method, plan.rank)
     if ctx.config.model.quantization == "none":
         model.to(ctx.device)

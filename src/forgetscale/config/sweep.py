@@ -113,7 +113,8 @@ class TrainConfig(_Section):
     save_adapters: Literal["last", "all", "none"] = Field("last", description="adapter weights kept under RUN_DIR/runs/<id>/")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
-                                         "pass: less memory for ~30% more training time, same numbers")
+                                         "pass: less activation memory for one more forward pass per step, same "
+                                         "numbers")
 
     @field_validator("seeds")
     @classmethod
