@@ -149,3 +149,21 @@ def test_smollm2_trains_with_bf16_weights_and_checkpointing(tmp_path):
     rows = store.checkpoints()
     assert [r["step"] for r in rows] == [0, 2] and rows[0]["forget_kl"] == 0.0
     assert 0 < rows[1]["forget_kl"] < 1 and math.isfinite(rows[1]["ft_loss"])
+
+
+def test_a_sweep_stored_before_the_new_keys_resumes(tiny_cfg, tmp_path):
+    import json
+
+    cfg = parse_config(tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"threads": 1}))
+    store = run_sweep(cfg, tmp_path, progress=False)
+    old = json.loads(store.get_meta("sweep_config"))  # as a sweep stored before this change wrote it
+    for section, key in (("model", "dtype"), ("model", "quantization"), ("forgetting", "reference"),
+                         ("train", "gradient_checkpointing")):
+        del old[section][key]
+    store.set_meta("sweep_config", json.dumps(old, sort_keys=True))
+    again = run_sweep(cfg, tmp_path, progress=False)  # same runs, nothing to redo
+    assert [r["status"] for r in again.runs()] == ["finished"]
+    with pytest.raises(ConfigError, match="model.dtype: differs"):
+        run_sweep(parse_config(tiny_cfg(model={"name": "tiny-random-llama", "dtype": "bfloat16"},
+                                        method={"name": "lora", "ranks": [2]}, train={"threads": 1})),
+                  tmp_path, progress=False)
