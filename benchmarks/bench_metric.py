@@ -32,7 +32,7 @@ def truth(base, tuned, blocks, batch: int) -> dict[str, float]:
     ce = ent = 0.0
     n = 0
     device = torch.device("cpu")
-    for (zb, _, _), (zt, _, _) in zip(forgetting._batches(base, blocks, batch, device, None),
+    for (_, zb, _, _), (_, zt, _, _) in zip(forgetting._batches(base, blocks, batch, device, None),
                                       forgetting._batches(tuned, blocks, batch, device, None), strict=True):
         logp, logq = torch.log_softmax(zb.double(), -1), torch.log_softmax(zt.double(), -1)
         p = logp.exp()

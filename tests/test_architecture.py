@@ -23,7 +23,7 @@ LAYERS = [
     ["forgetscale.config"],  # every key and spec: pydantic only
     ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
     ["forgetscale.forgetting", "forgetscale.methods", "forgetscale.laws"],
-    ["forgetscale.train", "forgetscale.measure"],  # the loop; measuring models trained elsewhere
+    ["forgetscale.train", "forgetscale.measure", "forgetscale.references"],  # the loop; measuring models trained elsewhere; bounded base references
     ["forgetscale.mitigations", "forgetscale.integrations"],  # the arms' torch halves; the Trainer callback
     ["forgetscale.executors", "forgetscale.evals"],
     ["forgetscale.sweep", "forgetscale.tracking"],  # the whole pipeline; the store mirrored into MLflow

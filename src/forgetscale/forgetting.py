@@ -5,13 +5,15 @@ hard form: -log p_ft(argmax p_base | x<t).
 
 The base log-probabilities are computed once per sweep (`reference`) and kept in memory
 (4 bytes x vocab x tokens: 0.8 GB for SmolLM2 on 4,096 tokens), so a checkpoint costs one
-forward pass of the tuned model and nothing more.
+forward pass of the tuned model and nothing more; forgetscale.references holds them on disk, recomputes
+them, or keeps only their top K, for sets too large for RAM (`forgetting.reference`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -34,6 +36,37 @@ class Reference:
     def entropy(self) -> float:
         return float(-self.neg_entropy.double().mean())
 
+    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
+             device: torch.device, dtype: torch.dtype | None) -> Rows:
+        """The reference at token rows [start, start + t) against the tuned model's shifted logits `z`."""
+        t = z.shape[0]
+        p = self.probs[start : start + t].to(z.device, non_blocking=True)
+        return Rows(_dot(p, z) - lse.double(), self.neg_entropy[start : start + t].to(z.device),
+                    self.argmax[start : start + t].to(z.device))
+
+
+@dataclass
+class Rows:
+    """What every kind of reference gives `measure` for one batch of tokens."""
+
+    cross: torch.Tensor  # [t] float64 sum_v p log q
+    neg_entropy: torch.Tensor  # [t] float64 sum_v p log p
+    argmax: torch.Tensor  # [t]
+    error_bound: torch.Tensor | None = None  # [t] float64 upper bound on KL's error (approximate references)
+
+
+class BasePredictions(Protocol):
+    """A Reference, or one of forgetscale.references' bounded-memory kinds."""
+
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def entropy(self) -> float: ...
+
+    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
+             device: torch.device, dtype: torch.dtype | None) -> Rows: ...
+
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
@@ -44,10 +77,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 @contextlib.contextmanager
 def fp32_output_head(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None):
     """Run the output projection outside autocast, so logits are fp32: bf16 logits alone put ~4e-4 nats of
-    rounding noise into every KL (SmolLM2), which is as large as the true KL at the first checkpoints."""
+    rounding noise into every KL (SmolLM2), which is as large as the true KL at the first checkpoints.
+    A head stored in bf16/fp16 (model.dtype) is multiplied in fp32 from an upcast of its weight."""
     head = model.get_output_embeddings() if dtype is not None and hasattr(model, "get_output_embeddings") else None
     if head is None:
         yield
+        return
+    if getattr(head, "weight", None) is not None and head.weight.dtype != torch.float32:
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=device.type, enabled=False):
+                bias = None if head.bias is None else head.bias.float()
+                return torch.nn.functional.linear(x.float(), head.weight.float(), bias)
+
+        head.forward = forward
+        try:
+            yield
+        finally:
+            del head.forward  # the class's forward again
         return
     off = torch.autocast(device_type=device.type, enabled=False)
 
@@ -66,23 +113,28 @@ def fp32_output_head(model: torch.nn.Module, device: torch.device, dtype: torch.
             hook.remove()
 
 
-def _batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None):
-    """Yield (logits at loss positions [t, V] float32, shifted so each row's maximum is 0; their log-normaliser
-    [t]; labels [t]) batch by batch.
+def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: torch.dtype | None):
+    """(logits at the loss positions [t, V] float32, shifted so each row's maximum is 0; their log-normaliser
+    [t]; labels [t]) for one batch of blocks.
 
     The shift is exact algebra (every quantity below is a difference z_v - logsumexp(z)), and it is what
     keeps fp32 exact: unshifted, p.z and logsumexp(z) are each ~35 nats on SmolLM2 and their difference
     loses ~1e-3 nats per token to cancellation; shifted, both are a few nats."""
+    ids, mask = part.input_ids.to(device), part.attention_mask.to(device)
+    with torch.no_grad(), autocast(device, dtype), fp32_output_head(model, device, dtype):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = part.labels[:, 1:].to(device)
+    keep = labels != IGNORE
+    z = logits[:, :-1][keep].float()
+    z = z - z.max(dim=-1, keepdim=True).values
+    return z, torch.logsumexp(z, dim=-1), labels[keep]
+
+
+def _batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None):
+    """Yield (batch, z, lse, labels) batch by batch (see `forward`)."""
     for start in range(0, len(blocks), batch_size):
         part = blocks.select(slice(start, start + batch_size))
-        ids, mask = part.input_ids.to(device), part.attention_mask.to(device)
-        with torch.no_grad(), autocast(device, dtype), fp32_output_head(model, device, dtype):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        labels = part.labels[:, 1:].to(device)
-        keep = labels != IGNORE
-        z = logits[:, :-1][keep].float()
-        z = z - z.max(dim=-1, keepdim=True).values
-        yield z, torch.logsumexp(z, dim=-1), labels[keep]
+        yield (part, *forward(model, part, device, dtype))
 
 
 DOT_CHUNK = 256  # vocabulary columns per partial dot product
@@ -103,7 +155,7 @@ def reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: t
               dtype: torch.dtype | None = None) -> Reference:
     """The base model's distribution on `blocks` (call before attaching a method, or with adapters disabled)."""
     probs, neg_entropy, argmax = [], [], []
-    for z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
+    for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
         p = torch.exp(z - lse[:, None])  # not softmax: its fp32 normaliser leaves sum(p) off 1 by ~8e-6 (SmolLM2)
         probs.append(p.cpu())
         neg_entropy.append((_dot(p, z) - lse.double()).cpu())
@@ -112,29 +164,31 @@ def reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: t
 
 
 def measure(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-            dtype: torch.dtype | None = None, ref: Reference | None = None) -> dict[str, float]:
+            dtype: torch.dtype | None = None, ref: BasePredictions | None = None) -> dict[str, float]:
     """Mean next-token NLL on the blocks' labels; with a reference also soft/hard CE, entropy and KL.
 
     Uses log q(v) = z_v - logsumexp(z), so sum_v p log q = p.z - lse needs no log-softmax tensor; the
     reference's sum p log p uses the same arithmetic, so KL is exactly 0 when the model is the base.
+    An approximate reference (topk:K) also gives `kl_error_bound`: KL and CE are low by at most that much.
     """
-    nll = ce = ce_hard = kl = 0.0
+    nll = ce = ce_hard = kl = bound = 0.0
     count = 0
-    for z, lse, labels in _batches(model, blocks, batch_size, device, dtype):
+    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype):
         t = z.shape[0]
         nll += float((lse - z.gather(1, labels[:, None]).view(-1)).double().sum())
         if ref is not None:
-            p = ref.probs[count : count + t].to(z.device, non_blocking=True)
-            cross = _dot(p, z) - lse.double()  # sum_v p log q, per token
-            neg_h = ref.neg_entropy[count : count + t].to(z.device)
-            hard = ref.argmax[count : count + t].to(z.device)
-            ce += float(-cross.double().sum())
-            kl += float((neg_h - cross).double().sum())
-            ce_hard += float((lse - z.gather(1, hard[:, None]).view(-1)).double().sum())
+            rows = ref.rows(model, part, count, z, lse, device, dtype)
+            ce += float(-rows.cross.double().sum())
+            kl += float((rows.neg_entropy - rows.cross).double().sum())
+            ce_hard += float((lse - z.gather(1, rows.argmax[:, None]).view(-1)).double().sum())
+            if rows.error_bound is not None:
+                bound += float(rows.error_bound.sum())
         count += t
     out = {"nll": nll / count, "tokens": count}
     if ref is not None:
         if count != ref.tokens:
             raise RuntimeError(f"reference holds {ref.tokens} positions, blocks gave {count}")
         out.update(ce=ce / count, ce_hard=ce_hard / count, kl=kl / count, entropy=ref.entropy)
+        if getattr(ref, "approximate", False):
+            out["kl_error_bound"] = bound / count
     return out

@@ -34,7 +34,7 @@ from forgetscale.artefacts import PEFT_CONFIG, PEFT_WEIGHTS, TRAINABLE_FILE, Run
 from forgetscale.data import Blocks, build_finetune_data, build_forgetting_blocks
 from forgetscale.data.blocks import IGNORE
 from forgetscale.errors import ConfigError, DataError, ModelError, StoreError
-from forgetscale.forgetting import Reference, _batches, _dot, reference
+from forgetscale.forgetting import Reference, _batches, reference
 from forgetscale.plan import run_hash
 from forgetscale.store import RunDirLock, Store
 
@@ -85,14 +85,12 @@ def _per_block(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: 
     nll = ce = ce_hard = kl = 0.0
     count = 0
     tok_kl, tok_ce, tok_hard = [], [], []
-    for z, lse, labels in _batches(model, blocks, batch_size, device, dtype):
+    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype):
         t = z.shape[0]
         token_nll = (lse - z.gather(1, labels[:, None]).view(-1)).double()
         nll += float(token_nll.sum())
-        p = ref.probs[count : count + t].to(z.device, non_blocking=True)
-        cross = _dot(p, z) - lse.double()
-        neg_h = ref.neg_entropy[count : count + t].to(z.device)
-        hard = ref.argmax[count : count + t].to(z.device)
+        rows = ref.rows(model, part, count, z, lse, device, dtype)
+        cross, neg_h, hard = rows.cross, rows.neg_entropy, rows.argmax
         hard_nll = (lse - z.gather(1, hard[:, None]).view(-1)).double()
         ce += float(-cross.double().sum())
         kl += float((neg_h - cross).double().sum())

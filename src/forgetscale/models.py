@@ -160,11 +160,18 @@ def load_model(
     cache_dir: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer; a pad token is set if the tokenizer has none."""
+    """Load a causal LM and its tokenizer; a pad token is set if the tokenizer has none.
+
+    `dtype`: the weights' precision; quantization='4bit' loads the linear layers in NF4 (bitsandbytes, CUDA)
+    with `dtype` as their compute precision."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    device = torch.device(device)
+    if quantization == "4bit":
+        check_4bit(device)
     source, gguf = resolve_source(name, gguf_file, cache_dir)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
@@ -172,9 +179,16 @@ def load_model(
     offline = source == name and not Path(source).exists() and not hub_reachable()
     if offline:
         kwargs["local_files_only"] = True  # the hub cannot be reached: the local cache or a prompt error
+    extra: dict[str, Any] = {}
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        extra = {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **extra)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if offline:
@@ -185,10 +199,21 @@ def load_model(
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if quantization == "none":
+        model.to(device)  # a 4-bit model is placed by device_map and refuses .to()
     model.eval()
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, max_positions=max_positions)
+
+
+def check_4bit(device: torch.device) -> None:
+    """model.quantization=4bit runs only where bitsandbytes and a CUDA device are: one line otherwise."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization: 4bit needs bitsandbytes; install it with "
+                          "`pip install 'forgetscale[qlora]'`; got '4bit'")
+    if device.type != "cuda":
+        raise ConfigError(f"model.quantization: 4bit needs a CUDA GPU (bitsandbytes) and this run's device is "
+                          f"{device.type}; use model.quantization=none; got '4bit'")
 
 
 @dataclass
@@ -197,15 +222,18 @@ class ConfiguredBase:
 
     loaded: LoadedModel
     device: torch.device
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # the compute (autocast) dtype; None: plain fp32
     context_length: int  # train.context_length
     block_length: int  # forgetting.block_length (default: the context length)
     data_cache: Path
+    weights_dtype: torch.dtype = torch.float32
 
 
 def load_base_weights(cfg: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Fresh weights of a config's base model (a run changes them in place or wraps them)."""
-    return load_model(cfg.model.name, device=device, **_model_kwargs(cfg.model)).model
+    device = torch.device(device)
+    return load_model(cfg.model.name, device=device, dtype=weights_dtype(cfg.model.dtype, device),
+                      quantization=cfg.model.quantization, **_model_kwargs(cfg.model)).model
 
 
 def _model_kwargs(mcfg: Any) -> dict[str, Any]:
@@ -219,14 +247,58 @@ def load_configured_base(cfg: Any) -> ConfiguredBase:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    base = load_model(cfg.model.name, device=device, **_model_kwargs(cfg.model))
+    weights = weights_dtype(cfg.model.dtype, device)
+    dtype = compute_dtype(cfg, device)
+    base = load_model(cfg.model.name, device=device, dtype=weights, quantization=cfg.model.quantization,
+                      **_model_kwargs(cfg.model))
     length = cfg.train.context_length
     block = cfg.forgetting.block_length or length
     for key, value in (("train.context_length", length), ("forgetting.block_length", block)):
         if value > base.max_positions:
             raise ConfigError(f"{key}: must be <= the model's {base.max_positions} positions; got {value}")
-    return ConfiguredBase(base, device, dtype, length, block, cache_root(cfg.model.cache_dir) / "data")
+    return ConfiguredBase(base, device, dtype, length, block, cache_root(cfg.model.cache_dir) / "data", weights)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """train.gradient_checkpointing: each decoder layer's activations recomputed in the backward pass.
+    Non-reentrant: it works with a frozen embedding (adapters) and replays dropout's RNG, so the numbers stay."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def model_identity(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """What decides the base model's predictions, for keying stored ones: the source (with its weight files'
+    size and mtime where it is local), the weights' and compute precisions, quantization and device type."""
+    source, gguf = resolve_source(cfg.model.name, cfg.model.gguf_file, cfg.model.cache_dir)
+    files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
+    return {"source": source, "gguf_file": gguf, "revision": cfg.model.revision,
+            "files": [_file_key(f) for f in files], "weights": str(weights_dtype(cfg.model.dtype, device)),
+            "compute": str(compute_dtype(cfg, device)), "quantization": cfg.model.quantization,
+            "device": device.type}
+
+
+def weights_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """model.dtype: the precision the base weights are stored in (auto: bf16 on CUDA GPUs with native bf16)."""
+    if dtype == "auto":
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native_bf16 else torch.float32
+    if device.type == "cpu" and dtype == "float16":
+        raise ConfigError("model.dtype: float16 is not supported on CPU; use float32 or bfloat16; got 'float16'")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def compute_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training and measuring: train.dtype, or the weights' own half precision when those
+    are stored in one (so fp32 trained weights and half-precision base weights meet inside autocast)."""
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    weights = weights_dtype(cfg.model.dtype, device)
+    if dtype is None and weights != torch.float32:
+        return weights
+    return dtype
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -18,8 +18,39 @@ from forgetscale.errors import ConfigError
 
 # keys that may change between invocations on the same RUN_DIR without invalidating stored runs
 EXTENDABLE = ("name", "method", "mitigation")
-RUN_IRRELEVANT_TRAIN_KEYS = ("seed", "seeds", "threads", "eval_batch_size", "save_adapters", "device")
+RUN_IRRELEVANT_TRAIN_KEYS = ("seed", "seeds", "threads", "eval_batch_size", "save_adapters", "device",
+                             "gradient_checkpointing")
 RUN_IRRELEVANT_SECTIONS = ("resources", "evals")  # how a run is executed, never what it computes
+# keys added after sweeps were stored: left out of a run's identity at their default, so those runs keep their ids
+OMITTED_AT_DEFAULT = {("model", "dtype"): "auto", ("model", "quantization"): "none"}
+
+
+def run_shared_settings(cfg: SweepConfig) -> dict[str, Any]:
+    """The sections every run of the sweep shares, as they enter its run_id."""
+    shared = cfg.to_dict()
+    for key in ("name", "method", "mitigation", *RUN_IRRELEVANT_SECTIONS):
+        shared.pop(key, None)
+    for key in RUN_IRRELEVANT_TRAIN_KEYS:
+        shared["train"].pop(key)
+    for (section, key), default in OMITTED_AT_DEFAULT.items():
+        if shared[section].get(key) == default:
+            shared[section].pop(key)
+    if cfg.forgetting.exact_reference:  # memory, disk, recompute, auto: the same numbers
+        shared["forgetting"].pop("reference")
+    return shared
+
+
+def check_method_settings(cfg: SweepConfig) -> None:
+    """Settings that only adapter methods can run with, refused before anything is written."""
+    for spec in cfg.method:
+        if spec.uses_adapter:
+            continue
+        if cfg.forgetting.reference == "recompute":
+            raise ConfigError(f"forgetting.reference: recompute needs an adapter to disable and method '{spec.name}' "
+                              "has none; use memory, disk or topk:K; got 'recompute'")
+        if cfg.model.quantization != "none":
+            raise ConfigError(f"model.quantization: a 4-bit base cannot be trained by method '{spec.name}'; use an "
+                              f"adapter method (lora, dora, ia3); got {cfg.model.quantization!r}")
 
 
 @dataclass
@@ -48,12 +79,9 @@ def plan_runs(cfg: SweepConfig) -> list[RunPlan]:
     The control arm's run_id is the one a sweep without mitigations gives (the arm is not part of its
     identity), so adding arms to a sweep reuses its runs. Derived runs (the scale arm's, measured from the
     control run's weights) come last, after the runs they read."""
-    shared = cfg.to_dict()
-    for key in ("name", "method", "mitigation", *RUN_IRRELEVANT_SECTIONS):
-        shared.pop(key, None)
-    for key in RUN_IRRELEVANT_TRAIN_KEYS:
-        shared["train"].pop(key)
+    shared = run_shared_settings(cfg)
     check_arms(cfg.mitigation, cfg.method)
+    check_method_settings(cfg)
     plans, derived = [], []
     for spec in cfg.method:
         for rank in spec.run_ranks():

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
+from forgetscale import references
 from forgetscale.config import SweepConfig
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.executors import EXECUTORS, make_executor
-from forgetscale.forgetting import reference
 from forgetscale.mitigations.runtime import prepare_arms
-from forgetscale.models import load_base_weights, load_configured_base
+from forgetscale.models import load_base_weights, load_configured_base, model_identity, resolve_device
 from forgetscale.plan import (
     EXTENDABLE,
     RUN_IRRELEVANT_SECTIONS,
@@ -38,25 +38,33 @@ def keep_adapter_steps(cfg: SweepConfig) -> frozenset[int]:
 
 
 def build_context(cfg: SweepConfig, out_dir: Path) -> RunContext:
-    """Load the base model once, build the data, and compute the base predictions once per sweep."""
+    """Load the base model once, build the data, and compute the base predictions once per sweep (or read
+    them back from RUN_DIR/references, for forgetting.reference=disk)."""
     setup = load_configured_base(cfg)
     base, device, dtype, length, block, data_cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
                                                       setup.block_length, setup.data_cache)
     data = build_finetune_data(cfg.finetune, base.tokenizer, length, data_cache)
     forgetting = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, data_cache)
     batch = cfg.train.eval_batch_size
-    forgetting_ref = reference(base.model, forgetting, batch, device, dtype)
-    heldout_ref = reference(base.model, data.heldout, batch, device, dtype)
+    mode, note = references.choose(cfg.forgetting.reference,
+                                   references.projected_bytes(base.model, forgetting, data.heldout),
+                                   references.available_ram())
+    identity = model_identity(cfg, device) if mode == "disk" else {}
+    refs = {name: references.build(mode, base.model, blocks, batch, device, dtype,
+                                   references.disk_folder(out_dir, name, identity, blocks, batch)
+                                   if mode == "disk" else None)
+            for name, blocks in (("forgetting", forgetting), ("heldout", data.heldout))}
     # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
     arm_inputs = prepare_arms(cfg, cfg.mitigation, base.model, base.tokenizer, forgetting, length, data_cache,
                               out_dir, device, dtype)
     del base, setup  # the runs load their own copies: this one must not stay in memory
 
     def load_base() -> torch.nn.Module:
-        return load_base_weights(cfg)
+        # on CPU, moved by the run; a 4-bit base is placed on its GPU as it loads
+        return load_base_weights(cfg, resolve_device(cfg.train.device) if cfg.model.quantization != "none" else "cpu")
 
-    return RunContext(cfg, out_dir, device, dtype, None, data, forgetting, forgetting_ref, heldout_ref, load_base,
-                      keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs)
+    return RunContext(cfg, out_dir, device, dtype, None, data, forgetting, refs["forgetting"], refs["heldout"],
+                      load_base, keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs, reference_note=note)
 
 
 def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
@@ -68,10 +76,17 @@ def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
         stored = None
     if stored is not None:
         old = json.loads(stored)
+        defaults = SweepConfig().to_dict()
         for section in current:
             if section in EXTENDABLE or section in RUN_IRRELEVANT_SECTIONS:
                 continue
             new_part, old_part = current[section], old.get(section)
+            if isinstance(old_part, dict) and isinstance(defaults.get(section), dict):
+                old_part = {**defaults[section], **old_part}  # a key added since that sweep: its default
+            if section == "forgetting" and isinstance(old_part, dict):
+                exact = ("auto", "memory", "disk", "recompute")  # where the exact reference lives, not what it is
+                if old_part.get("reference") in exact and new_part.get("reference") in exact:
+                    old_part = {**old_part, "reference": new_part["reference"]}
             if new_part != old_part:
                 keys = [k for k in new_part if not isinstance(old_part, dict) or new_part[k] != old_part.get(k)]
                 if section == "train":
@@ -104,6 +119,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
             runner = make_executor(executor, cfg, address=address)  # before the context: a bad setting fails fast
             try:
                 ctx = build_context(cfg, out_dir)
+                store.set_meta("reference", ctx.reference_note)
                 runner.execute(todo, ctx, store, progress=progress)
             finally:
                 runner.close()

@@ -21,8 +21,9 @@ import torch
 from forgetscale.artefacts import RunFolder
 from forgetscale.data import Blocks, FinetuneData, batch_indices
 from forgetscale.errors import RunFailed
-from forgetscale.forgetting import Reference, autocast, measure
-from forgetscale.methods.attach import attach, trainable_parameters
+from forgetscale.forgetting import BasePredictions, autocast, measure
+from forgetscale.methods.attach import attach, trainable_parameters, upcast_trainable
+from forgetscale.models import enable_gradient_checkpointing
 from forgetscale.plan import RunPlan
 
 
@@ -75,11 +76,12 @@ class RunContext:
     tokenizer: Any
     data: FinetuneData
     forgetting: Blocks
-    forgetting_ref: Reference
-    heldout_ref: Reference
+    forgetting_ref: BasePredictions  # forgetting.Reference, or a bounded kind from forgetscale.references
+    heldout_ref: BasePredictions
     load_base: Callable[[], torch.nn.Module]
     keep_adapters: frozenset[int] = frozenset()  # checkpoint steps whose weights are saved (for evals)
     arm_inputs: Any = None  # once-per-sweep inputs of the mitigation arms
+    reference_note: str = "memory"  # where the base predictions live, and why (forgetting.reference)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -123,9 +125,14 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
 
     # -- model: fresh base weights, then the method (its init is seeded) ---------------------------
     torch.manual_seed(plan.seed)
-    model = attach(ctx.load_base(), plan.method, plan.rank)
-    model.to(ctx.device)
+    base = ctx.load_base()
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    model = attach(base, plan.method, plan.rank)
+    if ctx.config.model.quantization == "none":
+        model.to(ctx.device)
     hooks = setup(model) if setup is not None else NoHooks()  # the arm's setup (may freeze layers)
+    upcast_trainable(model)  # half-precision base weights (model.dtype): what is trained stays fp32
     params = [p for p in model.parameters() if p.requires_grad]
     sink.update_run(plan.run_id, trainable_params=trainable_parameters(model), status="running", error=None)
     optimizer = make_optimizer(tcfg.optimizer, params, lr, tcfg.weight_decay)

@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
 def finish_sweep(cfg, store, out: Path, progress: bool) -> int:
     """Print the rows, run the configured eval suites; exit code 1 when any run of the sweep failed."""
     print_summary(store)
+    note = store.get_meta("reference")
+    if note:
+        print(f"base reference: {note}")
     run_after_sweep(cfg, out, progress=progress)
     runs = store.runs()
     failed = [r for r in runs if r["status"] == "failed"]

@@ -39,6 +39,14 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow model code from the hub (off unless you trust it)")
     cache_dir: str | None = Field(None, description="converted-weights cache (default ~/.cache/forgetscale or $FORGETSCALE_CACHE)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="precision of the base weights: auto: bf16 on CUDA GPUs with native bf16, fp32 "
+        "otherwise; the trained weights (adapters, or the layers full/top_layers train) stay fp32",
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: the frozen base in NF4 (QLoRA, bitsandbytes; CUDA only, "
+        "`pip install 'forgetscale[qlora]'`); adapter methods only",
+    )
 
 
 class FinetuneConfig(SourceSpec):
@@ -61,6 +69,26 @@ class ForgettingConfig(SourceSpec):
     split: str = Field("test", description="hub dataset split")
     max_tokens: int = Field(4096, gt=0, description="token budget of the forgetting set (identical for every run)")
     block_length: int | None = Field(None, gt=1, description="tokens per forgetting block (default: train.context_length)")
+    reference: str = Field(
+        "auto", description="where the base predictions live: memory (4 bytes x vocab x tokens of RAM), disk "
+        "(a file under RUN_DIR/references, read in chunks, reused by every run and resume), recompute (the base "
+        "re-run with the adapter disabled at each checkpoint; adapter methods only), topk:K (the K largest base "
+        "probabilities + tail mass; KL/CE slightly low, see docs), auto: memory if it fits in half the free RAM, "
+        "else disk",
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_mode(cls, v: str) -> str:
+        head, _, k = v.partition(":")
+        if v in ("auto", "memory", "disk", "recompute") or (head == "topk" and k.isdigit() and int(k) >= 1):
+            return v
+        raise ValueError("must be auto, memory, disk, recompute or topk:K with K >= 1")
+
+    @property
+    def exact_reference(self) -> bool:
+        """Every mode but topk stores or recomputes the full distribution: the numbers do not depend on it."""
+        return not self.reference.startswith("topk:")
 
 
 class TrainConfig(_Section):
@@ -84,6 +112,9 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(8, gt=0, description="blocks per forward pass when measuring losses")
     save_adapters: Literal["last", "all", "none"] = Field("last", description="adapter weights kept under RUN_DIR/runs/<id>/")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
+                                         "pass: less activation memory for one more forward pass per step, same "
+                                         "numbers")
 
     @field_validator("seeds")
     @classmethod

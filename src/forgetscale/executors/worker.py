@@ -29,7 +29,7 @@ import torch
 from forgetscale.artefacts import STATE_FILE, RunFolder
 from forgetscale.executors.local import execute_plan
 from forgetscale.forgetting import Reference
-from forgetscale.models import resolve_device, resolve_dtype
+from forgetscale.models import compute_dtype, resolve_device
 from forgetscale.plan import RunPlan
 
 FILE_CHUNK = 32 << 20  # bytes per streamed artefact message: large adapters never sit whole in one object
@@ -67,9 +67,11 @@ class Attempt:
 def ship(ctx: Any) -> tuple[Any, dict[str, tuple[np.ndarray, ...]]]:
     """The shared context for the object store: base predictions as numpy arrays (Ray maps those into every
     worker of a node without a copy; torch tensors would be copied per worker) and an absolute RUN_DIR."""
+    # in-memory references only: the bounded kinds (forgetscale.references) are small or a path, and pickle as they are
+    names = [n for n in ("forgetting_ref", "heldout_ref") if isinstance(getattr(ctx, n), Reference)]
     refs = {name: tuple(getattr(getattr(ctx, name), k).numpy() for k in ("probs", "neg_entropy", "argmax"))
-            for name in ("forgetting_ref", "heldout_ref")}
-    bare = dataclasses.replace(ctx, forgetting_ref=None, heldout_ref=None, out_dir=Path(ctx.out_dir).resolve())
+            for name in names}
+    bare = dataclasses.replace(ctx, **{n: None for n in names}, out_dir=Path(ctx.out_dir).resolve())
     return bare, refs
 
 
@@ -82,7 +84,7 @@ def _unship(shipped: tuple[Any, dict[str, tuple[np.ndarray, ...]]], out_dir: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only shared memory: measure() only reads it
         restored = {name: Reference(*(torch.from_numpy(a) for a in arrays)) for name, arrays in refs.items()}
-    return dataclasses.replace(bare, device=device, dtype=resolve_dtype(bare.config.train.dtype, device),
+    return dataclasses.replace(bare, device=device, dtype=compute_dtype(bare.config, device),
                                out_dir=out_dir, **restored)
 
 

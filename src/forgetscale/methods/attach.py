@@ -128,3 +128,11 @@ def trainable_parameters(model: torch.nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Keep every trainable parameter in fp32 (the optimizer's updates would round away in bf16); the frozen
+    base may stay in half precision, and autocast (forgetscale.models.compute_dtype) lets the two meet."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()

@@ -1,0 +1,246 @@
+"""Where the base model's predictions live when they do not fit in RAM (`forgetting.reference`).
+
+The in-memory reference (forgetting.Reference) costs 4 bytes x vocabulary x tokens: 0.8 GB for SmolLM2 on
+4,096 tokens, 43 GB for Llama 2 on WikiText-103's test split. The kinds here give `measure` the same rows:
+
+- disk: the fp32 probabilities in one file under RUN_DIR/references/, written once in batches and read
+  back one batch at a time, keyed by the base model's identity and the exact token blocks, so every run
+  of a sweep and every resume reads the same file and none recomputes it. Same numbers as memory, bit for
+  bit; process memory is one batch (the file's pages sit in the OS page cache, not in the process).
+- recompute: nothing stored but the entropy; each checkpoint re-runs the base with the adapter disabled
+  (peft's disable_adapter) on the same batch: one extra forward pass per checkpoint, no memory.
+- topk:K: the K largest base log-probabilities per token and the tail's total mass r. The exact H(p) is
+  kept, so entropy and hard CE are exact; KL (and CE = H + KL) is that of the distributions coarsened to
+  {top K, one tail bucket}, which by the chain rule is low by exactly r * KL(p_tail/r || q_tail/Q) >= 0
+  (Q: the tuned model's tail mass). `measure` reports a per-checkpoint upper bound on that error,
+  mean_t r_t * (log Q_t - log min_v q_t(v) - H(p_tail/r)_t), from quantities it holds (a rigorous but
+  loose bound: the measured error is far below it; see README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from forgetscale.data.blocks import IGNORE, Blocks
+from forgetscale.forgetting import BasePredictions, Rows, _batches, _dot, forward, reference
+
+EXACT = ("memory", "disk", "recompute")
+
+
+def loss_tokens(blocks: Blocks) -> int:
+    """Positions a reference holds for these blocks (the measured next-token positions)."""
+    return int((blocks.labels[:, 1:] != IGNORE).sum())
+
+
+def vocabulary(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "out_features", None):
+        return int(head.out_features)
+    return int(model.config.vocab_size)
+
+
+def projected_bytes(model: torch.nn.Module, *block_sets: Blocks) -> int:
+    """What the in-memory reference of these block sets would take: 4 bytes x vocabulary x tokens."""
+    return 4 * vocabulary(model) * sum(loss_tokens(b) for b in block_sets)
+
+
+def available_ram() -> int:
+    """Bytes the OS can give this process now (MemAvailable; total physical memory where that is unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose(mode: str, projected: int, available: int) -> tuple[str, str]:
+    """(the mode to use, one line saying why). auto: memory while it fits in half the available RAM."""
+    gb = f"projected {projected / 1e9:.2f} GB in memory, {available / 1e9:.1f} GB available"
+    if mode != "auto":
+        return mode, f"{mode} ({gb})"
+    picked = "memory" if projected <= available // 2 else "disk"
+    return picked, f"{picked} (auto: {gb}; memory while it fits in half)"
+
+
+def blocks_key(blocks: Blocks) -> str:
+    digest = hashlib.sha256()
+    for tensor in (blocks.input_ids, blocks.attention_mask, blocks.labels):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# -- disk -----------------------------------------------------------------------------------------------
+@dataclass
+class DiskReference:
+    """fp32 base probabilities in `folder`/probs.f32 ([T, V], row-major), read one batch of rows at a time."""
+
+    folder: Path
+    vocab: int
+    neg_entropy: torch.Tensor  # [T] float64
+    argmax: torch.Tensor  # [T]
+
+    @property
+    def tokens(self) -> int:
+        return self.neg_entropy.shape[0]
+
+    @property
+    def entropy(self) -> float:
+        return float(-self.neg_entropy.double().mean())
+
+    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
+             device: torch.device, dtype: torch.dtype | None) -> Rows:
+        t = z.shape[0]
+        data = np.fromfile(self.folder / "probs.f32", dtype=np.float32, count=t * self.vocab,
+                           offset=start * self.vocab * 4)
+        p = torch.from_numpy(data.reshape(t, self.vocab)).to(z.device)
+        return Rows(_dot(p, z) - lse.double(), self.neg_entropy[start : start + t].to(z.device),
+                    self.argmax[start : start + t].to(z.device))
+
+
+def disk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
+                   dtype: torch.dtype | None, folder: Path) -> DiskReference:
+    """The stored reference in `folder` if it is complete, else computed batch by batch into it (written to a
+    temporary folder first, so an interrupted build leaves nothing that looks finished)."""
+    if not (folder / "meta.json").is_file():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        neg_entropy, argmax, vocab = [], [], 0
+        with open(tmp / "probs.f32", "wb") as fh:
+            for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
+                p = torch.exp(z - lse[:, None])  # the same arithmetic as forgetting.reference
+                fh.write(p.cpu().numpy().tobytes())
+                neg_entropy.append((_dot(p, z) - lse.double()).cpu())
+                argmax.append(z.argmax(-1).cpu())
+                vocab = z.shape[1]
+        torch.save({"neg_entropy": torch.cat(neg_entropy), "argmax": torch.cat(argmax)}, tmp / "summary.pt")
+        (tmp / "meta.json").write_text(json.dumps({"tokens": loss_tokens(blocks), "vocab": vocab}))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    summary = torch.load(folder / "summary.pt")
+    return DiskReference(folder, int(meta["vocab"]), summary["neg_entropy"], summary["argmax"])
+
+
+# -- recompute ------------------------------------------------------------------------------------------
+@dataclass
+class RecomputeReference:
+    """Only H(p) per token; p itself comes from re-running the tuned model with its adapter disabled."""
+
+    neg_entropy: torch.Tensor  # [T] float64, from the base pass at build time (the stored entropy)
+
+    @property
+    def tokens(self) -> int:
+        return self.neg_entropy.shape[0]
+
+    @property
+    def entropy(self) -> float:
+        return float(-self.neg_entropy.double().mean())
+
+    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
+             device: torch.device, dtype: torch.dtype | None) -> Rows:
+        if not hasattr(model, "disable_adapter"):
+            raise RuntimeError("forgetting.reference recompute: the model has no adapter to disable")
+        with model.disable_adapter():
+            zb, lseb, _ = forward(model, part, device, dtype)
+        p = torch.exp(zb - lseb[:, None])
+        # sum p log p from this same pass: KL is exactly 0 wherever the tuned model still equals the base
+        return Rows(_dot(p, z) - lse.double(), _dot(p, zb) - lseb.double(), zb.argmax(-1))
+
+
+def recompute_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
+                        dtype: torch.dtype | None) -> RecomputeReference:
+    neg_entropy = [(_dot(torch.exp(z - lse[:, None]), z) - lse.double()).cpu()
+                   for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype)]
+    return RecomputeReference(torch.cat(neg_entropy))
+
+
+# -- top-k ----------------------------------------------------------------------------------------------
+@dataclass
+class TopKReference:
+    """The K largest base log-probabilities per token, their indices, the tail's log mass and the exact
+    sum p log p (8 bytes x K + 24 per token). See the module docstring for the error and its bound."""
+
+    log_p: torch.Tensor  # [T, K] float32 log p of the top K, largest first
+    index: torch.Tensor  # [T, K] int32
+    log_tail: torch.Tensor  # [T] float64 log of the tail mass r (-inf where the top K hold all of it)
+    neg_entropy: torch.Tensor  # [T] float64
+    argmax: torch.Tensor  # [T]
+    approximate = True
+
+    @property
+    def tokens(self) -> int:
+        return self.neg_entropy.shape[0]
+
+    @property
+    def entropy(self) -> float:
+        return float(-self.neg_entropy.double().mean())
+
+    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
+             device: torch.device, dtype: torch.dtype | None) -> Rows:
+        t = z.shape[0]
+        rows = slice(start, start + t)
+        index, log_p = self.index[rows].to(z.device).long(), self.log_p[rows].to(z.device).double()
+        log_r, neg_h = self.log_tail[rows].to(z.device), self.neg_entropy[rows].to(z.device)
+        lse64 = lse.double()
+        log_q = z.gather(1, index).double() - lse64[:, None]
+        log_tail_q = torch.logsumexp(z.scatter(1, index, float("-inf")), dim=-1).double() - lse64
+        p, r = log_p.exp(), log_r.exp()
+        has_tail = r > 0
+        tail = torch.where(has_tail, r * (log_r - log_tail_q), torch.zeros_like(r))
+        kl = (p * (log_p - log_q)).sum(-1) + tail  # KL of the coarsened distributions
+        # error = r KL(p_tail/r || q_tail/Q) <= r (log Q - log min q) + sum_tail p log p - r log r
+        tail_neg_h = neg_h - (p * log_p).sum(-1)
+        log_q_min = z.min(dim=-1).values.double() - lse64
+        bound = torch.where(has_tail, r * (log_tail_q - log_q_min) + tail_neg_h - r * log_r, torch.zeros_like(r))
+        return Rows(neg_h - kl, neg_h, self.argmax[rows].to(z.device), bound.clamp_min(0.0))
+
+
+def topk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
+                   dtype: torch.dtype | None, k: int) -> TopKReference:
+    parts: dict[str, list[torch.Tensor]] = {"log_p": [], "index": [], "log_tail": [], "neg_entropy": [], "argmax": []}
+    for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
+        top = z.topk(min(k, z.shape[1]), dim=-1)
+        parts["log_p"].append((top.values - lse[:, None]).cpu())
+        parts["index"].append(top.indices.int().cpu())
+        tail = torch.logsumexp(z.scatter(1, top.indices, float("-inf")), dim=-1)
+        parts["log_tail"].append((tail.double() - lse.double()).cpu())
+        parts["neg_entropy"].append((_dot(torch.exp(z - lse[:, None]), z) - lse.double()).cpu())
+        parts["argmax"].append(z.argmax(-1).cpu())
+    return TopKReference(**{name: torch.cat(values) for name, values in parts.items()})
+
+
+def build(mode: str, model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
+          dtype: torch.dtype | None, folder: Path | None = None) -> BasePredictions:
+    """The base predictions on `blocks` in the given (already chosen, not auto) mode; `folder` for disk."""
+    if mode == "memory":
+        return reference(model, blocks, batch_size, device, dtype)
+    if mode == "disk":
+        if folder is None:
+            raise ValueError("a disk reference needs a folder")
+        return disk_reference(model, blocks, batch_size, device, dtype, folder)
+    if mode == "recompute":
+        return recompute_reference(model, blocks, batch_size, device, dtype)
+    if mode.startswith("topk:"):
+        return topk_reference(model, blocks, batch_size, device, dtype, int(mode.partition(":")[2]))
+    raise ValueError(f"unknown reference mode {mode!r}")
+
+
+def disk_folder(root: Path, name: str, identity: dict[str, Any], blocks: Blocks, batch_size: int) -> Path:
+    """RUN_DIR/references/<name>-<key>: the key covers the base model, its precision and device, the token
+    blocks and the batch size, so a folder is only ever read back for the same predictions."""
+    data = {"model": identity, "blocks": blocks_key(blocks), "batch_size": batch_size}
+    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return root / "references" / f"{name}-{key}"
