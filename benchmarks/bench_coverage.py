@@ -28,12 +28,15 @@ def main() -> None:
     args = parser.parse_args()
     laws = tuple(x for x in args.laws.split(",") if x)
     designs = [dataclasses.replace(coverage.DESIGNS[d], laws=laws) for d in args.designs]
-    start = time.perf_counter()
-    table = coverage.coverage(designs, args.replicates, args.bootstrap)
     print(f"{args.replicates} replicates per design, {args.bootstrap} bootstrap resamples, nominal 95%; "
-          f"noise {designs[0].noise:g} per checkpoint and {designs[0].run_noise:g} per run (log scale); "
-          f"{time.perf_counter() - start:.0f} s")
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+          f"noise {designs[0].noise:g} per checkpoint and {designs[0].run_noise:g} per run (log scale)", flush=True)
+    for design in designs:  # one table per design as it completes
+        start = time.perf_counter()
+        table = coverage.coverage([design], args.replicates, args.bootstrap)
+        print(f"\n{design.name}: fitted on ranks {list(design.pilot_ranks)} x seeds {list(design.seeds)}, "
+              f"steps <= {design.pilot_max_step}; forecast rank {design.target[0]} at step {design.target[1]} "
+              f"({time.perf_counter() - start:.0f} s)")
+        print(table.drop(columns="design").to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
 
 
 if __name__ == "__main__":
