@@ -57,7 +57,7 @@ def detect_format(record: dict[str, Any], text_field: str, question_field: str |
     if text_field in record:
         return "documents"
     raise DataError(
-        f"cannot tell the data format from the fields {sorted(k for k in record if k != '_line')}; "
+        f"cannot tell the data format from the fields {sorted(k for k in record if k not in ('_line', '_row'))}; "
         f"set finetune.format and finetune.text_field / question_field / response_field"
     )
 
