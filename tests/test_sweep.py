@@ -1,6 +1,7 @@
 """End to end on the tiny random Llama: rows, resume after a kill, failures, config changes."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,9 @@ def _files(folder):
 
 
 def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
-    data = tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"steps": 12, "checkpoints": [0, 3, 6, 9, 12]})
+    # a warm-up longer than the kill point: the resumed LR schedule must pick up where it stopped
+    data = tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"steps": 12, "checkpoints": [0, 3, 6, 9, 12],
+                                                                  "warmup_steps": 10})
     config = write_yaml(data)
     reference = run_sweep(parse_config(data), tmp_path / "clean", progress=False)
     killed = tmp_path / "killed"
@@ -97,7 +100,14 @@ def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
     partial = Store(killed).checkpoints()
     assert 0 < len(partial) < 5, "the kill must land mid-run"
     assert Store(killed).runs()[0]["status"] == "running"
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_at = max(r["step"] for r in partial)
+    shown = [c for c in cmd if c != "--no-progress"]  # the resumed sweep's progress display
+    again = subprocess.run(shown, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert "lr_scheduler.step()" not in again.stderr and "Warning" not in again.stderr, again.stderr
+    assert "sweep: loading model tiny-random-llama" in again.stderr and "sweep: base predictions on" in again.stderr
+    counts = re.findall(r"sweep: 1 runs: .*?(\d+)/12", again.stderr)  # labelled for the sweep, not the run
+    assert counts and int(counts[0]) == resume_at and int(counts[-1]) == 12, again.stderr
+    assert "lora-r2" in again.stderr and "checkpoint " in again.stderr  # the run and its phase, in the postfix
     resumed = Store(killed)
     assert resumed.runs()[0]["status"] == "finished"
     assert [r["step"] for r in resumed.checkpoints()] == [0, 3, 6, 9, 12]

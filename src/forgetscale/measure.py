@@ -529,7 +529,12 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
     _check_sources(cfg, base, todo)  # every source is checked against the base before anything is written
     _claim_run_dir(store, measure_settings(cfg, with_data), cfg)
     blocks = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, cache)
-    heldout = build_finetune_data(cfg.finetune, base.tokenizer, length, cache).heldout if with_data else None
+    heldout = None
+    if with_data:
+        data = build_finetune_data(cfg.finetune, base.tokenizer, length, cache)
+        heldout = data.heldout
+        for note in data.notes:
+            print(f"warning: {note}", file=sys.stderr)
     ref = BaseReference.build(base.model, forgetting=blocks, batch_size=cfg.train.eval_batch_size, device=device,
                               dtype=dtype, heldout=heldout)
     ref.settings = measure_settings(cfg, with_data)

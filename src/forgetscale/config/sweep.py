@@ -53,6 +53,15 @@ class FinetuneConfig(SourceSpec):
     heldout_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="part of the records held out for the held-out loss")
     heldout_max_tokens: int = Field(4096, gt=0, description="token budget of the held-out loss evaluation")
     loss_on: Literal["response", "all"] = Field("response", description="chat data: loss on response tokens only, or all")
+    separator: Literal["eos", "blank_line"] = Field(
+        "eos", description="between packed documents: the tokenizer's EOS token (for chat models the end-of-turn "
+        "token, e.g. <|im_end|>), or a blank line of text; see docs/data.md")
+    template_system_prompt: bool = Field(
+        True, description="chat records with no (or an empty) system prompt: the chat template decides, and "
+        "SmolLM2's inserts its default one ('You are a helpful AI assistant named SmolLM ...'); false: an empty "
+        "system turn, so no default is inserted; see docs/data.md")
+
+    ADDED_KEYS = ("separator", "template_system_prompt")
 
 
 class ForgettingConfig(SourceSpec):
@@ -61,6 +70,11 @@ class ForgettingConfig(SourceSpec):
     split: str = Field("test", description="hub dataset split")
     max_tokens: int = Field(4096, gt=0, description="token budget of the forgetting set (identical for every run)")
     block_length: int | None = Field(None, gt=1, description="tokens per forgetting block (default: train.context_length)")
+    separator: Literal["eos", "blank_line"] = Field(
+        "eos", description="between packed documents: the tokenizer's EOS token (for chat models the end-of-turn "
+        "token, e.g. <|im_end|>), or a blank line of text; see docs/data.md")
+
+    ADDED_KEYS = ("separator",)
 
 
 class TrainConfig(_Section):
