@@ -289,6 +289,8 @@ def test_callback_in_sft_trainer_full_finetune(tmp_path):
     assert sorted(rows) == [0, 1, 2, 3] and rows[0]["forget_kl"] == 0.0
     (run,) = _runs(tmp_path / "run")
     assert run["method"] == "full" and run["trainable_params"] == sum(p.numel() for p in base.model.parameters())
+    assert main(["fit", str(tmp_path / "run"), "--bootstrap", "0", "--min-step", "1"]) == 0  # fit reads the rows
+    assert (tmp_path / "run" / "laws.json").is_file()
 
 
 # -- bad input: one line, exit 2, nothing stored lost -----------------------------------------------
@@ -463,11 +465,11 @@ def test_an_adapter_recording_another_base_name_warns_and_is_measured(adapter_di
 
 
 def test_different_forgetting_settings_are_refused(stored_run, adapter_dir, capsys):
-    before = _rows(stored_run)
+    before, digest = _rows(stored_run), _digest(stored_run)
     err = _fails(["measure", "--base", TINY, "--adapter", str(adapter_dir), "--out", str(stored_run),
                   "--no-progress", "--set", "forgetting.max_tokens=512", "--set", "train.context_length=32"], capsys)
     assert "forgetting.max_tokens" in err
-    assert _rows(stored_run) == before
+    assert _rows(stored_run) == before and _digest(stored_run) == digest
     with sqlite3.connect(stored_run / "results.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
 
@@ -496,6 +498,29 @@ def test_smollm2_lora_trained_two_steps(tmp_path):
     assert sorted(rows) == [0, 2]
     assert rows[0]["forget_kl"] == 0.0 and 0 < rows[2]["forget_kl"] < 1.0
     assert 0 < rows[2]["base_entropy"] < 10
+
+
+@pytest.mark.slow
+def test_smollm2_sweep_adapter_measured_equals_the_sweep_row(tmp_path, write_yaml):
+    """The real model: an adapter a sweep saved, measured with `measure`, gives the sweep's stored numbers."""
+    from forgetscale.config import parse_config
+    from forgetscale.sweep import run_sweep
+
+    data = tiny_config(model="smollm2-135m-instruct", method={"name": "lora", "ranks": [2]},
+                       train={"steps": 2, "checkpoints": [0, 2], "save_adapters": "all", "threads": 1})
+    sweep_dir = tmp_path / "sweep"
+    run_sweep(parse_config(data), sweep_dir, progress=False)
+    with Store(sweep_dir, create=False) as store:
+        (run,) = store.runs()
+        stored = {r["step"]: r for r in store.checkpoints(run["run_id"])}
+    out = tmp_path / "measured"
+    assert main(["measure", "--base", "smollm2-135m-instruct", "--config", str(write_yaml(data)), "--data",
+                 "embedded:news", "--adapter", str(sweep_dir / "runs" / run["run_id"] / "adapter-step2"),
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = {r["step"]: r for r in _rows(out)}
+    assert sorted(rows) == [0, 2] and stored[2]["forget_kl"] > 0
+    for key in ("forget_kl", "forget_ce", "forget_ce_hard", "ft_loss", "ft_kl", "base_entropy"):
+        assert rows[2][key] == pytest.approx(stored[2][key], abs=1e-5), key
 
 
 def test_block_interval_is_the_t_interval_over_block_means():

@@ -336,13 +336,12 @@ def check_source(base: Any, source: Source, base_names: list[str]) -> list[str]:
     another architecture, tokenizer or vocabulary. Returns warnings (a recorded base of another name)."""
     from forgetscale import compatibility
 
-    check_tokenizer = compatibility.check_tokenizer
     if source.kind == "model":
         compatibility.check_vocab_size(base.model, source.path, "model")
-        check_tokenizer(base.tokenizer, source.path, "model")
+        compatibility.check_tokenizer(base.tokenizer, source.path, "model")
         return []
     compatibility.check_adapter_shapes(base.model, source.path, source.weights[0])
-    check_tokenizer(base.tokenizer, source.path, "adapter")
+    compatibility.check_tokenizer(base.tokenizer, source.path, "adapter")
     config = json.loads((source.path / PEFT_CONFIG).read_text(encoding="utf-8"))
     warning = compatibility.recorded_base_warning(config, base_names, source.path)
     return [warning] if warning else []
@@ -527,7 +526,6 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
     base, device, dtype, length, block, cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
                                                  setup.block_length, setup.data_cache)
     _check_sources(cfg, base, todo)  # every source is checked against the base before anything is written
-    _claim_run_dir(store, measure_settings(cfg, with_data), cfg)
     blocks = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, cache)
     heldout = None
     if with_data:
@@ -539,6 +537,7 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
                               dtype=dtype, heldout=heldout)
     ref.settings = measure_settings(cfg, with_data)
     base_result = ref.measure(base.model)
+    _claim_run_dir(store, ref.settings, cfg)  # every input is read and checked: the folder is ours now
     total = sum(len(s) for _, s in todo)
     with tqdm(total=total, desc="measure", unit="model", disable=not progress, dynamic_ncols=True) as bar:
         for group, sources in todo:

@@ -95,7 +95,7 @@ def error_message(err: ValidationError, source: str, lines: dict[tuple, int] | N
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     rule = first["msg"].removeprefix("Value error, ")
-    if data is not None:
+    if isinstance(data, dict):
         loc, node = _data_path(loc, data, first["type"] == "missing")
         named = _FIELD_RULE.match(rule)
         if named and isinstance(node, dict) and named.group(1) in node:  # a model check about one of its fields

@@ -54,12 +54,12 @@ class FinetuneConfig(SourceSpec):
     heldout_max_tokens: int = Field(4096, gt=0, description="token budget of the held-out loss evaluation")
     loss_on: Literal["response", "all"] = Field("response", description="chat data: loss on response tokens only, or all")
     separator: Literal["eos", "blank_line"] = Field(
-        "eos", description="between packed documents: the tokenizer's EOS token (for chat models the end-of-turn "
-        "token, e.g. <|im_end|>), or a blank line of text; see docs/data.md")
+        "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
+        "SmolLM2's im_end), or a blank line as text")
     template_system_prompt: bool = Field(
         True, description="chat records with no (or an empty) system prompt: the chat template decides, and "
         "SmolLM2's inserts its default one ('You are a helpful AI assistant named SmolLM ...'); false: an empty "
-        "system turn, so no default is inserted; see docs/data.md")
+        "system turn, so no default is inserted")
 
     ADDED_KEYS = ("separator", "template_system_prompt")
 
@@ -71,8 +71,8 @@ class ForgettingConfig(SourceSpec):
     max_tokens: int = Field(4096, gt=0, description="token budget of the forgetting set (identical for every run)")
     block_length: int | None = Field(None, gt=1, description="tokens per forgetting block (default: train.context_length)")
     separator: Literal["eos", "blank_line"] = Field(
-        "eos", description="between packed documents: the tokenizer's EOS token (for chat models the end-of-turn "
-        "token, e.g. <|im_end|>), or a blank line of text; see docs/data.md")
+        "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
+        "SmolLM2's im_end), or a blank line as text")
 
     ADDED_KEYS = ("separator",)
 
