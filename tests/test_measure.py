@@ -273,20 +273,21 @@ def test_callback_in_sft_trainer_full_finetune(tmp_path):
 
     base = _base()
     texts = [t[:300] for t in news_articles()[:16]]
-    callback = ForgettingCallback(max_tokens=256, block_length=32, every_steps=1, on_evaluate=False,
-                                  run_dir=tmp_path / "run")
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2,
+    callback = ForgettingCallback(max_tokens=256, block_length=32, every_steps=1, run_dir=tmp_path / "run")
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=2,
                      learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                     disable_tqdm=True, max_length=32)
+                     disable_tqdm=True, max_length=32, eval_strategy="steps", eval_steps=1)
     trainer = SFTTrainer(model=base.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=base.tokenizer, callbacks=[callback])
+                         eval_dataset=Dataset.from_dict({"text": texts[:4]}), processing_class=base.tokenizer,
+                         callbacks=[callback])
     trainer.train()
     assert callback.trainer is trainer
     logged = [e for e in trainer.state.log_history if "forgetting/kl" in e]
-    assert [e["step"] for e in logged] == [1, 2, 3]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4]
     assert logged[-1]["forgetting/kl"] > 0
     rows = {r["step"]: r for r in _rows(tmp_path / "run")}
-    assert sorted(rows) == [0, 1, 2, 3] and rows[0]["forget_kl"] == 0.0
+    assert sorted(rows) == [0, 1, 2, 3, 4] and rows[0]["forget_kl"] == 0.0  # fit needs 4 checkpoints
+    assert all(rows[s]["ft_loss"] is not None for s in (1, 2, 3, 4))  # measured once per step, L_ft from eval
     (run,) = _runs(tmp_path / "run")
     assert run["method"] == "full" and run["trainable_params"] == sum(p.numel() for p in base.model.parameters())
     assert main(["fit", str(tmp_path / "run"), "--bootstrap", "0", "--min-step", "1"]) == 0  # fit reads the rows

@@ -128,9 +128,9 @@ def _phases(enabled: bool) -> Iterator[Callable[[str], None]]:
     """A one-line status of the once-per-sweep work before the first step (minutes on a large model)."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=None, desc="sweep", bar_format="{desc}: {postfix} [{elapsed}]", disable=not enabled,
+    with tqdm(total=None, desc="sweep: starting", bar_format="{desc} [{elapsed}]", disable=not enabled,
               dynamic_ncols=True) as bar:
-        yield bar.set_postfix_str
+        yield lambda what: bar.set_description_str(f"sweep: {what}")
 
 
 def _complete(store: Store, plan: RunPlan, expected: set[int]) -> bool:
