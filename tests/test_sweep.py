@@ -79,6 +79,27 @@ def _files(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _on_a_terminal(argv) -> str:
+    """Run a command with stderr on a pseudo-terminal (as a user sees it); its stderr text."""
+    import pty
+
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=child_fd)
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main_fd, 1 << 16)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main_fd)
+    assert proc.wait() == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
     # a warm-up longer than the kill point: the resumed LR schedule must pick up where it stopped
     data = tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"steps": 12, "checkpoints": [0, 3, 6, 9, 12],
@@ -101,13 +122,13 @@ def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
     assert 0 < len(partial) < 5, "the kill must land mid-run"
     assert Store(killed).runs()[0]["status"] == "running"
     resume_at = max(r["step"] for r in partial)
-    shown = [c for c in cmd if c != "--no-progress"]  # the resumed sweep's progress display
-    again = subprocess.run(shown, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert "lr_scheduler.step()" not in again.stderr and "Warning" not in again.stderr, again.stderr
-    assert "sweep: loading model tiny-random-llama" in again.stderr and "sweep: base predictions on" in again.stderr
-    counts = re.findall(r"sweep: 1 runs: .*?(\d+)/12", again.stderr)  # labelled for the sweep, not the run
-    assert counts and int(counts[0]) == resume_at and int(counts[-1]) == 12, again.stderr
-    assert "lora-r2" in again.stderr and "checkpoint " in again.stderr  # the run and its phase, in the postfix
+    shown = [c for c in cmd if c != "--no-progress"]  # the resumed sweep's progress display, on a terminal
+    stderr = _on_a_terminal(shown)
+    assert "lr_scheduler.step()" not in stderr and "Warning" not in stderr, stderr
+    assert "sweep: loading model tiny-random-llama" in stderr and "sweep: base predictions on" in stderr
+    counts = re.findall(r"sweep: 1 runs: .*?(\d+)/12", stderr)  # labelled for the sweep, not the run
+    assert counts and int(counts[0]) == resume_at and int(counts[-1]) == 12, stderr
+    assert "lora-r2" in stderr and "checkpoint " in stderr  # the run and its phase, in the postfix
     resumed = Store(killed)
     assert resumed.runs()[0]["status"] == "finished"
     assert [r["step"] for r in resumed.checkpoints()] == [0, 3, 6, 9, 12]

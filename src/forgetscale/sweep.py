@@ -125,11 +125,13 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
 
 @contextlib.contextmanager
 def _phases(enabled: bool) -> Iterator[Callable[[str], None]]:
-    """A one-line status of the once-per-sweep work before the first step (minutes on a large model)."""
+    """A one-line status of the once-per-sweep work before the first step (minutes on a large model), on a
+    terminal only and erased when done, so a log or an error message never holds it."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=None, desc="sweep: starting", bar_format="{desc} [{elapsed}]", disable=not enabled,
-              dynamic_ncols=True) as bar:
+    shown = enabled and sys.stderr.isatty()
+    with tqdm(total=None, desc="sweep: starting", bar_format="{desc} [{elapsed}]", disable=not shown,
+              leave=False, dynamic_ncols=True) as bar:
         yield lambda what: bar.set_description_str(f"sweep: {what}")
 
 
