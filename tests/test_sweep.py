@@ -81,9 +81,13 @@ def _files(folder):
 
 def _on_a_terminal(argv) -> str:
     """Run a command with stderr on a pseudo-terminal (as a user sees it); its stderr text."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))  # a new pty is 0 columns wide
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=child_fd)
     os.close(child_fd)
     chunks = []
