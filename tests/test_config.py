@@ -62,7 +62,7 @@ def test_overrides_apply_on_top_of_file(tmp_path):
         ("method:\n  name: lora\n  ranks: [8, 0]\n", "c.yaml:3 method.ranks: each rank must be >= 1"),
         ("method:\n  name: lroa\n", "c.yaml:2 method.name: unknown method 'lroa'; did you mean 'lora'?"),
         ("train:\n  steps: 10\n  checkpoints: [0, 20]\n",
-         "c.yaml:1 train: checkpoints: each must be between 0 and train.steps=10; got 20"),
+         "c.yaml:3 train.checkpoints: each must be between 0 and train.steps=10; got 20"),
         ("finetune:\n  heldout_fraction: 1.5\n", "c.yaml:2 finetune.heldout_fraction: input should be less than 0.9"),
         ("bogus: 1\n", "c.yaml:1 bogus: unknown key"),
         ("train: [\n", "c.yaml:2: not valid YAML"),

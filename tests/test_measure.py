@@ -7,6 +7,7 @@ folder."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -272,22 +273,25 @@ def test_callback_in_sft_trainer_full_finetune(tmp_path):
 
     base = _base()
     texts = [t[:300] for t in news_articles()[:16]]
-    callback = ForgettingCallback(max_tokens=256, block_length=32, every_steps=1, on_evaluate=False,
-                                  run_dir=tmp_path / "run")
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2,
+    callback = ForgettingCallback(max_tokens=256, block_length=32, every_steps=1, run_dir=tmp_path / "run")
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=2,
                      learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                     disable_tqdm=True, max_length=32)
+                     disable_tqdm=True, max_length=32, eval_strategy="steps", eval_steps=1)
     trainer = SFTTrainer(model=base.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=base.tokenizer, callbacks=[callback])
+                         eval_dataset=Dataset.from_dict({"text": texts[:4]}), processing_class=base.tokenizer,
+                         callbacks=[callback])
     trainer.train()
     assert callback.trainer is trainer
     logged = [e for e in trainer.state.log_history if "forgetting/kl" in e]
-    assert [e["step"] for e in logged] == [1, 2, 3]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4]
     assert logged[-1]["forgetting/kl"] > 0
     rows = {r["step"]: r for r in _rows(tmp_path / "run")}
-    assert sorted(rows) == [0, 1, 2, 3] and rows[0]["forget_kl"] == 0.0
+    assert sorted(rows) == [0, 1, 2, 3, 4] and rows[0]["forget_kl"] == 0.0  # fit needs 4 checkpoints
+    assert all(rows[s]["ft_loss"] is not None for s in (1, 2, 3, 4))  # measured once per step, L_ft from eval
     (run,) = _runs(tmp_path / "run")
     assert run["method"] == "full" and run["trainable_params"] == sum(p.numel() for p in base.model.parameters())
+    assert main(["fit", str(tmp_path / "run"), "--bootstrap", "0", "--min-step", "1"]) == 0  # fit reads the rows
+    assert (tmp_path / "run" / "laws.json").is_file()
 
 
 # -- bad input: one line, exit 2, nothing stored lost -----------------------------------------------
@@ -337,12 +341,136 @@ def test_bad_inputs_are_one_line_and_keep_the_store(stored_run, tmp_path, capsys
     assert _rows(stored_run) == before
 
 
+def _digest(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((run_dir / "results.sqlite").read_bytes()).hexdigest()
+
+
+def _adapter_with_tokenizer(path: Path, edit) -> Path:
+    """An adapter trained on the base, saved with a tokenizer changed by `edit`."""
+    base = _base()
+    _lora(base.model).save_pretrained(path)
+    edit(base.tokenizer, path)
+    return path
+
+
+def _add_token(tokenizer, path: Path) -> None:
+    tokenizer.add_tokens(["<my_new_token>"])
+    tokenizer.save_pretrained(path)
+
+
+def _swap_two_ids(tokenizer, path: Path) -> None:
+    tokenizer.save_pretrained(path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (t for t, i in vocab.items() if i in (1000, 1001))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+
+
+def _full_with_swapped_tokenizer(path: Path) -> Path:
+    base = _base()
+    base.model.save_pretrained(path)
+    _swap_two_ids(base.tokenizer, path)
+    return path
+
+
+def _full_with_other_vocabulary(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = _base().model.config
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=base.hidden_size,
+                                         intermediate_size=base.intermediate_size,
+                                         num_hidden_layers=base.num_hidden_layers,
+                                         num_attention_heads=base.num_attention_heads,
+                                         num_key_value_heads=base.num_key_value_heads, tie_word_embeddings=True))
+    other.save_pretrained(path)
+    return path
+
+
+def _gpt2_adapter(path: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2))
+    get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")).save_pretrained(path)
+    return path
+
+
+def _plain_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("hello")
+    return path
+
+
+def _empty_folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+# (flag, how the input is made, what the one line must say): each refused before the store is written
+BAD_INPUTS = {
+    "not an adapter": ("--adapter", _plain_folder, ["not a PEFT adapter folder"]),
+    "missing folder": ("--adapter", lambda p: p, ["no such folder"]),
+    "adapter, other shapes": ("--adapter", _other_architecture_adapter,
+                              ["another architecture", "q_proj.lora_A.weight has shape [4, 32]", "takes 64 inputs"]),
+    "adapter, other modules": ("--adapter", _gpt2_adapter,
+                               ["module 'transformer.h.0.attn.c_attn' is not in the base model", "architecture"]),
+    "adapter, tokenizer with an added token": (
+        "--adapter", lambda p: _adapter_with_tokenizer(p, _add_token),
+        ["saved tokenizer differs", "has 49153 tokens, the base's 49152", "'<my_new_token>'"]),
+    "adapter, tokenizer with other ids": (
+        "--adapter", lambda p: _adapter_with_tokenizer(p, _swap_two_ids),
+        ["saved tokenizer differs", "to id 1000, the base's tokenizer to id 1001"]),
+    "checkpoint, tokenizer with other ids": ("--model", _full_with_swapped_tokenizer,
+                                             ["model ", "saved tokenizer differs", "to id 1000"]),
+    "checkpoint, other vocabulary": ("--model", _full_with_other_vocabulary,
+                                     ["vocabulary has 1000 tokens", "the base model's 49152"]),
+    "trainer output, no checkpoints": ("--trainer-output", _empty_folder, ["no checkpoint-*/ folders"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_leaves_the_store_byte_identical(case, stored_run, tmp_path, capsys):
+    flag, make, wanted = BAD_INPUTS[case]
+    source = make(tmp_path / "source")
+    before = _digest(stored_run)
+    err = _fails(["measure", "--base", TINY, flag, str(source), "--out", str(stored_run), "--no-progress", *FORGET],
+                 capsys)
+    assert "Traceback" not in err
+    for text in wanted:
+        assert text in err, err
+    assert _digest(stored_run) == before
+    assert not (stored_run / "results.sqlite-wal").exists() or (stored_run / "results.sqlite-wal").stat().st_size == 0
+
+
+def test_an_adapter_recording_another_base_name_warns_and_is_measured(adapter_dir, tmp_path, capsys):
+    renamed = tmp_path / "renamed"
+    shutil.copytree(adapter_dir, renamed)
+    config = json.loads((renamed / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someorg/llama-mirror"
+    (renamed / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["measure", "--base", TINY, "--adapter", str(renamed), "--out", str(out), "--no-progress",
+                 *FORGET]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: ") and "\n" not in err, err
+    assert "records base 'someorg/llama-mirror'" in err and f"against '{TINY}'" in err
+    assert sorted(r["step"] for r in _rows(out)) == [0, 1]
+    # the base it was saved from, by its own path: no warning
+    again = tmp_path / "again"
+    assert main(["measure", "--base", TINY, "--adapter", str(adapter_dir), "--out", str(again), "--no-progress",
+                 *FORGET]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_different_forgetting_settings_are_refused(stored_run, adapter_dir, capsys):
-    before = _rows(stored_run)
+    before, digest = _rows(stored_run), _digest(stored_run)
     err = _fails(["measure", "--base", TINY, "--adapter", str(adapter_dir), "--out", str(stored_run),
                   "--no-progress", "--set", "forgetting.max_tokens=512", "--set", "train.context_length=32"], capsys)
     assert "forgetting.max_tokens" in err
-    assert _rows(stored_run) == before
+    assert _rows(stored_run) == before and _digest(stored_run) == digest
     with sqlite3.connect(stored_run / "results.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
 
@@ -371,6 +499,29 @@ def test_smollm2_lora_trained_two_steps(tmp_path):
     assert sorted(rows) == [0, 2]
     assert rows[0]["forget_kl"] == 0.0 and 0 < rows[2]["forget_kl"] < 1.0
     assert 0 < rows[2]["base_entropy"] < 10
+
+
+@pytest.mark.slow
+def test_smollm2_sweep_adapter_measured_equals_the_sweep_row(tmp_path, write_yaml):
+    """The real model: an adapter a sweep saved, measured with `measure`, gives the sweep's stored numbers."""
+    from forgetscale.config import parse_config
+    from forgetscale.sweep import run_sweep
+
+    data = tiny_config(model="smollm2-135m-instruct", method={"name": "lora", "ranks": [2]},
+                       train={"steps": 2, "checkpoints": [0, 2], "save_adapters": "all", "threads": 1})
+    sweep_dir = tmp_path / "sweep"
+    run_sweep(parse_config(data), sweep_dir, progress=False)
+    with Store(sweep_dir, create=False) as store:
+        (run,) = store.runs()
+        stored = {r["step"]: r for r in store.checkpoints(run["run_id"])}
+    out = tmp_path / "measured"
+    assert main(["measure", "--base", "smollm2-135m-instruct", "--config", str(write_yaml(data)), "--data",
+                 "embedded:news", "--adapter", str(sweep_dir / "runs" / run["run_id"] / "adapter-step2"),
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = {r["step"]: r for r in _rows(out)}
+    assert sorted(rows) == [0, 2] and stored[2]["forget_kl"] > 0
+    for key in ("forget_kl", "forget_ce", "forget_ce_hard", "ft_loss", "ft_kl", "base_entropy"):
+        assert rows[2][key] == pytest.approx(stored[2][key], abs=1e-5), key
 
 
 def test_block_interval_is_the_t_interval_over_block_means():

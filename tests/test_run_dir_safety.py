@@ -17,11 +17,21 @@ from forgetscale.sweep import run_sweep
 from tests.conftest import tiny_config
 
 
-def _one_line(capsys, argv, match, code=2):
+def _digest(run_dir):
+    import hashlib
+
+    return hashlib.sha256((run_dir / "results.sqlite").read_bytes()).hexdigest()
+
+
+def _one_line(capsys, argv, match, code=2, store=None):
+    """The command fails with one `forgetscale:` line naming `match`; a given store is byte-identical after."""
+    before = _digest(store) if store is not None else None
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("forgetscale: ") and "\n" not in err and "Traceback" not in err, err
     assert match in err, err
+    if store is not None:
+        assert _digest(store) == before, f"{argv} changed {store}/results.sqlite"
     return err
 
 
@@ -35,13 +45,14 @@ def swept(tmp_path_factory):
 
 def test_export_refuses_to_write_over_the_store(capsys, swept):
     before = Store(swept, create=False).checkpoints()
-    _one_line(capsys, ["export", str(swept), "--format", "csv", "-o", str(swept / "results.sqlite")], "results.sqlite")
-    _one_line(capsys, ["export", str(swept), "-o", str(swept / "results.sqlite-wal")], "keeps in")
+    _one_line(capsys, ["export", str(swept), "--format", "csv", "-o", str(swept / "results.sqlite")], "results.sqlite",
+              store=swept)
+    _one_line(capsys, ["export", str(swept), "-o", str(swept / "results.sqlite-wal")], "keeps in", store=swept)
     assert Store(swept, create=False).checkpoints() == before and len(before) == 3
 
 
 def test_export_into_a_missing_folder_is_one_line(capsys, swept, tmp_path):
-    _one_line(capsys, ["export", str(swept), "-o", str(tmp_path / "nope" / "rows.csv")], "does not exist")
+    _one_line(capsys, ["export", str(swept), "-o", str(tmp_path / "nope" / "rows.csv")], "does not exist", store=swept)
 
 
 def test_a_second_sweep_process_is_refused_naming_the_holder(tmp_path):
@@ -108,9 +119,9 @@ def test_a_sweep_whose_runs_fail_exits_non_zero(capsys, tmp_path, write_yaml):
     ("train.steps=[1,", "train.steps: the value is not valid YAML"),
     ("train.steps.x=1", "'train.steps' is a value, not a section"),
 ])
-def test_bad_overrides_are_one_line(capsys, tmp_path, write_yaml, setting, match):
-    path = write_yaml(tiny_config())
-    _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--set", setting], match)
+def test_bad_overrides_are_one_line(capsys, swept, write_yaml, setting, match):
+    path = write_yaml(tiny_config(method={"name": "lora", "ranks": [2]}, train={"threads": 1}))
+    _one_line(capsys, ["sweep", str(path), "--out", str(swept), "--set", setting], match, store=swept)
 
 
 def test_an_override_through_the_model_shorthand_sets_the_name(tmp_path):
@@ -170,7 +181,7 @@ def test_an_unreachable_hub_fails_in_seconds_with_one_line(capsys, tmp_path, wri
     ("safety.limit=0", "--set evals"),
 ])
 def test_bad_eval_overrides_are_one_line(capsys, swept, setting, match):
-    _one_line(capsys, ["eval", str(swept), "--suite", "safety", "--set", setting], match)
+    _one_line(capsys, ["eval", str(swept), "--suite", "safety", "--set", setting], match, store=swept)
 
 
 @pytest.mark.parametrize("text, match", [
@@ -180,11 +191,12 @@ def test_bad_eval_overrides_are_one_line(capsys, swept, setting, match):
     ("method: []\n", "method: must list at least one method"),
     ("method:\n  name: lora\n  alpha: .nan\n", "method.alpha: input should be a finite number"),
 ])
-def test_values_yaml_would_accept_silently_are_refused(capsys, tmp_path, text, match):
+def test_values_yaml_would_accept_silently_are_refused(capsys, tmp_path, swept, text, match):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     err = _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o")], match)
     assert not (tmp_path / "o").exists(), err
+    _one_line(capsys, ["sweep", str(path), "--out", str(swept)], match, store=swept)  # a stored sweep: untouched
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -238,3 +250,54 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path, write_yaml):
     assert err.strip().splitlines()[-1].startswith("forgetscale: interrupted"), err
     run = Store(out, create=False).runs()[0]
     assert run["status"] == "pending" and Store(out, create=False).checkpoints()
+
+
+# -- item 17: messages that point at the right place ------------------------------------------------
+@pytest.mark.parametrize("text, match, not_in", [
+    ("train:\n  steps: 4\n  checkpoints: [0, 8]\n", "c.yaml:3 train.checkpoints: each must be between 0 and "
+     "train.steps=4; got 8", "got dict"),
+    ("train:\n  steps: 4\n  lr:\n    a: 1\n", 'c.yaml:3 train.lr: input should be a valid number; got a mapping '
+     '{"a": 1}', "got dict"),
+    ("evals:\n  steps:\n    x: 1\n", "c.yaml:2 evals.steps: input should be a valid list", "list[int]"),
+])
+def test_yaml_type_errors_point_at_the_key_line(capsys, tmp_path, swept, text, match, not_in):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    err = _one_line(capsys, ["sweep", str(path), "--out", str(swept)], match, store=swept)
+    assert not_in not in err and not err.endswith("got dict"), err
+
+
+def test_a_malformed_json_line_names_line_and_column(capsys, tmp_path, write_yaml):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": broken}\n')
+    path = write_yaml(tiny_config(finetune={"dataset": str(data)}))
+    err = _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
+                    "d.jsonl:2: malformed JSON at column 10 (expecting value)")
+    assert not err.rstrip(")").endswith(" at"), err
+
+
+def test_csv_records_are_numbered_by_data_row_not_by_training_split(capsys, tmp_path, write_yaml):
+    import pandas as pd
+
+    rows = [{"question": f"What is {i} plus {i}?", "response": f"{2 * i}."} for i in range(1, 21)]
+    rows[10]["response"] = ""  # data row 11 (line 12 of the file, after the header)
+    data = tmp_path / "chat.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    path = write_yaml(tiny_config(finetune={"dataset": str(data), "heldout_fraction": 0.3},
+                                  train={"context_length": 128}))
+    _one_line(capsys, ["sweep", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
+              "chat.csv record 11: missing or empty 'response'")
+
+
+@pytest.mark.parametrize("message, match", [
+    ("database or disk is full", "the disk is full"),
+    ("attempt to write a readonly database", "is read-only"),
+    ("unable to open database file", "cannot be opened for writing"),
+])
+def test_storage_errors_are_not_called_a_foreign_store(capsys, swept, monkeypatch, message, match):
+    def fail(*args, **kwargs):
+        raise sqlite3.OperationalError(message)
+
+    monkeypatch.setattr(sqlite3, "connect", fail)  # what sqlite says on a full disk or a read-only mount
+    err = _one_line(capsys, ["export", str(swept), "--format", "csv", "-o", "/dev/null"], match)
+    assert "not a forgetscale results store" not in err, err

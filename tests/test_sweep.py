@@ -1,6 +1,7 @@
 """End to end on the tiny random Llama: rows, resume after a kill, failures, config changes."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,8 +79,35 @@ def _files(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _on_a_terminal(argv) -> str:
+    """Run a command with stderr on a pseudo-terminal (as a user sees it); its stderr text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=child_fd)
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main_fd, 1 << 16)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main_fd)
+    assert proc.wait() == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
-    data = tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"steps": 12, "checkpoints": [0, 3, 6, 9, 12]})
+    # a warm-up longer than the kill point: the resumed LR schedule must pick up where it stopped
+    data = tiny_cfg(method={"name": "lora", "ranks": [2]}, train={"steps": 12, "checkpoints": [0, 3, 6, 9, 12],
+                                                                  "warmup_steps": 10})
     config = write_yaml(data)
     reference = run_sweep(parse_config(data), tmp_path / "clean", progress=False)
     killed = tmp_path / "killed"
@@ -97,7 +125,14 @@ def test_killed_sweep_resumes_to_identical_rows(tmp_path, tiny_cfg, write_yaml):
     partial = Store(killed).checkpoints()
     assert 0 < len(partial) < 5, "the kill must land mid-run"
     assert Store(killed).runs()[0]["status"] == "running"
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_at = max(r["step"] for r in partial)
+    shown = [c for c in cmd if c != "--no-progress"]  # the resumed sweep's progress display, on a terminal
+    stderr = _on_a_terminal(shown)
+    assert "lr_scheduler.step()" not in stderr and "Warning" not in stderr, stderr
+    assert "sweep: loading model tiny-random-llama" in stderr and "sweep: base predictions on" in stderr
+    counts = re.findall(r"sweep: 1 runs: .*?(\d+)/12", stderr)  # labelled for the sweep, not the run
+    assert counts and int(counts[0]) == resume_at and int(counts[-1]) == 12, stderr
+    assert "lora-r2" in stderr and "checkpoint " in stderr  # the run and its phase, in the postfix
     resumed = Store(killed)
     assert resumed.runs()[0]["status"] == "finished"
     assert [r["step"] for r in resumed.checkpoints()] == [0, 3, 6, 9, 12]

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -328,34 +329,20 @@ def method_of(adapter_config: dict[str, Any]) -> tuple[str, int | None, dict[str
     return kind, None if rank is None else int(rank), settings
 
 
-def _check_adapter_shapes(base: torch.nn.Module, source: Source) -> None:
-    """Name the first adapter module or shape the base model does not have (before PEFT's own, longer error)."""
-    weights = source.weights[0]
-    if weights.suffix != ".safetensors":
-        return
-    from safetensors import safe_open
+def check_source(base: Any, source: Source, base_names: list[str]) -> list[str]:
+    """Raise ModelError when a source cannot be measured against the loaded base (`base`: a LoadedModel):
+    another architecture, tokenizer or vocabulary. Returns warnings (a recorded base of another name)."""
+    from forgetscale import compatibility
 
-    modules = dict(base.named_modules())
-    with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():
-            name = key.removeprefix("base_model.model.")
-            head, sep, tail = name.partition(".lora_")
-            if not sep:
-                continue
-            module = modules.get(head)
-            if module is None:
-                raise ModelError(f"adapter {source.path}: module '{head}' is not in the base model; the adapter "
-                                 "was trained on another architecture")
-            shape = tuple(fh.get_slice(key).get_shape())
-            base_layer = getattr(module, "base_layer", module)
-            if tail.startswith("A.") and hasattr(base_layer, "in_features") and shape[-1] != base_layer.in_features:
-                raise ModelError(f"adapter {source.path}: {key} has shape {list(shape)} but the base model's "
-                                 f"'{head}' takes {base_layer.in_features} inputs; the adapter was trained on "
-                                 "another architecture")
-            if tail.startswith("B.") and hasattr(base_layer, "out_features") and shape[0] != base_layer.out_features:
-                raise ModelError(f"adapter {source.path}: {key} has shape {list(shape)} but the base model's "
-                                 f"'{head}' gives {base_layer.out_features} outputs; the adapter was trained on "
-                                 "another architecture")
+    if source.kind == "model":
+        compatibility.check_vocab_size(base.model, source.path, "model")
+        compatibility.check_tokenizer(base.tokenizer, source.path, "model")
+        return []
+    compatibility.check_adapter_shapes(base.model, source.path, source.weights[0])
+    compatibility.check_tokenizer(base.tokenizer, source.path, "adapter")
+    config = json.loads((source.path / PEFT_CONFIG).read_text(encoding="utf-8"))
+    warning = compatibility.recorded_base_warning(config, base_names, source.path)
+    return [warning] if warning else []
 
 
 @contextlib.contextmanager
@@ -365,7 +352,9 @@ def applied(base: torch.nn.Module, source: Source) -> Iterator[tuple[torch.nn.Mo
         from peft import PeftModel
         from peft.utils import get_peft_model_state_dict
 
-        _check_adapter_shapes(base, source)
+        from forgetscale import compatibility
+
+        compatibility.check_adapter_shapes(base, source.path, source.weights[0])
         try:
             tuned = PeftModel.from_pretrained(base, source.path, is_trainable=False)
         except Exception as err:  # noqa: BLE001 - peft raises RuntimeError/ValueError/KeyError here
@@ -374,7 +363,9 @@ def applied(base: torch.nn.Module, source: Source) -> Iterator[tuple[torch.nn.Mo
             raise ModelError(f"adapter {source.path}: cannot apply it to the base model ({first[:300]})") from None
         tuned.eval()
         try:
-            params = sum(v.numel() for v in get_peft_model_state_dict(tuned).values())
+            # the vocabulary was checked to be the base's: no hub look-up of the recorded base's config
+            state = get_peft_model_state_dict(tuned, save_embedding_layers=False)
+            params = sum(v.numel() for v in state.values())
             yield tuned, int(params)
         finally:
             tuned.unload()
@@ -438,7 +429,8 @@ def measure_settings(cfg: Any, with_data: bool) -> dict[str, Any]:
     }
 
 
-def _check_run_dir(store: Store, settings: dict[str, Any], cfg: Any) -> None:
+def _check_run_dir(store: Store, settings: dict[str, Any]) -> None:
+    """Refuse a folder holding a sweep or measurements made with other settings (reads only)."""
     stored = store.get_meta("measure_settings")
     if stored is not None and not store.checkpoints():
         stored = None  # nothing measured yet (a start that failed): the folder is not claimed
@@ -453,6 +445,10 @@ def _check_run_dir(store: Store, settings: dict[str, Any], cfg: Any) -> None:
                 name = f"{key}.{inner}" if inner else key
                 raise ConfigError(f"{name}: differs from the measurements already stored in {store.path.parent}; "
                                   "use a new --out folder")
+
+
+def _claim_run_dir(store: Store, settings: dict[str, Any], cfg: Any) -> None:
+    """Write the settings the folder's rows are measured with (only once every input has been checked)."""
     store.set_meta("measure_settings", json.dumps(settings, sort_keys=True))
     store.set_meta("sweep_config", json.dumps(cfg.to_dict(), sort_keys=True))
 
@@ -499,7 +495,7 @@ def measure_sources(cfg: Any, out_dir: str | Path, *, adapters: list[Path] = (),
     with RunDirLock(out_dir):
         store = Store(out_dir)
         try:
-            _check_run_dir(store, settings, cfg)
+            _check_run_dir(store, settings)
             todo = []
             for group in groups:
                 run = store.run(group.run_id)
@@ -527,21 +523,32 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
     setup = load_configured_base(cfg)
     base, device, dtype, length, block, cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
                                                  setup.block_length, setup.data_cache)
+    _check_sources(cfg, base, todo)  # every source is checked against the base before anything is written
     blocks = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, cache)
-    heldout = build_finetune_data(cfg.finetune, base.tokenizer, length, cache).heldout if with_data else None
+    heldout = None
+    if with_data:
+        data = build_finetune_data(cfg.finetune, base.tokenizer, length, cache)
+        heldout = data.heldout
+        for note in data.notes:
+            print(f"warning: {note}", file=sys.stderr)
     ref = BaseReference.build(base.model, forgetting=blocks, batch_size=cfg.train.eval_batch_size, device=device,
                               dtype=dtype, heldout=heldout)
     ref.settings = measure_settings(cfg, with_data)
     base_result = ref.measure(base.model)
-    # every source is checked against the base before any row is written
-    for _group, sources in todo:
-        for source in sources:
-            if source.kind == "adapter":
-                _check_adapter_shapes(base.model, source)
+    _claim_run_dir(store, ref.settings, cfg)  # every input is read and checked: the folder is ours now
     total = sum(len(s) for _, s in todo)
     with tqdm(total=total, desc="measure", unit="model", disable=not progress, dynamic_ncols=True) as bar:
         for group, sources in todo:
             _store_group(cfg, out_dir, store, group, sources, base.model, ref, base_result, with_data, bar)
+
+
+def _check_sources(cfg: Any, base: Any, todo: list[tuple[Group, list[Source]]]) -> None:
+    names = [cfg.model.name, str(getattr(base.model.config, "_name_or_path", "") or "")]
+    for _group, sources in todo:
+        warnings = [w for source in sources for w in check_source(base, source, names)]
+        if warnings:  # one line per group: a trainer output's checkpoints all record the same base
+            more = f" (and {len(warnings) - 1} more checkpoints)" if len(warnings) > 1 else ""
+            print(f"warning: {warnings[0]}{more}", file=sys.stderr)
 
 
 def _row(run_id: str, step: int, result: ForgettingResult, *, train_loss: float | None, tokens_seen: int,

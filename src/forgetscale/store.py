@@ -189,6 +189,17 @@ class RunDirLock:
             self._fh = None
 
 
+def _open_failure(path: Path, err: sqlite3.DatabaseError) -> str:
+    """Why a store could not be opened: the machine (a full disk, a folder it may not write) or the file."""
+    text = str(err)
+    if "disk is full" in text:
+        return f"{path}: the disk is full; free space and re-run (nothing stored is lost)"
+    if "readonly" in text or "unable to open" in text or "disk I/O error" in text:
+        reason = "read-only" if "readonly" in text else "cannot be opened for writing"
+        return f"{path}: the folder or file is {reason} ({text}); choose a writable --out or fix its permissions"
+    return f"{path}: not a forgetscale results store ({text})"
+
+
 def _clean(value: Any) -> Any:
     """SQLite has no NaN: store non-finite floats as NULL."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -218,7 +229,7 @@ class Store:
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{path}: not a forgetscale results store ({err})") from None
+            raise StoreError(_open_failure(path, err)) from None
         version = self.get_meta("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{path}: schema version {version}; this forgetscale reads version {SCHEMA_VERSION}")

@@ -7,7 +7,10 @@ skipped, and an interrupted run continues from its last saved checkpoint state.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,24 +40,33 @@ def keep_adapter_steps(cfg: SweepConfig) -> frozenset[int]:
     return frozenset(keep | cfg.evals.adapter_steps(tcfg.steps))
 
 
-def build_context(cfg: SweepConfig, out_dir: Path) -> RunContext:
+def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] | None = None) -> RunContext:
     """Load the base model once, build the data, and compute the base predictions once per sweep (or read
-    them back from RUN_DIR/references, for forgetting.reference=disk)."""
+    them back from RUN_DIR/references, for forgetting.reference=disk); `phase` hears each stage as it
+    starts (the progress display)."""
+    phase = phase or (lambda what: None)
+    phase(f"loading model {cfg.model.name}")
     setup = load_configured_base(cfg)
     base, device, dtype, length, block, data_cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
                                                       setup.block_length, setup.data_cache)
+    phase("building the fine-tuning and forgetting data")
     data = build_finetune_data(cfg.finetune, base.tokenizer, length, data_cache)
+    for note in data.notes:  # chat records cut at the context length, template default system prompts
+        print(f"warning: {note}", file=sys.stderr)
     forgetting = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, data_cache)
     batch = cfg.train.eval_batch_size
     mode, note = references.choose(cfg.forgetting.reference,
                                    references.projected_bytes(base.model, forgetting, data.heldout),
                                    references.available_ram())
     identity = model_identity(cfg, device) if mode == "disk" else {}
+    phase(f"base predictions on {forgetting.loss_tokens + data.heldout.loss_tokens:,} tokens ({mode})")
     refs = {name: references.build(mode, base.model, blocks, batch, device, dtype,
                                    references.disk_folder(out_dir, name, identity, blocks, batch)
                                    if mode == "disk" else None)
             for name, blocks in (("forgetting", forgetting), ("heldout", data.heldout))}
     # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
+    if cfg.mitigation:
+        phase("mitigation inputs")
     arm_inputs = prepare_arms(cfg, cfg.mitigation, base.model, base.tokenizer, forgetting, length, data_cache,
                               out_dir, device, dtype)
     del base, setup  # the runs load their own copies: this one must not stay in memory
@@ -118,12 +130,25 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, o
         if todo:
             runner = make_executor(executor, cfg, address=address)  # before the context: a bad setting fails fast
             try:
-                ctx = build_context(cfg, out_dir)
+                with _phases(progress) as phase:
+                    ctx = build_context(cfg, out_dir, phase)
                 store.set_meta("reference", ctx.reference_note)
                 runner.execute(todo, ctx, store, progress=progress)
             finally:
                 runner.close()
     return store
+
+
+@contextlib.contextmanager
+def _phases(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A one-line status of the once-per-sweep work before the first step (minutes on a large model), on a
+    terminal only and erased when done, so a log or an error message never holds it."""
+    from tqdm.auto import tqdm
+
+    shown = enabled and sys.stderr.isatty()
+    with tqdm(total=None, desc="sweep: starting", bar_format="{desc} [{elapsed}]", disable=not shown,
+              leave=False, dynamic_ncols=True) as bar:
+        yield lambda what: bar.set_description_str(f"sweep: {what}")
 
 
 def _complete(store: Store, plan: RunPlan, expected: set[int]) -> bool:

@@ -115,8 +115,11 @@ def checkpoint_row(model: torch.nn.Module, ctx: RunContext, run_id: str, step: i
 
 
 def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | None = None,
-              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train one run and write its checkpoint rows; returns the final row. Raises RunFailed."""
+              on_step: Callable[[int, float], None] | None = None,
+              on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train one run and write its checkpoint rows; returns the final row. Raises RunFailed. `on_phase` hears
+    what the run is doing between steps ('loading model', 'checkpoint N', 'training')."""
+    phase = on_phase or (lambda what: None)
     tcfg = ctx.config.train
     folder = RunFolder(ctx.out_dir, plan.run_id)
     lr = plan.method.lr or tcfg.lr
@@ -124,6 +127,7 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum
 
     # -- model: fresh base weights, then the method (its init is seeded) ---------------------------
+    phase("loading model")
     torch.manual_seed(plan.seed)
     base = ctx.load_base()
     if tcfg.gradient_checkpointing:
@@ -155,8 +159,9 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
             scaler.load_state_dict(state["scaler"])
         step, tokens_seen, wall_s = state["step"], state["tokens_seen"], state["wall_s"]
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        schedule.last_epoch = step - 1
-        schedule.step()
+        # the optimizer state holds each group's LR as of `step`; the schedule only needs its position
+        # (calling schedule.step() here, before any optimizer.step(), is what torch warns about)
+        schedule.last_epoch = step
         sink.delete_checkpoints_after(plan.run_id, step)
         done_steps = {s for s in done_steps if s <= step}
     else:
@@ -167,6 +172,7 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
     while True:
         # -- checkpoint: measure, store, save state ---------------------------------------------------
         if step in checkpoints and step not in done_steps:
+            phase(f"checkpoint {step}")
             last_row = checkpoint_row(model, ctx, plan.run_id, step, tokens_seen=tokens_seen, wall_s=wall_s,
                                       train_loss=loss_sum / loss_count if loss_count else None)
             sink.add_checkpoint(last_row)
@@ -180,6 +186,8 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
                 folder.save_adapter(step, model)
         if step >= tcfg.steps:
             break
+        if step in checkpoints:
+            phase("training")  # after loading or measuring: the steps' own time starts here
 
         # -- one update step (gradient accumulation over micro-batches) -------------------------------
         model.train()

@@ -5,6 +5,7 @@ caller (sweep files, `--set`, the stored evals section), so each message names t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,60 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
+_FIELD_RULE = re.compile(r"^([a-z_][a-z0-9_]*): (.*)$")
+
+
+def _child(node: Any, part: Any) -> tuple[bool, Any]:
+    if isinstance(node, dict) and part in node:
+        return True, node[part]
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return True, node[part]
+    return False, None
+
+
+def _data_path(loc: tuple, data: Any, missing: bool) -> tuple[tuple, Any]:
+    """(`loc` without pydantic's union tags (`list[int]`, `int`, ...), the value found there): only the parts
+    that are keys or indices of the data as written (the last part is kept for a missing key)."""
+    out, node = [], data
+    for i, part in enumerate(loc):
+        found, child = _child(node, part)
+        if found:
+            node = child
+        elif missing and i == len(loc) - 1:
+            node = None
+        else:
+            continue
+        out.append(part)
+    return tuple(out), node
+
+
+def _shown(value: Any) -> str:
+    """A value as the message quotes it: JSON, a mapping or list abbreviated, never just its type name."""
+    text = json.dumps(value, default=str)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    if isinstance(value, dict):
+        return f"a mapping {text}"
+    if isinstance(value, (list, tuple)):
+        return f"a list {text}"
+    return text
+
+
 def error_message(err: ValidationError, source: str, lines: dict[tuple, int] | None = None,
-                  prefix: tuple = ()) -> str:
-    """One line for the first error: `<source>:<line> <key>: <rule>; got <value>`."""
+                  prefix: tuple = (), data: Any = None) -> str:
+    """One line for the first error: `<source>:<line> <key>: <rule>; got <value>`. With `data` (what was
+    validated), union tags are dropped from the key, and a section check that names its field (`checkpoints:
+    ...`) points at that field's own line."""
     lines = lines or {}
     first = err.errors()[0]
-    loc = (*prefix, *(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    rule = first["msg"].removeprefix("Value error, ")
+    if isinstance(data, dict):
+        loc, node = _data_path(loc, data, first["type"] == "missing")
+        named = _FIELD_RULE.match(rule)
+        if named and isinstance(node, dict) and named.group(1) in node:  # a model check about one of its fields
+            loc, rule = (*loc, named.group(1)), named.group(2)
+    loc = (*prefix, *loc)
     if len(loc) > 1 and loc[1] == 0 and (loc[0], 0) not in lines and any(
             len(k) == 2 and k[0] == loc[0] and isinstance(k[1], str) for k in lines):
         loc = (loc[0], *loc[2:])  # a one-entry shorthand (`method: {name: lora}`): the file has no [0]
@@ -60,11 +109,10 @@ def error_message(err: ValidationError, source: str, lines: dict[tuple, int] | N
     where = f"{source}:{line}" if line else source
     if first["type"] == "extra_forbidden":
         return f"{where} {key}: unknown key; remove it or check its spelling"
-    rule = first["msg"].removeprefix("Value error, ")
     rule = rule[0].lower() + rule[1:] if rule else rule
-    got = first.get("input")
-    shown = json.dumps(got) if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
-    return f"{where} {key}: {rule}; got {shown}"
+    if "; got " in rule:  # the rule already quotes the offending value
+        return f"{where} {key}: {rule}"
+    return f"{where} {key}: {rule}; got {_shown(first.get('input'))}"
 
 
 def parse_config(data: Any, source: str = "config", text: str = "") -> SweepConfig:
@@ -77,7 +125,7 @@ def parse_config(data: Any, source: str = "config", text: str = "") -> SweepConf
     try:
         cfg = SweepConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(error_message(err, source, lines)) from None
+        raise ConfigError(error_message(err, source, lines, data=data)) from None
     if isinstance(cfg.evals.steps, list):
         off = [s for s in cfg.evals.steps if s not in cfg.train.checkpoint_steps]
         if off:
@@ -133,7 +181,7 @@ def validate_section(model: type[BaseModel], data: Any, source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(error_message(err, source)) from None
+        raise ConfigError(error_message(err, source, data=data)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

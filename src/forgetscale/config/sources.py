@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 
 def _takes_bool(annotation: Any) -> bool:
@@ -41,9 +41,22 @@ def _kind(annotation: Any) -> str:
 
 
 class Section(Strict):
-    """A config section: unknown keys are errors, values never change after validation."""
+    """A config section: unknown keys are errors, values never change after validation.
+
+    Keys added after a section was first stored are listed in ADDED_KEYS: left out of the dumped config
+    while at their default, so the run ids and stored sweep configs written before they existed stay valid."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    ADDED_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in self.ADDED_KEYS:
+                if key in data and getattr(self, key) == type(self).model_fields[key].default:
+                    del data[key]
+        return data
 
 
 class SourceSpec(Section):

@@ -61,6 +61,15 @@ class FinetuneConfig(SourceSpec):
     heldout_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="part of the records held out for the held-out loss")
     heldout_max_tokens: int = Field(4096, gt=0, description="token budget of the held-out loss evaluation")
     loss_on: Literal["response", "all"] = Field("response", description="chat data: loss on response tokens only, or all")
+    separator: Literal["eos", "blank_line"] = Field(
+        "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
+        "SmolLM2's im_end), or a blank line as text")
+    template_system_prompt: bool = Field(
+        True, description="chat records with no (or an empty) system prompt: the chat template decides, and "
+        "SmolLM2's inserts its default one ('You are a helpful AI assistant named SmolLM ...'); false: an empty "
+        "system turn, so no default is inserted")
+
+    ADDED_KEYS = ("separator", "template_system_prompt")
 
 
 class ForgettingConfig(SourceSpec):
@@ -89,6 +98,12 @@ class ForgettingConfig(SourceSpec):
     def exact_reference(self) -> bool:
         """Every mode but topk stores or recomputes the full distribution: the numbers do not depend on it."""
         return not self.reference.startswith("topk:")
+
+    separator: Literal["eos", "blank_line"] = Field(
+        "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
+        "SmolLM2's im_end), or a blank line as text")
+
+    ADDED_KEYS = ("separator",)
 
 
 class TrainConfig(_Section):

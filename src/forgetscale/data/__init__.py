@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +10,14 @@ import torch
 
 from forgetscale.data.blocks import (
     Blocks,
+    ChatStats,
     detect_format,
     document_texts,
     pack_documents,
     render_chat,
     split_heldout,
+    template_default_system,
+    wikitext_articles,
 )
 from forgetscale.data.sources import load_records
 from forgetscale.errors import DataError
@@ -28,6 +31,7 @@ class FinetuneData:
     heldout: Blocks  # capped at finetune.heldout_max_tokens
     train_probe: Blocks  # a fixed sample of training blocks of the same size, for ft_loss_train
     format: str
+    notes: list[str] = field(default_factory=list)  # what a user should be told (truncation, default prompts)
 
 
 def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir: Path | None) -> FinetuneData:
@@ -37,23 +41,31 @@ def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir
     if fmt == "auto":
         fmt = detect_format(records[0], cfg.text_field, cfg.question_field, cfg.response_field)
     train_records, held_records = split_heldout(records, cfg.heldout_fraction)
+    stats = ChatStats()
 
     def to_blocks(part: list[dict[str, Any]]) -> Blocks:
         if fmt == "documents":
-            return pack_documents(document_texts(part, cfg.text_field, cfg.dataset), tokenizer, context_length)
+            texts = document_texts(part, cfg.text_field, cfg.dataset)
+            return pack_documents(wikitext_articles(texts) or texts, tokenizer, context_length,
+                                  separator=cfg.separator)
         return render_chat(
             part, tokenizer, context_length, source=cfg.dataset,
             fields=(cfg.system_field, cfg.question_field, cfg.response_field), loss_on=cfg.loss_on,
+            template_system_prompt=cfg.template_system_prompt, stats=stats,
         )
 
     train, heldout = to_blocks(train_records), to_blocks(held_records).limit_tokens(cfg.heldout_max_tokens)
+    notes = stats.notes(cfg.dataset, context_length, template_default_system(tokenizer)) if fmt == "chat" else []
     # a seed no training permutation uses, so the probe is not simply the first batches
     probe_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(2**31 - 1))[: len(heldout)]
-    return FinetuneData(train=train, heldout=heldout, train_probe=train.select(probe_index.sort().values), format=fmt)
+    return FinetuneData(train=train, heldout=heldout, train_probe=train.select(probe_index.sort().values), format=fmt,
+                        notes=notes)
 
 
 def build_forgetting_blocks(cfg: Any, tokenizer: Any, block_length: int, cache_dir: Path | None) -> Blocks:
-    """The general-text set: the first `max_tokens` predicted tokens, in blocks; identical for every run."""
+    """The general-text set: the first `max_tokens` predicted tokens, in blocks; identical for every run.
+    Built alike from every source: WikiText-style lines (hub rows, a .txt) are grouped into whole articles
+    with headings dropped, as the embedded Wikipedia is."""
     records = load_records(cfg.dataset, config=cfg.config, split=cfg.split, cache_dir=cache_dir)
     texts = []
     for record in records:
@@ -62,7 +74,8 @@ def build_forgetting_blocks(cfg: Any, tokenizer: Any, block_length: int, cache_d
             texts.append(text)
     if not texts:
         raise DataError(f"{cfg.dataset}: no text in field '{cfg.text_field}'; set forgetting.text_field")
-    return pack_documents(texts, tokenizer, block_length, max_tokens=cfg.max_tokens)
+    return pack_documents(wikitext_articles(texts) or texts, tokenizer, block_length, max_tokens=cfg.max_tokens,
+                          separator=cfg.separator)
 
 
 def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:

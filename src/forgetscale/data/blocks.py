@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ def detect_format(record: dict[str, Any], text_field: str, question_field: str |
     if text_field in record:
         return "documents"
     raise DataError(
-        f"cannot tell the data format from the fields {sorted(k for k in record if k != '_line')}; "
+        f"cannot tell the data format from the fields {sorted(k for k in record if k not in ('_line', '_row'))}; "
         f"set finetune.format and finetune.text_field / question_field / response_field"
     )
 
@@ -77,14 +78,23 @@ def document_texts(records: list[dict[str, Any]], text_field: str, source: str) 
     return texts
 
 
-def pack_documents(texts: list[str], tokenizer: Any, block_length: int, max_tokens: int | None = None) -> Blocks:
-    """Tokenise, join with EOS, and cut into full blocks (the remainder is dropped)."""
-    eos = tokenizer.eos_token_id
+def separator_ids(tokenizer: Any, separator: str = "eos") -> list[int]:
+    """What goes between two packed documents: the EOS token (a chat model's is its end-of-turn token), or
+    a blank line as text (no special token inside prose)."""
+    if separator == "blank_line":
+        return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    return [tokenizer.eos_token_id]
+
+
+def pack_documents(texts: list[str], tokenizer: Any, block_length: int, max_tokens: int | None = None,
+                   separator: str = "eos") -> Blocks:
+    """Tokenise, join with the separator (EOS by default), and cut into full blocks (the remainder is dropped)."""
+    between = separator_ids(tokenizer, separator)
     stream: list[int] = []
     limit = None if max_tokens is None else max_tokens + max_tokens // block_length + block_length
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(eos)
+        stream.extend(between)
         if limit is not None and len(stream) >= limit:
             break
     n_blocks = len(stream) // block_length
@@ -95,6 +105,74 @@ def pack_documents(texts: list[str], tokenizer: Any, block_length: int, max_toke
         raise DataError(f"the text holds {len(stream)} tokens, fewer than one block of {block_length}; add text or shorten the blocks")
     ids = torch.tensor(stream[: n_blocks * block_length], dtype=torch.long).view(n_blocks, block_length)
     return Blocks(ids, ids.clone(), torch.ones_like(ids))
+
+
+_WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+_WIKITEXT_HEADING = re.compile(r"^ ?(= )+.*( =)+ ?$")
+
+
+def wikitext_articles(texts: list[str]) -> list[str] | None:
+    """WikiText-style text (` = Title = ` lines; hub rows one line each, a .txt's blank-line paragraphs) as
+    whole articles: a title starts one, section headings are dropped and paragraphs joined by newlines, as
+    the embedded Wikipedia is built. None when no title line is present (the texts are left as they are)."""
+    if not any(_WIKITEXT_TITLE.match(t.strip("\n")) for t in texts):
+        return None
+    articles: list[list[str]] = []
+    for text in texts:
+        for line in text.split("\n"):
+            if _WIKITEXT_TITLE.match(line):
+                articles.append([])
+            elif line.strip() and not _WIKITEXT_HEADING.match(line):
+                if not articles:
+                    articles.append([])
+                articles[-1].append(line.strip())
+    return [joined for joined in ("\n".join(a) for a in articles) if joined]
+
+
+@dataclass
+class ChatStats:
+    """What rendering chat records did that a user should know: records cut at the context length, dropped
+    (nothing of the response left), and given the chat template's default system prompt."""
+
+    records: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    default_system: int = 0
+
+    def notes(self, source: str, block_length: int, default_system: str | None) -> list[str]:
+        out = []
+        if self.truncated:
+            out.append(f"{source}: {self.truncated} of {self.records} chat records "
+                       f"({100 * self.truncated / self.records:.0f}%) are cut at train.context_length={block_length} "
+                       f"tokens ({self.dropped} dropped: no response token left); raise train.context_length to "
+                       "keep them whole")
+        if self.default_system and default_system:
+            out.append(f"{source}: {self.default_system} chat records have no system prompt, so the chat template "
+                       f"inserts its default one ({default_system[:60]!r}); set finetune.template_system_prompt: "
+                       "false to keep it out")
+        return out
+
+
+def template_default_system(tokenizer: Any) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none (SmolLM2: 'You are a helpful
+    AI assistant named SmolLM, ...'); None when it inserts nothing."""
+    probe = [{"role": "user", "content": "\x00"}]
+    try:
+        bare = tokenizer.apply_chat_template(probe, tokenize=False)
+        empty = tokenizer.apply_chat_template([{"role": "system", "content": ""}, *probe], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses a system turn inserts nothing of its own
+        return None
+    if bare == empty or "system" not in bare.split("\x00")[0]:
+        return None
+    head = bare.split("\x00")[0]
+    prefix = empty.split("\x00")[0]
+    # the inserted text: what the bare rendering holds beyond the empty system turn's rendering
+    start = next((i for i, (a, b) in enumerate(zip(head, prefix, strict=False)) if a != b), min(len(head), len(prefix)))
+    extra = head[start:]
+    tail = prefix[start:]
+    if tail and extra.endswith(tail):
+        extra = extra[: len(extra) - len(tail)]
+    return extra.strip() or None
 
 
 def chat_messages(record: dict[str, Any], fields: tuple[str | None, str | None, str | None], where: str) -> tuple[list, list]:
@@ -120,9 +198,13 @@ def chat_messages(record: dict[str, Any], fields: tuple[str | None, str | None, 
 
 def render_chat(
     records: list[dict[str, Any]], tokenizer: Any, block_length: int, *, source: str,
-    fields: tuple[str | None, str | None, str | None], loss_on: str,
+    fields: tuple[str | None, str | None, str | None], loss_on: str, template_system_prompt: bool = True,
+    stats: ChatStats | None = None,
 ) -> Blocks:
-    """One block per record: chat template, truncated/padded to block_length, loss on the response."""
+    """One block per record: chat template, truncated/padded to block_length, loss on the response. A record
+    with no system prompt gets the template's default one unless `template_system_prompt` is false (then an
+    empty system turn). `stats` counts what was cut, dropped and defaulted."""
+    stats = stats if stats is not None else ChatStats()
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{source}: chat data needs a tokenizer with a chat template; this model has none (use format: documents)")
     pad = tokenizer.pad_token_id
@@ -135,14 +217,22 @@ def render_chat(
             _field(record, fields[2], RESPONSE_FIELDS) or RESPONSE_FIELDS[0],
         )
         prompt, full = chat_messages(record, resolved, where)
+        stats.records += 1
+        if not any(m.get("role") == "system" for m in full):
+            if template_system_prompt:
+                stats.default_system += 1
+            else:
+                prompt, full = [{"role": "system", "content": ""}, *prompt], [{"role": "system", "content": ""}, *full]
         prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
         full_ids = _template_ids(tokenizer, full, add_generation_prompt=False)
         labels = list(full_ids)
         if loss_on == "response":
             n_prompt = min(len(prompt_ids), len(full_ids))
             labels[:n_prompt] = [IGNORE] * n_prompt
+        stats.truncated += len(full_ids) > block_length
         full_ids, labels = full_ids[:block_length], labels[:block_length]
         if all(label == IGNORE for label in labels[1:]):
+            stats.dropped += 1
             continue  # the response was cut off entirely: nothing to learn from this record
         padding = block_length - len(full_ids)
         rows_ids.append(full_ids + [pad] * padding)

@@ -36,6 +36,9 @@ def load_records(
         records = _hub_records(source.removeprefix("hf:"), config, split, max_records)
     else:
         records = _local_records(Path(source).expanduser())
+    for number, record in enumerate(records, start=1):
+        if "_line" not in record:
+            record["_row"] = number  # its place in the source, for messages (a CSV's header not counted)
     if max_records is not None:
         records = records[:max_records]
     if not records:
@@ -75,7 +78,8 @@ def _local_records(path: Path) -> list[dict[str, Any]]:
         try:
             data = json.loads(_read_text(path))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
+            raise DataError(f"{path}:{err.lineno}: invalid JSON at column {err.colno} ({err.msg.lower()}); fix "
+                            "the file") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -83,13 +87,32 @@ def _local_records(path: Path) -> list[dict[str, Any]]:
         return data
     if path.suffix == ".txt":
         return [{"text": doc} for doc in split_text_documents(_read_text(path))]
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        # every cell as text, an empty cell as "": a response "4." stays text, not the float 4.0
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as err:  # noqa: BLE001 - pandas' parser errors vary by engine
-        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {_first_line(err)})") from None
     return frame.to_dict(orient="records")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Rows as plain Python values: a list column (chat `messages`) becomes lists of dicts, as a JSONL file
+    gives (pandas would give numpy arrays). pyarrow is what `datasets` reads parquet with; reading it
+    directly keeps local files out of the `datasets` cache."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: cannot read as parquet ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -106,7 +129,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg}); each line must be one JSON object") from None
+                raise DataError(f"{path}:{lineno}: malformed JSON at column {err.colno} ({err.msg.lower()}); each "
+                                "line must be one JSON object") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object; got {type(record).__name__}")
             record["_line"] = lineno
@@ -133,7 +157,8 @@ def split_text_documents(text: str) -> list[str]:
 
 
 def record_where(source: str, record: dict[str, Any], index: int) -> str:
-    """'<file>:<line>' for a local JSONL record, else '<source> record <index>'."""
+    """'<file>:<line>' for a local JSONL record, else '<source> record <n>': its 1-based place in the source
+    (a CSV's data rows, header not counted), not in the training split (`index`, the fallback)."""
     if "_line" in record:
         return f"{source}:{record['_line']}"
-    return f"{source} record {index}"
+    return f"{source} record {record.get('_row', index + 1)}"

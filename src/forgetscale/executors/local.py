@@ -19,14 +19,24 @@ from forgetscale.train import RowSink, RunContext, train_run
 
 
 def execute_plan(plan: RunPlan, ctx: RunContext, sink: RowSink,
-                 on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                 on_step: Callable[[int, float], None] | None = None,
+                 on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One plan: a derived run (scale) is measured from its source run's weights; any other is trained,
     with its arm's hooks. Returns the last row; raises RunFailed."""
     from forgetscale.mitigations.runtime import derive_run, hook_setup
 
     if plan.source is not None:
         return derive_run(plan, ctx, sink)
-    return train_run(plan, ctx, sink, hook_setup(plan, ctx), on_step)
+    return train_run(plan, ctx, sink, hook_setup(plan, ctx), on_step, on_phase)
+
+
+def resumed_steps(plan: RunPlan, ctx: RunContext, store: Store) -> int:
+    """Update steps a run has behind it: where it resumes (its last stored checkpoint, when a resume state
+    exists), so a resumed sweep's bar starts there and not at 0."""
+    if plan.source is not None or not RunFolder(ctx.out_dir, plan.run_id).state_path.is_file():
+        return 0
+    stored = [r["step"] for r in store.checkpoints(plan.run_id)]
+    return min(max(stored, default=0), ctx.config.train.steps)
 
 
 class RunLog:
@@ -82,21 +92,29 @@ class LocalExecutor:
         from tqdm.auto import tqdm
 
         steps = self.cfg.train.steps
-        with tqdm(total=len(plans) * steps, desc="sweep", unit="step", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        done = {plan.run_id: resumed_steps(plan, ctx, store) for plan in plans}
+        # the bar counts the sweep's update steps; the run and what it is doing are the postfix; its rate (and
+        # ETA) counts training time only: loading and measuring pause it
+        with tqdm(total=len(plans) * steps, initial=sum(done.values()), desc=f"sweep: {len(plans)} runs",
+                  unit="step", disable=not progress, dynamic_ncols=True) as bar:
             for plan in plans:
-                bar.set_description(plan.label)
+                label = plan.label
 
-                def on_step(step: int, loss: float) -> None:
+                def on_phase(what: str, label: str = label) -> None:
+                    if what == "training":
+                        bar.unpause()  # the time spent loading or measuring is not counted in the rate
+                    bar.set_postfix_str(f"{label}: {what}")
+
+                def on_step(step: int, loss: float, label: str = label) -> None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.set_postfix_str(f"{label}: training, loss {loss:.3f}", refresh=False)
 
                 log = RunLog(ctx.out_dir, plan.run_id)
                 log.write(f"{plan.label}: local, device {ctx.device}, autocast {ctx.dtype or 'off (float32)'}, "
                           f"torch threads {torch.get_num_threads()}")
-                started, bar_start = time.perf_counter(), bar.n
+                started, bar_start = time.perf_counter(), bar.n - done[plan.run_id]
                 try:
-                    execute_plan(plan, ctx, LoggedSink(store, log), on_step)
+                    execute_plan(plan, ctx, LoggedSink(store, log), on_step, on_phase)
                 except KeyboardInterrupt:
                     store.update_run(plan.run_id, status="pending", error="interrupted; re-run to resume")
                     log.write("interrupted")

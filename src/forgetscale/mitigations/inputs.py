@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from forgetscale.data import Blocks, load_records
-from forgetscale.data.blocks import pack_documents
+from forgetscale.data.blocks import pack_documents, separator_ids, wikitext_articles
 from forgetscale.errors import DataError
 from forgetscale.forgetting import autocast
 
@@ -52,10 +52,12 @@ def forgetting_documents(fcfg: Any, tokenizer: Any, n_tokens: int, cache_dir: Pa
     EOS) until it has `n_tokens` tokens."""
     texts = _texts(load_records(fcfg.dataset, config=fcfg.config, split=fcfg.split, cache_dir=cache_dir),
                    fcfg.text_field)
+    texts = wikitext_articles(texts) or texts  # as build_forgetting_blocks groups them
+    between = len(separator_ids(tokenizer, fcfg.separator))
     used, total = [], 0
     for text in texts:
         used.append(text)
-        total += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        total += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + between
         if total >= n_tokens:
             break
     return used
@@ -88,11 +90,12 @@ def general_pool(dataset: str | None, split: str, fcfg: Any, forgetting: Blocks,
     records = load_records(source, config=fcfg.config if same else None, split=split, cache_dir=cache_dir,
                            max_records=HUB_RECORDS if source.startswith("hf:") else None)
     texts = _texts(records, fcfg.text_field if same else "text")
+    texts = wikitext_articles(texts) or texts
     kept = [t for t in texts if _norm(t) not in f_hashes]
     if not kept:
         raise DataError(f"{source}: no document left for the general-text pool once the forgetting set's "
                         "documents are removed; set the arm's dataset to another source")
-    blocks = pack_documents(kept, tokenizer, block_length, max_tokens=max_tokens)
+    blocks = pack_documents(kept, tokenizer, block_length, max_tokens=max_tokens, separator=fcfg.separator)
     blocks, dropped = filter_blocks(blocks, windows(forgetting.input_ids))
     if len(blocks) == 0:
         raise DataError(f"{source}: every general-text block overlaps the forgetting set; use another source")
