@@ -1,5 +1,7 @@
 """The CLI: one-line errors with exit code 2, export, and the demo config."""
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -7,6 +9,7 @@ import yaml
 from forgetscale.cli import main
 from forgetscale.cli.demo import demo_config_path
 from forgetscale.config import load_config
+from forgetscale.laws.studies import paper
 from forgetscale.store import Store
 
 
@@ -121,3 +124,24 @@ def test_demo_config_meets_the_issue():
     assert len(cfg.train.checkpoint_steps) >= 6
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.finetune.dataset == "embedded:news"
     assert yaml.safe_load(demo_config_path().read_text())["forgetting"]["dataset"] == "embedded:wikipedia"
+
+
+def test_demo_ends_with_fit_report_and_the_papers_laws(tmp_path, capsys):
+    """`forgetscale demo` = sweep, then `fit` and `report` with their defaults, then the laws beside Table 1."""
+    out = tmp_path / "demo"
+    tiny = ["model.name=tiny-random-llama", "method.ranks=[1,2,4]", "train.steps=4", "train.checkpoints=[0,2,3,4]",
+            "train.batch_size=2", "train.context_length=32", "train.threads=1", "train.dtype=float32",
+            "finetune.heldout_max_tokens=256", "finetune.max_examples=60", "forgetting.max_tokens=256"]
+    argv = ["demo", "--out", str(out), "--no-progress", "--bootstrap", "20"]
+    code, stdout, err = _run(argv + [x for kv in tiny for x in ("--set", kv)], capsys)
+    assert code == 0, err
+    assert (out / "report.html").is_file() and list((out / "figures").glob("*.png"))
+    laws = json.loads((out / "laws.json").read_text())
+    # fit's defaults, not a demo-specific fit (only the resample count was asked for)
+    assert laws["options"]["target"] == "forget_ce" and laws["options"]["ft_column"] == "ft_loss"
+    assert laws["options"]["min_step"] == "auto" and laws["options"]["n_bootstrap"] == 20
+    assert {r["status"] for r in Store(out / "results.sqlite").runs()} == {"finished"}
+    assert "fitted laws beside the paper's" in stdout and "paper: news" in stdout
+    linear = laws["groups"][0]["laws"]["linear"]
+    assert f"{linear['params']['c_f_ft']:.4g}" in stdout  # the fitted Eq. 4 slope is what the table shows
+    assert f"{paper.CONSTANTS['news']['c_f_ft']:.4g}" in stdout  # the paper's news slope beside it

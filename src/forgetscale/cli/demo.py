@@ -1,16 +1,33 @@
-"""Run the embedded demo sweep (SmolLM2-135M-Instruct, LoRA ranks 2/8/32, news -> Wikipedia forgetting)."""
+"""Run the embedded demo end to end: the sweep (SmolLM2-135M-Instruct, LoRA, news -> Wikipedia forgetting),
+then `fit` and `report` on its RUN_DIR, then the fitted laws beside the paper's constants.
+
+The fit and the report are the same entry points as `forgetscale fit RUN_DIR` and `forgetscale report
+RUN_DIR` with their defaults, so the demo shows exactly what a user gets from those verbs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 NAME = "demo"
-HELP = "run the embedded demo sweep offline (~10 min on a 2-core CPU)"
+HELP = "run the embedded demo offline: sweep, fit, report, laws beside the paper's"
 EPILOG = """examples:
-  forgetscale demo                 # writes runs/demo/results.sqlite
-  forgetscale demo --out /tmp/d --set train.steps=16"""
+  forgetscale demo                 # writes runs/demo/results.sqlite, laws.json, report.html
+  forgetscale demo --out /tmp/d --set train.steps=16 --bootstrap 100
+Re-running the same command resumes the sweep (finished runs are skipped), then fits and reports again."""
+
+# the fitted laws shown beside the paper's Table 1, with the paper's equation numbers
+PAPER_LAWS = (("linear", "Eq. 4"), ("power_ft", "Eq. 5"), ("power_f", "Eq. 6"), ("mult_ft", "multiplicative L_ft"),
+              ("mult_f", "multiplicative L_f"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a demo config key (dotted), value parsed as YAML; repeatable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help="bootstrap resamples of the fit (default: fit's own default)")
 
 
 def demo_config_path() -> Path:
@@ -31,4 +50,74 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(demo_config_path(), parse_overrides(args.overrides))
     store = run_sweep(cfg, args.out, progress=not args.no_progress)
-    return finish_sweep(cfg, store, args.out, progress=not args.no_progress)
+    code = finish_sweep(cfg, store, args.out, progress=not args.no_progress)
+    if code != 0:  # a failed run: fitting the others would describe a different sweep; the re-run fits
+        return code
+    return fit_and_report(args.out, args.bootstrap)
+
+
+def _verb_args(module: Any, argv: list[str]) -> argparse.Namespace:
+    """A verb's arguments exactly as its own command line would parse them (its defaults included)."""
+    parser = argparse.ArgumentParser(prog=f"forgetscale {module.NAME}")
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def fit_and_report(run_dir: Path, bootstrap: int | None = None) -> int:
+    """`forgetscale fit RUN_DIR` then `forgetscale report RUN_DIR`, then the laws beside the paper's."""
+    from forgetscale.cli import fit, report
+    from forgetscale.laws.pipeline.lawfile import LAWS_FILE
+
+    fit_argv = [str(run_dir)] + ([] if bootstrap is None else ["--bootstrap", str(bootstrap)])
+    code = fit.run(_verb_args(fit, fit_argv))
+    if code != 0:
+        return code
+    code = report.run(_verb_args(report, [str(run_dir), "--no-fit"]))
+    doc = json.loads((Path(run_dir) / LAWS_FILE).read_text())
+    console = Console() if Console().is_terminal else Console(width=140)
+    for table in beside_paper_tables(doc):
+        console.print(table)
+    return code
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def beside_paper_tables(doc: dict[str, Any]) -> list[Table]:
+    """Per group of laws.json: each law's status and R^2, its fitted constants with 95% intervals, and the
+    paper's value of the same constant (news, or both datasets when the data is neither), a and b written
+    at our gauge c_ft. Borrowed and gauge constants are shown once, in the law that fits them."""
+    from forgetscale.laws.studies import paper
+
+    gauge = doc["options"]["gauge_c_ft"]
+    tables = []
+    for group in doc["groups"]:
+        matched = paper.match_dataset(group["key"]["dataset"])
+        datasets = [matched] if matched else list(paper.CONSTANTS)
+        theirs = {d: paper.in_gauge(d, gauge) for d in datasets}
+        t = Table(title=escape(f"{group['label']}: fitted laws beside the paper's (Table 1; a, b at c_ft = {gauge:g})"),
+                  caption=escape(paper.SOURCE), title_justify="left")
+        for col in ("law", "status", "R^2", "constant", "fitted", "95% interval", *(f"paper: {d}" for d in datasets)):
+            t.add_column(col, overflow="fold", justify="right" if col in ("R^2", "fitted") else "left")
+        for key, title in PAPER_LAWS:
+            d = group["laws"].get(key)
+            if d is None:
+                continue
+            status = escape(d["status"])
+            colour = "green" if d["status"] == "converged" else "yellow" if "params" in d else "red"
+            r2 = ", ".join(f"{_fmt(v)}" for v in d.get("r2", {}).values())
+            names = [n for n in d.get("free", []) if n not in d.get("borrowed", {})]
+            if not names:
+                t.add_row(f"{title} ({key})", f"[{colour}]{status}[/]", r2, "", "", "", *("" for _ in datasets))
+            for i, name in enumerate(names):
+                lo, hi = d["ci"][name]
+                value = _fmt(d["params"][name])
+                if name in d["weak"]:
+                    value = f"[dim]{value}[/] (not identified)"
+                paper_values = [_fmt(theirs[p].get(name)) if name in theirs[p] else "-" for p in datasets]
+                t.add_row(f"{title} ({key})" if i == 0 else "", f"[{colour}]{status}[/]" if i == 0 else "",
+                          r2 if i == 0 else "", name, value, f"[{_fmt(lo)}, {_fmt(hi)}]", *paper_values)
+            t.add_section()
+        tables.append(t)
+    return tables

@@ -44,8 +44,8 @@ class LoraSpec(MethodSpec):
     name: Literal["lora"] = "lora"
     ranks: list[int] = Field([8], description="adapter ranks; one run per rank")
     target_modules: list[str] = Field(list(ALL_LINEAR), description="module names that get adapters")
-    scaling: Literal["rslora", "standard"] = Field("rslora", description="rslora: alpha/sqrt(r) (the paper's); standard: alpha/r")
-    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha")
+    scaling: Literal["rslora", "standard"] = Field("rslora", description="rslora: alpha/sqrt(r); standard: alpha/r")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha (the paper's 1/sqrt(r) is rslora with alpha 1)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
     layers: str | list[int] | None = Field(None, description="only these decoder layers: 'first:K', 'last:K' or a list of indices")
 
