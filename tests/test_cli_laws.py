@@ -66,7 +66,7 @@ def test_bad_option_is_one_line(capsys, sweep):
 def test_fit_then_predict(capsys, sweep):
     assert main(["fit", str(sweep), "--bootstrap", "30", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    for text in ("power_joint", "95% interval", "held-out error", "c_ft", "gauge (fixed)", "laws.json"):
+    for text in ("power_joint", "95% interval", "held-out forecast", "of KL rise", "Eq. 4 given", "c_ft", "gauge (fixed)", "laws.json"):
         assert text in out
     doc = json.loads((sweep / "laws.json").read_text())
     assert doc["options"]["n_bootstrap"] == 30 and doc["options"]["seed"] == 1
