@@ -143,3 +143,32 @@ def test_new_run_intervals_cover_fresh_runs_near_nominal():
     runs = pd.concat([coverage.replicate(design, s, n_bootstrap=100) for s in range(40)])
     got = runs.groupby("output")["new_run_covered"].mean()
     assert (got >= 0.85).all(), got
+
+
+def test_pilot_fit_then_score_against_a_later_run(tmp_path, capsys):
+    """The forecasting workflow: fit a pilot's first steps (--max-step), forecast a run made later, score it."""
+    truth = paper.in_gauge("openorca", 0.002)
+    pilot, target = tmp_path / "pilot", tmp_path / "target"
+    synthetic.write_store(pilot, synthetic.simulate_frame(truth, ranks=(8, 16, 32, 64), seeds=(0,),
+                                                          steps=range(10, 261, 10), noise=0.004, seed=1))
+    synthetic.write_store(target, synthetic.simulate_frame(truth, ranks=(128,), seeds=(9,), steps=(150, 260),
+                                                           noise=0.004, seed=2))
+    assert main(["fit", str(pilot), "--max-step", "100", "--bootstrap", "100", "--laws", "linear,power_ft,mult_ft,mult_f"]) == 0
+    doc = json.loads((pilot / "laws.json").read_text())
+    assert doc["options"]["max_step"] == 100
+    assert all(max(s) <= 100 for s in doc["groups"][0]["laws"]["linear"]["rows"].values())
+    capsys.readouterr()
+    assert main(["predict", str(pilot), "--against", str(target)]) == 0
+    cap = capsys.readouterr()
+    assert "results.sqlite changed" not in cap.err  # rows beyond --max-step do not make the fit stale
+    assert "P=3.198e+08 is outside the fitted P range" in cap.err
+    assert "multiplicative" in cap.out and "covered" in cap.out
+    from forgetscale.laws.pipeline import forecast
+    from forgetscale.store import Store
+
+    with Store(target, create=False) as store:
+        scored = forecast.against(doc["groups"][0], store.frame())
+    f = scored[(scored["form"] == "multiplicative") & (scored["output"] == "f")]
+    assert list(f["N"]) == [150.0, 260.0]
+    rise = f["measured"] - 0.2  # the simulated base entropy
+    np.testing.assert_allclose(f["share_of_change"], f["error"] / rise, rtol=1e-9)

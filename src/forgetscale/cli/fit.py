@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning loss: held-out (default) or on training blocks")
     parser.add_argument("--min-step", type=int, default=None,
                         help="smallest step fitted (default: min(50, 20%% of the largest step))")
+    parser.add_argument("--max-step", type=int, default=None,
+                        help="largest step fitted (a pilot: fit the first steps, then `predict --against` the rest)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--include-unfinished", action="store_true", help="also use rows of unfinished runs")
@@ -69,6 +71,8 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
                           "seed": args.seed, "include_unfinished": args.include_unfinished}
     if args.min_step is not None:
         kw["min_step"] = args.min_step
+    if args.max_step is not None:
+        kw["max_step"] = args.max_step
     if args.laws is not None:
         kw["laws"] = tuple(x.strip() for x in args.laws.split(",") if x.strip())
     if args.huber_delta is not None:

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         from forgetscale.store import Store
 
         with Store(results, create=False) as store:
-            if group["label"] in fitall.stale_groups(store.frame(), {"groups": [group]}):
+            if group["label"] in fitall.stale_groups(store.frame(), {"groups": [group], "options": doc.get("options")}):
                 print(f"warning: results.sqlite changed since laws.json was written; re-run `forgetscale fit "
                       f"{args.run_dir}`", file=sys.stderr)
     for warning in forecast.outside_range(group, P, N):

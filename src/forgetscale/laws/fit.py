@@ -13,14 +13,14 @@ import pandas as pd
 
 from forgetscale.errors import DataError
 from forgetscale.laws.pipeline import lawfile
-from forgetscale.laws.pipeline.fitall import FitOptions, Progress, fit_groups
+from forgetscale.laws.pipeline.fitall import FitOptions, Progress, fit_groups, within_budget
 from forgetscale.laws.studies import crossmethod, mitigation
 
 
 def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None) -> dict[str, Any]:
     """The laws.json document for stored rows (all groups, and the comparison across methods)."""
     doc, fitted = fit_groups(frame, options, progress)
-    doc["cross_method"] = crossmethod.compare(frame, fitted, options, progress)
+    doc["cross_method"] = crossmethod.compare(within_budget(frame, options.max_step), fitted, options, progress)
     return doc
 
 

@@ -37,6 +37,8 @@ class FitOptions:
                         metadata={"help": "forgetting column: forget_ce (L_f), forget_kl or forget_ce_hard"})
     ft_column: str = field(default="ft_loss", metadata={"help": "L_ft column: held-out ft_loss or ft_loss_train"})
     min_step: int | str = field(default="auto", metadata={"help": "smallest step fitted; auto = min(50, 20% of max)"})
+    max_step: int | None = field(default=None, metadata={
+        "help": "largest step fitted (a pilot budget: fit the first steps, forecast the rest); None: all"})
     include_unfinished: bool = field(default=False, metadata={"help": "also fit rows of running/failed runs"})
     n_bootstrap: int = field(default=1000, metadata={"help": "run-bootstrap resamples for the 95% intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed (same seed, same intervals)"})
@@ -50,6 +52,8 @@ class FitOptions:
             ("ft_column", self.ft_column in FT_COLUMNS, f"one of {', '.join(FT_COLUMNS)}"),
             ("min_step", self.min_step == "auto" or (isinstance(self.min_step, int) and self.min_step >= 1),
              "'auto' or an integer >= 1"),
+            ("max_step", self.max_step is None or (isinstance(self.max_step, int) and self.max_step >= 1),
+             "an integer >= 1"),
             ("n_bootstrap", isinstance(self.n_bootstrap, int) and (self.n_bootstrap == 0 or self.n_bootstrap >= 20),
              "0 (no intervals) or an integer >= 20"),
             ("huber_delta", self.huber_delta > 0, "> 0"),
@@ -104,6 +108,7 @@ def fit_groups(frame: pd.DataFrame, options: FitOptions,
     laws by group label (the studies reuse them, so their intervals come from the same bootstrap)."""
     if frame.empty:
         raise DataError("the results store has no checkpoints yet; run the sweep first")
+    frame = within_budget(frame, options.max_step)
     out_groups = []
     first_error = None
     by_label: dict[str, dict[str, Law]] = {}
@@ -136,9 +141,15 @@ def fit_groups(frame: pd.DataFrame, options: FitOptions,
     return doc, by_label
 
 
+def within_budget(frame: pd.DataFrame, max_step: int | None) -> pd.DataFrame:
+    """The rows a fit with `max_step` reads: every step up to it (step 0, the base, included)."""
+    return frame if max_step is None or frame.empty else frame[frame["step"] <= max_step]
+
+
 def stale_groups(frame: pd.DataFrame, doc: dict[str, Any]) -> list[str]:
     """Groups whose stored rows changed since laws.json was written (so its numbers are out of date)."""
     out = []
+    frame = within_budget(frame, (doc.get("options") or {}).get("max_step"))
     by_label = {group_label(k): sub for k, sub in groups(frame)} if not frame.empty else {}
     for group in doc["groups"]:
         sub = by_label.get(group["label"])
