@@ -13,10 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,23 @@ from forgetscale.store import Store
 
 FAULT_ENV = "FORGETSCALE_FAULT"
 _WAIT_S = 0.5  # the driver wakes at least this often, so Ctrl-C is never held up by a quiet cluster
+
+
+@contextlib.contextmanager
+def _signals_as_flag() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM set an event instead of raising wherever the main thread happens to be."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stopped.set())
+    try:
+        yield stopped
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def parse_faults(text: str) -> list[Fault]:
@@ -145,8 +166,19 @@ class RayExecutor:
         out_dir = Path(ctx.out_dir)
         bar = tqdm(total=len(plans) * steps, desc=f"sweep on ray ({len(plans)} runs)", unit="step",
                    disable=not progress, dynamic_ncols=True)
+        with _signals_as_flag() as stopped:
+            self._drive(ray, task, shared, queue, flights, limit, res, driver_node, threads, out_dir, store, bar,
+                        stopped)
+
+    def _drive(self, ray, task, shared, queue, flights, limit, res, driver_node, threads, out_dir, store, bar,
+               stopped) -> None:
+        """The driver loop. Ctrl-C / SIGTERM only set `stopped` (see _signals_as_flag); the loop turns it into
+        KeyboardInterrupt at a safe point, so a signal landing inside ray.get cannot be taken by Ray for a
+        task cancellation (which the loop would retry, finishing the sweep as if nothing was asked)."""
         try:
             while queue or flights:
+                if stopped.is_set():
+                    raise KeyboardInterrupt
                 while queue and len(flights) < limit:
                     plan, attempt = queue.popleft()
                     known = [row["step"] for row in store.checkpoints(plan.run_id)]

@@ -92,8 +92,9 @@ class _Residuals:
             start = sl.stop
             if bad.any():
                 Jg = np.where(np.isfinite(Jg), Jg, 0.0)
-            gg = np.einsum("bkp,bk->bp", Jg, omr[:, sl])
-            HH = np.matmul(np.swapaxes(Jg * om[:, sl, None], 1, 2), Jg)
+            with np.errstate(invalid="ignore", over="ignore"):  # a diverging trial step: its cost is inf anyway
+                gg = np.einsum("bkp,bk->bp", Jg, omr[:, sl])
+                HH = np.matmul(np.swapaxes(Jg * om[:, sl, None], 1, 2), Jg)
             if cols is None:
                 g, H = gg, HH
             else:
