@@ -20,28 +20,34 @@ import torch
 from forgetscale.data.blocks import IGNORE, Blocks
 
 
+class PerTokenEntropy:
+    """`tokens` and `entropy` of every reference kind, from its per-token sum_v p log p (`neg_entropy`)."""
+
+    neg_entropy: torch.Tensor  # [T] float64
+
+    @property
+    def tokens(self) -> int:
+        return self.neg_entropy.shape[0]
+
+    @property
+    def entropy(self) -> float:
+        return float(-self.neg_entropy.double().mean())
+
+
 @dataclass
-class Reference:
+class Reference(PerTokenEntropy):
     """Base-model predictions at the loss positions of a block set."""
 
     probs: torch.Tensor  # [T, V] float32 p_base, on CPU
     neg_entropy: torch.Tensor  # [T] float64 sum_v p log p, computed with the same arithmetic as `measure`
     argmax: torch.Tensor  # [T] the base model's most likely token
 
-    @property
-    def tokens(self) -> int:
-        return self.probs.shape[0]
-
-    @property
-    def entropy(self) -> float:
-        return float(-self.neg_entropy.double().mean())
-
     def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
              device: torch.device, dtype: torch.dtype | None) -> Rows:
         """The reference at token rows [start, start + t) against the tuned model's shifted logits `z`."""
         t = z.shape[0]
         p = self.probs[start : start + t].to(z.device, non_blocking=True)
-        return Rows(_dot(p, z) - lse.double(), self.neg_entropy[start : start + t].to(z.device),
+        return Rows(expected_log_q(p, z, lse), self.neg_entropy[start : start + t].to(z.device),
                     self.argmax[start : start + t].to(z.device))
 
 
@@ -151,14 +157,27 @@ def _dot(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def expected_log_q(p: torch.Tensor, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """sum_v p(v) log q(v) per token (fp64), with log q = z - lse: the one form every CE, entropy and KL
+    term here is computed in (p = the base's distribution, z, lse = shifted logits of the model q)."""
+    return _dot(p, z) - lse.double()
+
+
+def base_distribution(z: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = exp(z - lse) (not softmax: its fp32 normaliser leaves sum(p) off 1 by ~8e-6 on SmolLM2) and
+    its per-token sum_v p log p: what every reference kind stores or recomputes."""
+    p = torch.exp(z - lse[:, None])
+    return p, expected_log_q(p, z, lse)
+
+
 def reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
               dtype: torch.dtype | None = None) -> Reference:
     """The base model's distribution on `blocks` (call before attaching a method, or with adapters disabled)."""
     probs, neg_entropy, argmax = [], [], []
     for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
-        p = torch.exp(z - lse[:, None])  # not softmax: its fp32 normaliser leaves sum(p) off 1 by ~8e-6 (SmolLM2)
+        p, neg_h = base_distribution(z, lse)
         probs.append(p.cpu())
-        neg_entropy.append((_dot(p, z) - lse.double()).cpu())
+        neg_entropy.append(neg_h.cpu())
         argmax.append(z.argmax(-1).cpu())
     return Reference(probs=torch.cat(probs), neg_entropy=torch.cat(neg_entropy), argmax=torch.cat(argmax))
 

@@ -31,7 +31,16 @@ import numpy as np
 import torch
 
 from forgetscale.data.blocks import IGNORE, Blocks
-from forgetscale.forgetting import BasePredictions, Rows, _batches, _dot, forward, reference
+from forgetscale.forgetting import (
+    BasePredictions,
+    PerTokenEntropy,
+    Rows,
+    _batches,
+    base_distribution,
+    expected_log_q,
+    forward,
+    reference,
+)
 
 EXACT = ("memory", "disk", "recompute")
 
@@ -83,7 +92,7 @@ def blocks_key(blocks: Blocks) -> str:
 
 # -- disk -----------------------------------------------------------------------------------------------
 @dataclass
-class DiskReference:
+class DiskReference(PerTokenEntropy):
     """fp32 base probabilities in `folder`/probs.f32 ([T, V], row-major), read one batch of rows at a time."""
 
     folder: Path
@@ -91,21 +100,13 @@ class DiskReference:
     neg_entropy: torch.Tensor  # [T] float64
     argmax: torch.Tensor  # [T]
 
-    @property
-    def tokens(self) -> int:
-        return self.neg_entropy.shape[0]
-
-    @property
-    def entropy(self) -> float:
-        return float(-self.neg_entropy.double().mean())
-
     def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
              device: torch.device, dtype: torch.dtype | None) -> Rows:
         t = z.shape[0]
         data = np.fromfile(self.folder / "probs.f32", dtype=np.float32, count=t * self.vocab,
                            offset=start * self.vocab * 4)
         p = torch.from_numpy(data.reshape(t, self.vocab)).to(z.device)
-        return Rows(_dot(p, z) - lse.double(), self.neg_entropy[start : start + t].to(z.device),
+        return Rows(expected_log_q(p, z, lse), self.neg_entropy[start : start + t].to(z.device),
                     self.argmax[start : start + t].to(z.device))
 
 
@@ -120,9 +121,9 @@ def disk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
         neg_entropy, argmax, vocab = [], [], 0
         with open(tmp / "probs.f32", "wb") as fh:
             for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
-                p = torch.exp(z - lse[:, None])  # the same arithmetic as forgetting.reference
+                p, neg_h = base_distribution(z, lse)  # the same arithmetic as forgetting.reference
                 fh.write(p.cpu().numpy().tobytes())
-                neg_entropy.append((_dot(p, z) - lse.double()).cpu())
+                neg_entropy.append(neg_h.cpu())
                 argmax.append(z.argmax(-1).cpu())
                 vocab = z.shape[1]
         torch.save({"neg_entropy": torch.cat(neg_entropy), "argmax": torch.cat(argmax)}, tmp / "summary.pt")
@@ -136,18 +137,10 @@ def disk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
 
 # -- recompute ------------------------------------------------------------------------------------------
 @dataclass
-class RecomputeReference:
+class RecomputeReference(PerTokenEntropy):
     """Only H(p) per token; p itself comes from re-running the tuned model with its adapter disabled."""
 
     neg_entropy: torch.Tensor  # [T] float64, from the base pass at build time (the stored entropy)
-
-    @property
-    def tokens(self) -> int:
-        return self.neg_entropy.shape[0]
-
-    @property
-    def entropy(self) -> float:
-        return float(-self.neg_entropy.double().mean())
 
     def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
              device: torch.device, dtype: torch.dtype | None) -> Rows:
@@ -155,21 +148,20 @@ class RecomputeReference:
             raise RuntimeError("forgetting.reference recompute: the model has no adapter to disable")
         with model.disable_adapter():
             zb, lseb, _ = forward(model, part, device, dtype)
-        p = torch.exp(zb - lseb[:, None])
+        p, neg_h = base_distribution(zb, lseb)
         # sum p log p from this same pass: KL is exactly 0 wherever the tuned model still equals the base
-        return Rows(_dot(p, z) - lse.double(), _dot(p, zb) - lseb.double(), zb.argmax(-1))
+        return Rows(expected_log_q(p, z, lse), neg_h, zb.argmax(-1))
 
 
 def recompute_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
                         dtype: torch.dtype | None) -> RecomputeReference:
-    neg_entropy = [(_dot(torch.exp(z - lse[:, None]), z) - lse.double()).cpu()
-                   for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype)]
+    neg_entropy = [base_distribution(z, lse)[1].cpu() for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype)]
     return RecomputeReference(torch.cat(neg_entropy))
 
 
 # -- top-k ----------------------------------------------------------------------------------------------
 @dataclass
-class TopKReference:
+class TopKReference(PerTokenEntropy):
     """The K largest base log-probabilities per token, their indices, the tail's log mass and the exact
     sum p log p (8 bytes x K + 24 per token). See the module docstring for the error and its bound."""
 
@@ -179,14 +171,6 @@ class TopKReference:
     neg_entropy: torch.Tensor  # [T] float64
     argmax: torch.Tensor  # [T]
     approximate = True
-
-    @property
-    def tokens(self) -> int:
-        return self.neg_entropy.shape[0]
-
-    @property
-    def entropy(self) -> float:
-        return float(-self.neg_entropy.double().mean())
 
     def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
              device: torch.device, dtype: torch.dtype | None) -> Rows:
@@ -217,7 +201,7 @@ def topk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
         parts["index"].append(top.indices.int().cpu())
         tail = torch.logsumexp(z.scatter(1, top.indices, float("-inf")), dim=-1)
         parts["log_tail"].append((tail.double() - lse.double()).cpu())
-        parts["neg_entropy"].append((_dot(torch.exp(z - lse[:, None]), z) - lse.double()).cpu())
+        parts["neg_entropy"].append(base_distribution(z, lse)[1].cpu())
         parts["argmax"].append(z.argmax(-1).cpu())
     return TopKReference(**{name: torch.cat(values) for name, values in parts.items()})
 
