@@ -12,6 +12,7 @@ Prints the seconds of each part (start-up, training, measurement), both totals, 
 last checkpoint's KL and held-out loss of each rank from both.
 
     python benchmarks/bench_sweep.py                                  # SmolLM2, ranks 1/4/16, 60 steps
+    python benchmarks/bench_sweep.py --dtype bf16                     # both under bf16 autocast
     python benchmarks/bench_sweep.py --model tiny-random-llama --steps 6 --ranks 1 2
 """
 
@@ -38,7 +39,8 @@ def config(args: argparse.Namespace) -> dict:
         "method": {"name": "lora", "ranks": list(args.ranks), "scaling": "rslora"},
         "train": {"steps": args.steps, "num_checkpoints": args.checkpoints, "batch_size": args.batch,
                   "context_length": args.context, "lr": args.lr, "optimizer": "adafactor", "seed": 0,
-                  "save_adapters": "none", "threads": args.threads},
+                  "save_adapters": "none", "threads": args.threads,
+                  **({"dtype": "bfloat16"} if args.dtype == "bf16" else {})},
     }
 
 
@@ -50,7 +52,7 @@ class Timer:
         self.parts[part] = self.parts.get(part, 0.0) + seconds
 
 
-def stock(cfg, timer: Timer) -> dict[int, dict[str, float]]:
+def stock(cfg, timer: Timer, bf16: bool) -> dict[int, dict[str, float]]:
     """What a user writes with transformers + peft: Trainer, a callback, a second base for the reference."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -75,6 +77,7 @@ def stock(cfg, timer: Timer) -> dict[int, dict[str, float]]:
                     "attention_mask": data.train.attention_mask[i]}
 
     @torch.no_grad()
+    @torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # what Trainer(bf16=True) trains under
     def measure(model) -> dict[str, float]:
         model.eval()
         nll = n = 0.0
@@ -130,7 +133,7 @@ def stock(cfg, timer: Timer) -> dict[int, dict[str, float]]:
                 output_dir=out, max_steps=cfg.train.steps, per_device_train_batch_size=cfg.train.batch_size,
                 learning_rate=cfg.train.lr, lr_scheduler_type="constant_with_warmup",
                 warmup_steps=cfg.train.warmup, optim="adafactor", weight_decay=0.0, max_grad_norm=1.0,
-                logging_strategy="no", save_strategy="no", report_to=[], seed=cfg.train.seed, use_cpu=True,
+                logging_strategy="no", save_strategy="no", report_to=[], seed=cfg.train.seed, use_cpu=True, bf16=bf16,
                 dataloader_num_workers=0, disable_tqdm=True,
             )
             trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Forgetting(rows)])
@@ -142,19 +145,35 @@ def stock(cfg, timer: Timer) -> dict[int, dict[str, float]]:
     return results
 
 
-def ours(cfg, timer: Timer) -> dict[int, dict[str, float]]:
+def ours(cfg, timer: Timer, bf16: bool) -> dict[int, dict[str, float]]:
+    from forgetscale import references, train
     from forgetscale.store import Store
     from forgetscale.sweep import run_sweep
 
-    with tempfile.TemporaryDirectory() as out:
-        t = time.perf_counter()
-        run_sweep(cfg, Path(out), progress=False)
-        total = time.perf_counter() - t
-        with Store(Path(out), create=False) as store:
-            frame = store.frame()
+    def timed(part: str, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer.add(part, time.perf_counter() - t0)
+        return wrapper
+
+    originals = references.build, train.checkpoint_metrics
+    references.build = timed("base reference", references.build)
+    train.checkpoint_metrics = timed("measurement", train.checkpoint_metrics)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            run_sweep(cfg, Path(out), progress=False)
+            total = time.perf_counter() - t
+            with Store(Path(out), create=False) as store:
+                frame = store.frame()
+    finally:
+        references.build, train.checkpoint_metrics = originals
     last = frame.sort_values("step").groupby("run_id").tail(1)
     timer.add("training", float(last["wall_s"].sum()))  # wall_s: training time only
-    timer.add("start-up + measurement", total - float(last["wall_s"].sum()))
+    timer.add("start-up", total - sum(timer.parts.values()))  # model loads, data, state saves
     return {int(r["rank"]): {"ft_loss": r["ft_loss"], "forget_ce": r["forget_ce"], "forget_kl": r["forget_kl"]}
             for r in last.to_dict("records")}
 
@@ -171,18 +190,20 @@ def main() -> None:
     parser.add_argument("--forget-tokens", type=int, default=4096)
     parser.add_argument("--heldout-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast in both (Trainer(bf16=True); train.dtype=bfloat16), weights fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = parse_config(config(args))
     print(f"{args.model}: LoRA ranks {args.ranks}, {args.steps} steps of {args.batch} x {args.context} tokens, "
           f"checkpoints {cfg.train.checkpoint_steps}, {args.forget_tokens} forgetting tokens, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.dtype}")
     timings = {}
     numbers = {}
     for name, fn in (("stock (Trainer + PEFT + base copy)", stock), ("forgetscale sweep", ours)):
         timer = Timer()
         t = time.perf_counter()
-        numbers[name] = fn(cfg, timer)
+        numbers[name] = fn(cfg, timer, args.dtype == "bf16")
         timings[name] = time.perf_counter() - t
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in timer.parts.items())
         print(f"{name}: {timings[name]:.1f} s ({parts})")

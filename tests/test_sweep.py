@@ -173,3 +173,26 @@ def test_a_run_dir_holds_one_sweep(tmp_path, tiny_cfg):
     cfg = parse_config(tiny_cfg(method={"name": "lora", "ranks": [2, 3]}))
     store = run_sweep(cfg, tmp_path, progress=False)
     assert len(store.runs()) == 2 and len(plan_runs(cfg)) == 2
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_lora_step0_is_measured_once_and_equals_each_runs_own(tmp_path, tiny_cfg, monkeypatch, dtype):
+    """LoRA starts as the base to the bit (B = 0), so a sweep measures step 0 once and every rank shares it;
+    a rank run alone, in a fresh sweep context, measures the same row itself. DoRA measures its own."""
+    from forgetscale import train
+
+    calls = []
+    original = train.checkpoint_metrics
+    monkeypatch.setattr(train, "checkpoint_metrics", lambda model, ctx: calls.append(1) or original(model, ctx))
+    extra = {"train": {"dtype": dtype}, "model": {"name": "tiny-random-llama", "dtype": dtype}} if dtype else {}
+    methods = [{"name": "lora", "ranks": [1, 2, 4]}, {"name": "dora", "ranks": [2]}]
+    store = run_sweep(parse_config(tiny_cfg(method=methods, **extra)), tmp_path / "all", progress=False)
+    assert len(calls) == 4 * 3 - 2  # lora ranks 2 and 4 reuse rank 1's step 0
+    step0 = {r["run_id"]: tuple(r[c] for c in VALUE_COLUMNS[:-1]) for r in store.checkpoints() if r["step"] == 0}
+    lora = {r["run_id"] for r in store.runs() if r["method"] == "lora"}
+    for rank in (2, 4):
+        alone = run_sweep(parse_config(tiny_cfg(method={"name": "lora", "ranks": [rank]}, **extra)),
+                          tmp_path / f"r{rank}", progress=False)
+        (row,) = [r for r in alone.checkpoints() if r["step"] == 0]
+        assert tuple(row[c] for c in VALUE_COLUMNS[:-1]) == step0[row["run_id"]]
+        assert row["run_id"] in lora

@@ -82,6 +82,7 @@ class RunContext:
     keep_adapters: frozenset[int] = frozenset()  # checkpoint steps whose weights are saved (for evals)
     arm_inputs: Any = None  # once-per-sweep inputs of the mitigation arms
     reference_note: str = "memory"  # where the base predictions live, and why (forgetting.reference)
+    base_metrics: dict[str, float] | None = None  # step 0 of a run whose method starts as the base, once measured
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -98,20 +99,30 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
 
 
-def checkpoint_row(model: torch.nn.Module, ctx: RunContext, run_id: str, step: int, *, train_loss: float | None,
-                   tokens_seen: int, wall_s: float) -> dict[str, Any]:
-    """Measure `model` on the held-out, train-probe and forgetting sets: one stored checkpoint row."""
+def checkpoint_metrics(model: torch.nn.Module, ctx: RunContext) -> dict[str, float]:
+    """Measure `model` on the held-out, train-probe and forgetting sets."""
     batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.dtype
     model.eval()
     held = measure(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref)
     probe = measure(model, ctx.data.train_probe, batch, device, dtype)
     forget = measure(model, ctx.forgetting, batch, device, dtype, ctx.forgetting_ref)
-    return {
-        "run_id": run_id, "step": step, "ft_loss": held["nll"], "ft_loss_train": probe["nll"],
-        "train_loss": train_loss, "forget_ce": forget["ce"], "forget_ce_hard": forget["ce_hard"],
-        "base_entropy": forget["entropy"], "forget_kl": forget["kl"], "ft_kl": held["kl"],
-        "tokens_seen": tokens_seen, "wall_s": wall_s,
-    }
+    return {"ft_loss": held["nll"], "ft_loss_train": probe["nll"], "forget_ce": forget["ce"],
+            "forget_ce_hard": forget["ce_hard"], "base_entropy": forget["entropy"], "forget_kl": forget["kl"],
+            "ft_kl": held["kl"]}
+
+
+def checkpoint_row(model: torch.nn.Module, ctx: RunContext, run_id: str, step: int, *, train_loss: float | None,
+                   tokens_seen: int, wall_s: float, starts_as_base: bool = False) -> dict[str, Any]:
+    """One stored checkpoint row. At step 0 a method that starts as the base (LoRA) has the values every other
+    such run of the sweep measured, to the bit, so they are measured once per sweep context."""
+    if step == 0 and starts_as_base and ctx.base_metrics is not None:
+        metrics = ctx.base_metrics
+    else:
+        metrics = checkpoint_metrics(model, ctx)
+        if step == 0 and starts_as_base:
+            ctx.base_metrics = metrics
+    return {"run_id": run_id, "step": step, "train_loss": train_loss, **metrics, "tokens_seen": tokens_seen,
+            "wall_s": wall_s}
 
 
 def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | None = None,
@@ -174,7 +185,8 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
         if step in checkpoints and step not in done_steps:
             phase(f"checkpoint {step}")
             last_row = checkpoint_row(model, ctx, plan.run_id, step, tokens_seen=tokens_seen, wall_s=wall_s,
-                                      train_loss=loss_sum / loss_count if loss_count else None)
+                                      train_loss=loss_sum / loss_count if loss_count else None,
+                                      starts_as_base=plan.method.starts_as_base)
             sink.add_checkpoint(last_row)
             loss_sum, loss_count = 0.0, 0
             done_steps.add(step)

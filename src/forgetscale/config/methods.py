@@ -27,6 +27,10 @@ class MethodSpec(Strict):
     # True: the base model's predictions are the same weights with the adapter disabled (peft's
     # disable_adapter); False: the method changes the base weights in place (top_layers, full)
     uses_adapter: ClassVar[bool] = True
+    # True: at step 0 the attached model computes bit for bit what the base computes (LoRA: B = 0 adds an exact
+    # zero), so every such run of a sweep has the same step-0 row and it is measured once. DoRA is the base only
+    # in exact arithmetic (W * m / ||W||); IA3 and the in-place methods change dtypes or layouts; all measure.
+    starts_as_base: ClassVar[bool] = False
 
     def run_ranks(self) -> list[int | None]:
         """The ranks this spec expands to (None for methods without a rank)."""
@@ -43,6 +47,7 @@ class MethodSpec(Strict):
 class LoraSpec(MethodSpec):
     name: Literal["lora"] = "lora"
     ranks: list[int] = Field([8], description="adapter ranks; one run per rank")
+    starts_as_base: ClassVar[bool] = True
     target_modules: list[str] = Field(list(ALL_LINEAR), description="module names that get adapters")
     scaling: Literal["rslora", "standard"] = Field("rslora", description="rslora: alpha/sqrt(r); standard: alpha/r")
     alpha: float = Field(16.0, gt=0.0, description="LoRA alpha (the paper's 1/sqrt(r) is rslora with alpha 1)")
@@ -83,6 +88,7 @@ class LoraSpec(MethodSpec):
 
 class DoraSpec(LoraSpec):
     name: Literal["dora"] = "dora"  # type: ignore[assignment]
+    starts_as_base: ClassVar[bool] = False
 
 
 class IA3Spec(MethodSpec):
