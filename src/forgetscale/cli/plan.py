@@ -73,18 +73,22 @@ def paper_plan(dataset: str, goal: frontier.Goal, ranks: list[int] | None, max_s
     return table
 
 
-def sweep_costs(run_dir: Path, group: dict) -> tuple[float, float]:
-    """Tokens per step and seconds per step (training and checkpoints) as this group's runs measured them."""
+def group_frame(run_dir: Path, group: dict) -> pd.DataFrame | None:
+    """The stored checkpoint rows of the fitted group (None without a results store)."""
     results = run_dir / "results.sqlite"
     if not results.exists():
-        return math.nan, math.nan
+        return None
     from forgetscale.laws.estimators.select import group_rows
     from forgetscale.store import Store
 
     with Store(results, create=False) as store:
-        rows = group_rows(store.frame(), group["key"])
-    rows = rows[rows["step"] > 0]
-    if rows.empty:
+        return group_rows(store.frame(), group["key"])
+
+
+def sweep_costs(rows: pd.DataFrame | None) -> tuple[float, float]:
+    """Tokens per step and seconds per step (training and checkpoints) as this group's runs measured them."""
+    rows = None if rows is None else rows[rows["step"] > 0]
+    if rows is None or rows.empty:
         return math.nan, math.nan
     last = rows.sort_values("step").groupby("run_id").tail(1)
     return float(np.median(rows["tokens_seen"] / rows["step"])), float(np.median(last["wall_s"] / last["step"]))
@@ -104,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
         group = forecast.choose_group(doc, args.dataset, args.method, args.mitigation)
         table, form, warnings = frontier.plan(group, goal, form=args.form, ranks=args.ranks,
                                               max_steps=args.max_steps)
-        tokens, seconds = sweep_costs(Path(args.run_dir), group)
+        rows = group_frame(Path(args.run_dir), group)
+        tokens, seconds = sweep_costs(rows)
         title = group["label"]
-        base = group_base_entropy(Path(args.run_dir), group, doc)
+        base = group_base_entropy(rows, doc)
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)
@@ -138,18 +143,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def group_base_entropy(run_dir: Path, group: dict, doc: dict) -> float:
+def group_base_entropy(rows: pd.DataFrame | None, doc: dict) -> float:
     """The base model's entropy on the forgetting set (L_f at step 0), when the laws are on forget_ce."""
-    if doc.get("options", {}).get("target", "forget_ce") != "forget_ce":
+    if rows is None or doc.get("options", {}).get("target", "forget_ce") != "forget_ce":
         return math.nan
-    results = run_dir / "results.sqlite"
-    if not results.exists():
-        return math.nan
-    from forgetscale.laws.estimators.select import group_rows
-    from forgetscale.store import Store
-
-    with Store(results, create=False) as store:
-        rows = group_rows(store.frame(), group["key"])
     base = rows.loc[rows["step"] == 0, "forget_ce"]
     return float(base.median()) if len(base) else math.nan
 

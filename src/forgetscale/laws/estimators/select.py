@@ -73,7 +73,7 @@ def base_column(col: str) -> str:
     return f"base:{col}"
 
 
-def _with_base(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+def with_base(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
     """`frame` plus, per used column, its run's step-0 value: errors are then also stated relative to
     how far a run moved from the base (the KL rise, the L_ft drop), not only to the loss itself, whose
     base entropy part no fine-tune changes. NaN where a run has no step-0 row."""
@@ -119,7 +119,7 @@ def select_rows(
             f"{'; '.join(labels)}; filter the rows or use forgetscale.laws.fit.fit_frame"
         )
     excluded: dict[str, int] = {}
-    rows = _with_base(frame, columns)
+    rows = with_base(frame, columns)
     if not include_unfinished:
         keep = rows["status"] == "finished"
         if not keep.any():

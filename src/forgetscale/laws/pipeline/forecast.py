@@ -21,6 +21,7 @@ import pandas as pd
 from forgetscale.errors import DataError, UnknownNameError, did_you_mean
 from forgetscale.laws.estimators import fitting, forms
 from forgetscale.laws.estimators.base import Law, heldout_errors
+from forgetscale.laws.estimators.select import base_column, with_base
 from forgetscale.laws.pipeline import lawfile
 
 # (form as printed, law, output); "linear of power_ft" is Eq. 4 applied to Eq. 5 (the paper's third column)
@@ -185,7 +186,7 @@ def against(group: dict[str, Any], rows: pd.DataFrame, level: float = 0.95) -> p
     if missing:
         raise DataError(f"the measured runs have no '{missing[0]}' column")
     min_step = max(int(law.min_step_) for law in laws.values())
-    base = rows[rows["step"] == 0].drop_duplicates("run_id").set_index("run_id")
+    rows = with_base(rows, tuple(cols.values()))  # each run's step-0 value beside every row (NaN if none)
     test = rows[rows["step"] >= min_step].sort_values(["run_id", "step"])
     if test.empty:
         raise DataError(f"the measured runs have no checkpoint at step >= {min_step} (the laws' minimum step)")
@@ -193,7 +194,7 @@ def against(group: dict[str, Any], rows: pd.DataFrame, level: float = 0.95) -> p
     out = []
     for (form, law, output), sub in table.groupby(["form", "law", "output"], sort=False):
         measured = test[cols[output]].to_numpy(float)
-        start = test["run_id"].map(base[cols[output]] if len(base) else {}).to_numpy(float)
+        start = test[base_column(cols[output])].to_numpy(float)
         for i, r in enumerate(sub.itertuples(index=False)):
             change = abs(measured[i] - start[i])
             err = r.value - measured[i]
