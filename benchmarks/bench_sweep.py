@@ -13,6 +13,7 @@ last checkpoint's KL and held-out loss of each rank from both.
 
     python benchmarks/bench_sweep.py                                  # SmolLM2, ranks 1/4/16, 60 steps
     python benchmarks/bench_sweep.py --dtype bf16                     # both under bf16 autocast
+    python benchmarks/bench_sweep.py --ours-bf16-weights              # stock fp32, forgetscale bf16 weights
     python benchmarks/bench_sweep.py --model tiny-random-llama --steps 6 --ranks 1 2
 """
 
@@ -31,16 +32,16 @@ from forgetscale.data.blocks import IGNORE
 from forgetscale.models import cache_root, resolve_source
 
 
-def config(args: argparse.Namespace) -> dict:
+def config(args: argparse.Namespace, weights: str | None = None) -> dict:
     return {
-        "name": "bench-sweep", "model": args.model,
+        "name": "bench-sweep", "model": {"name": args.model, **({"dtype": weights} if weights else {})},
         "finetune": {"dataset": "embedded:news", "heldout_max_tokens": args.heldout_tokens},
         "forgetting": {"dataset": "embedded:wikipedia", "max_tokens": args.forget_tokens},
         "method": {"name": "lora", "ranks": list(args.ranks), "scaling": "rslora"},
         "train": {"steps": args.steps, "num_checkpoints": args.checkpoints, "batch_size": args.batch,
                   "context_length": args.context, "lr": args.lr, "optimizer": "adafactor", "seed": 0,
                   "save_adapters": "none", "threads": args.threads,
-                  **({"dtype": "bfloat16"} if args.dtype == "bf16" else {})},
+                  **({"dtype": "bfloat16"} if args.dtype == "bf16" or weights else {})},
     }
 
 
@@ -192,19 +193,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast in both (Trainer(bf16=True); train.dtype=bfloat16), weights fp32")
+    parser.add_argument("--ours-bf16-weights", action="store_true",
+                        help="forgetscale only: bf16 base weights + autocast (model.dtype=bfloat16), the stock "
+                             "pipeline as --dtype says (README: bf16's KL is within fp32's seed spread)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = parse_config(config(args))
+    cfgs = {"stock": cfg, "ours": parse_config(config(args, "bfloat16")) if args.ours_bf16_weights else cfg}
     print(f"{args.model}: LoRA ranks {args.ranks}, {args.steps} steps of {args.batch} x {args.context} tokens, "
           f"checkpoints {cfg.train.checkpoint_steps}, {args.forget_tokens} forgetting tokens, "
-          f"{torch.get_num_threads()} threads, {args.dtype}")
+          f"{torch.get_num_threads()} threads, {args.dtype}"
+          + (" (forgetscale: bf16 weights + autocast)" if args.ours_bf16_weights else ""))
     timings = {}
     numbers = {}
-    for name, fn in (("stock (Trainer + PEFT + base copy)", stock), ("forgetscale sweep", ours)):
+    for name, key, fn in (("stock (Trainer + PEFT + base copy)", "stock", stock), ("forgetscale sweep", "ours", ours)):
         timer = Timer()
         t = time.perf_counter()
-        numbers[name] = fn(cfg, timer, args.dtype == "bf16")
+        numbers[name] = fn(cfgs[key], timer, args.dtype == "bf16")
         timings[name] = time.perf_counter() - t
+        timer.add("other", timings[name] - sum(timer.parts.values()))  # e.g. building each Trainer
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in timer.parts.items())
         print(f"{name}: {timings[name]:.1f} s ({parts})")
     a, b = timings.values()
