@@ -130,6 +130,34 @@ def test_auto_picks_memory_while_it_fits_in_half_the_ram():
     assert references.choose("topk:4", 10**12, 10**9)[0] == "topk:4"  # an explicit mode is kept
 
 
+def test_auto_checks_the_free_disk_before_choosing_disk():
+    """A reference larger than half the RAM goes to disk only while its files fit in 90% of the free disk;
+    then recompute (adapter methods); otherwise one line. An explicit disk that cannot fit is refused."""
+    gb = 10**9
+    assert references.choose("auto", 40 * gb, 24 * gb, 40 * gb, 65 * gb)[0] == "disk"
+    mode, note = references.choose("auto", 70 * gb, 24 * gb, 70 * gb, 65 * gb)
+    assert mode == "recompute" and "70.00 GB to write to disk, 65.0 GB free" in note
+    assert references.choose("auto", 70 * gb, 24 * gb, 0, 1 * gb)[0] == "disk"  # already written: read back
+    with pytest.raises(ConfigError, match=r"^forgetting.reference: auto: .* use topk:K .*; got 'auto'$"):
+        references.choose("auto", 70 * gb, 24 * gb, 70 * gb, 65 * gb, can_recompute=False)
+    with pytest.raises(ConfigError, match=r"^forgetting.reference: disk needs 70.0 GB .*; got 'disk'$"):
+        references.choose("disk", 70 * gb, 24 * gb, 70 * gb, 65 * gb)
+
+
+def test_disk_plan_counts_only_what_is_left_to_write(tmp_path):
+    done, half = tmp_path / "references" / "forgetting-a", tmp_path / "references" / "heldout-b"
+    done.mkdir(parents=True)
+    (done / "meta.json").write_text("{}")
+    leftover = half.with_name(half.name + ".tmp")
+    leftover.mkdir()
+    (leftover / "probs.f32").write_bytes(b"\0" * 4096)
+    to_write, free = references.disk_plan({"forgetting": done, "heldout": half}, {"forgetting": 10, "heldout": 7})
+    assert to_write == 7
+    import shutil
+
+    assert free >= shutil.disk_usage(tmp_path).free + 4096 - 10**6  # the leftover build counts as free
+
+
 def test_disk_sweep_equals_memory_and_is_reused_on_resume(tiny_cfg, tmp_path):
     memory = run_sweep(parse_config(tiny_cfg(train={"threads": 1})), tmp_path / "memory", progress=False)
     cfg = parse_config(tiny_cfg(forgetting={"reference": "disk"}, train={"threads": 1}))

@@ -73,13 +73,44 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def choose(mode: str, projected: int, available: int) -> tuple[str, str]:
-    """(the mode to use, one line saying why). auto: memory while it fits in half the available RAM."""
+def choose(mode: str, projected: int, available: int, disk_needed: int = 0, disk_free: int | None = None,
+           can_recompute: bool = True) -> tuple[str, str]:
+    """(the mode to use, one line saying why). auto: memory while it fits in half the available RAM, else disk
+    while the files not yet written (`disk_needed` bytes) fit in 90% of the free disk, else recompute (adapter
+    methods), else a one-line error. An explicit disk is refused up front when its files cannot fit."""
+    from forgetscale.errors import ConfigError
+
     gb = f"projected {projected / 1e9:.2f} GB in memory, {available / 1e9:.1f} GB available"
+    fits_disk = disk_free is None or disk_needed <= 0.9 * disk_free
+    room = "" if disk_free is None else f"; {disk_needed / 1e9:.2f} GB to write to disk, {disk_free / 1e9:.1f} GB free"
+    if mode == "disk" and not fits_disk:
+        raise ConfigError(f"forgetting.reference: disk needs {disk_needed / 1e9:.1f} GB under RUN_DIR/references and "
+                          f"the disk has {disk_free / 1e9:.1f} GB free; free space, or use recompute or topk:K; got 'disk'")
     if mode != "auto":
         return mode, f"{mode} ({gb})"
-    picked = "memory" if projected <= available // 2 else "disk"
-    return picked, f"{picked} (auto: {gb}; memory while it fits in half)"
+    if projected <= available // 2:
+        return "memory", f"memory (auto: {gb}; memory while it fits in half)"
+    if fits_disk:
+        return "disk", f"disk (auto: {gb}{room}; memory while it fits in half the RAM, then disk)"
+    if can_recompute:
+        return "recompute", (f"recompute (auto: {gb}{room}; neither fits, so the base is re-run with the adapter "
+                             "disabled at every checkpoint)")
+    raise ConfigError(f"forgetting.reference: auto: the base predictions need {projected / 1e9:.1f} GB, more than half "
+                      f"the {available / 1e9:.1f} GB of RAM and more than 90% of the {disk_free / 1e9:.1f} GB of free "
+                      "disk, and a method without an adapter cannot recompute them; use topk:K or lower "
+                      "forgetting.max_tokens; got 'auto'")
+
+
+def disk_plan(folders: dict[str, Path], sizes: dict[str, int]) -> tuple[int, int]:
+    """(bytes still to write, free bytes once leftover .tmp builds are removed) for the disk kind's folders
+    under an existing RUN_DIR; a complete folder is read back, not written again."""
+    to_write = sum(sizes[name] for name, folder in folders.items() if not (folder / "meta.json").is_file())
+    leftover = sum(f.stat().st_size for folder in folders.values()
+                   for f in folder.with_name(folder.name + ".tmp").glob("*") if f.is_file())
+    root = next(iter(folders.values())).parent
+    while not root.exists():
+        root = root.parent
+    return to_write, shutil.disk_usage(root).free + leftover
 
 
 def blocks_key(blocks: Blocks) -> str:
@@ -119,15 +150,19 @@ def disk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         neg_entropy, argmax, vocab = [], [], 0
-        with open(tmp / "probs.f32", "wb") as fh:
-            for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
-                p, neg_h = base_distribution(z, lse)  # the same arithmetic as forgetting.reference
-                fh.write(p.cpu().numpy().tobytes())
-                neg_entropy.append(neg_h.cpu())
-                argmax.append(z.argmax(-1).cpu())
-                vocab = z.shape[1]
-        torch.save({"neg_entropy": torch.cat(neg_entropy), "argmax": torch.cat(argmax)}, tmp / "summary.pt")
-        (tmp / "meta.json").write_text(json.dumps({"tokens": loss_tokens(blocks), "vocab": vocab}))
+        try:
+            with open(tmp / "probs.f32", "wb") as fh:
+                for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
+                    p, neg_h = base_distribution(z, lse)  # the same arithmetic as forgetting.reference
+                    fh.write(p.cpu().numpy().tobytes())
+                    neg_entropy.append(neg_h.cpu())
+                    argmax.append(z.argmax(-1).cpu())
+                    vocab = z.shape[1]
+            torch.save({"neg_entropy": torch.cat(neg_entropy), "argmax": torch.cat(argmax)}, tmp / "summary.pt")
+            (tmp / "meta.json").write_text(json.dumps({"tokens": loss_tokens(blocks), "vocab": vocab}))
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # a disk filled by a half-written cache helps nobody
+            raise
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     meta = json.loads((folder / "meta.json").read_text())

@@ -55,15 +55,18 @@ def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] 
         print(f"warning: {note}", file=sys.stderr)
     forgetting = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, data_cache)
     batch = cfg.train.eval_batch_size
-    mode, note = references.choose(cfg.forgetting.reference,
-                                   references.projected_bytes(base.model, forgetting, data.heldout),
-                                   references.available_ram())
-    identity = model_identity(cfg, device) if mode == "disk" else {}
+    sets = {"forgetting": forgetting, "heldout": data.heldout}
+    may_use_disk = cfg.forgetting.reference in ("auto", "disk")
+    identity = model_identity(cfg, device) if may_use_disk else {}
+    folders = {name: references.disk_folder(out_dir, name, identity, blocks, batch) for name, blocks in sets.items()}
+    to_write, free = references.disk_plan(folders, {n: references.projected_bytes(base.model, b) for n, b in sets.items()})
+    mode, note = references.choose(cfg.forgetting.reference, references.projected_bytes(base.model, *sets.values()),
+                                   references.available_ram(), to_write, free if may_use_disk else None,
+                                   all(spec.uses_adapter for spec in cfg.methods))
     phase(f"base predictions on {forgetting.loss_tokens + data.heldout.loss_tokens:,} tokens ({mode})")
     refs = {name: references.build(mode, base.model, blocks, batch, device, dtype,
-                                   references.disk_folder(out_dir, name, identity, blocks, batch)
-                                   if mode == "disk" else None)
-            for name, blocks in (("forgetting", forgetting), ("heldout", data.heldout))}
+                                   folders[name] if mode == "disk" else None)
+            for name, blocks in sets.items()}
     # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
     if cfg.mitigation:
         phase("mitigation inputs")
