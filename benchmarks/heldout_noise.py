@@ -18,7 +18,7 @@ from forgetscale.config import parse_config
 from forgetscale.data import build_finetune_data
 from forgetscale.data.blocks import IGNORE
 from forgetscale.forgetting import _batches
-from forgetscale.measure import block_interval
+from forgetscale.measure import block_se
 from forgetscale.models import cache_root, compute_dtype, load_model, resolve_device
 from forgetscale.store import Store
 
@@ -35,10 +35,7 @@ def block_nll(model: torch.nn.Module, blocks, batch: int, device, dtype) -> torc
 
 
 def se(sums: torch.Tensor, counts: torch.Tensor) -> float:
-    low, high = block_interval(sums, counts)
-    from scipy import stats
-
-    return (high - low) / 2 / float(stats.t.ppf(0.975, len(counts) - 1))
+    return block_se(sums, counts)[1]
 
 
 def main() -> None:

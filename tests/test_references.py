@@ -4,6 +4,8 @@ once and read back by later runs and resumes."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -153,8 +155,6 @@ def test_disk_plan_counts_only_what_is_left_to_write(tmp_path):
     (leftover / "probs.f32").write_bytes(b"\0" * 4096)
     to_write, free = references.disk_plan({"forgetting": done, "heldout": half}, {"forgetting": 10, "heldout": 7})
     assert to_write == 7
-    import shutil
-
     assert free >= shutil.disk_usage(tmp_path).free + 4096 - 10**6  # the leftover build counts as free
 
 

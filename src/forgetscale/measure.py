@@ -43,18 +43,27 @@ Interval = tuple[float, float]
 
 
 # -- per-block statistics ---------------------------------------------------------------------------
+def block_se(values: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
+    """(token mean, its standard error) from per-block sums: the ratio estimator over blocks (blocks may hold
+    different numbers of tokens); the error is NaN with fewer than two blocks."""
+    b = len(counts)
+    sums, n = values.double(), counts.double()
+    mean = float(sums.sum() / n.sum())
+    if b < 2:
+        return mean, math.nan
+    resid = sums - mean * n
+    return mean, math.sqrt(float((resid**2).sum()) / (b * (b - 1))) / float(n.mean())
+
+
 def block_interval(values: torch.Tensor, counts: torch.Tensor, level: float = 0.95) -> Interval:
-    """95% interval of a token mean from per-block sums: a t interval over blocks (ratio estimator when
-    blocks hold different numbers of tokens); NaN with fewer than two blocks."""
+    """95% interval of a token mean from per-block sums: a t interval over blocks (see block_se); NaN with
+    fewer than two blocks."""
     from scipy import stats
 
     b = len(counts)
     if b < 2:
         return (math.nan, math.nan)
-    sums, n = values.double(), counts.double()
-    mean = float(sums.sum() / n.sum())
-    resid = sums - mean * n
-    se = math.sqrt(float((resid**2).sum()) / (b * (b - 1))) / float(n.mean())
+    mean, se = block_se(values, counts)
     q = float(stats.t.ppf(0.5 + level / 2, b - 1))
     return (mean - q * se, mean + q * se)
 

@@ -56,16 +56,17 @@ def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] 
     forgetting = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, data_cache)
     batch = cfg.train.eval_batch_size
     sets = {"forgetting": forgetting, "heldout": data.heldout}
-    may_use_disk = cfg.forgetting.reference in ("auto", "disk")
-    identity = model_identity(cfg, device) if may_use_disk else {}
-    folders = {name: references.disk_folder(out_dir, name, identity, blocks, batch) for name, blocks in sets.items()}
-    to_write, free = references.disk_plan(folders, {n: references.projected_bytes(base.model, b) for n, b in sets.items()})
-    mode, note = references.choose(cfg.forgetting.reference, references.projected_bytes(base.model, *sets.values()),
-                                   references.available_ram(), to_write, free if may_use_disk else None,
-                                   all(spec.uses_adapter for spec in cfg.methods))
+    sizes = {name: references.projected_bytes(base.model, blocks) for name, blocks in sets.items()}
+    folders: dict[str, Path] = {}
+    to_write, free = 0, None
+    if cfg.forgetting.reference in ("auto", "disk"):  # only these may write RUN_DIR/references
+        identity = model_identity(cfg, device)
+        folders = {name: references.disk_folder(out_dir, name, identity, blocks, batch) for name, blocks in sets.items()}
+        to_write, free = references.disk_plan(folders, sizes)
+    mode, note = references.choose(cfg.forgetting.reference, sum(sizes.values()), references.available_ram(),
+                                   to_write, free, all(spec.uses_adapter for spec in cfg.methods))
     phase(f"base predictions on {forgetting.loss_tokens + data.heldout.loss_tokens:,} tokens ({mode})")
-    refs = {name: references.build(mode, base.model, blocks, batch, device, dtype,
-                                   folders[name] if mode == "disk" else None)
+    refs = {name: references.build(mode, base.model, blocks, batch, device, dtype, folders.get(name))
             for name, blocks in sets.items()}
     # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
     if cfg.mitigation:

@@ -115,12 +115,10 @@ def checkpoint_row(model: torch.nn.Module, ctx: RunContext, run_id: str, step: i
                    tokens_seen: int, wall_s: float, starts_as_base: bool = False) -> dict[str, Any]:
     """One stored checkpoint row. At step 0 a method that starts as the base (LoRA) has the values every other
     such run of the sweep measured, to the bit, so they are measured once per sweep context."""
-    if step == 0 and starts_as_base and ctx.base_metrics is not None:
-        metrics = ctx.base_metrics
-    else:
-        metrics = checkpoint_metrics(model, ctx)
-        if step == 0 and starts_as_base:
-            ctx.base_metrics = metrics
+    shared = step == 0 and starts_as_base
+    metrics = ctx.base_metrics if shared and ctx.base_metrics is not None else checkpoint_metrics(model, ctx)
+    if shared:
+        ctx.base_metrics = metrics
     return {"run_id": run_id, "step": step, "train_loss": train_loss, **metrics, "tokens_seen": tokens_seen,
             "wall_s": wall_s}
 
