@@ -306,3 +306,25 @@ def test_eval_cli_prints_intervals(tiny_sweep, capsys):
                  "--set", "choice.limit=6", "--set", "choice.max_new_tokens=3", "--set", "batch_size=4"]) == 0
     text = capsys.readouterr().out
     assert "agreement_with_base" in text and "vs base" in text and "/6)" in text
+
+
+def test_eval_loads_the_base_in_the_sweeps_precision(tmp_path, monkeypatch):
+    """A sweep trained on bf16 base weights is evaluated on bf16 base weights, under bf16 autocast, not on an
+    fp32 copy of the base."""
+    import yaml
+
+    import forgetscale.evals.runner as runner
+    import forgetscale.models as models
+    from tests.conftest import tiny_config
+
+    data = tiny_config(model={"name": "tiny-random-llama", "dtype": "bfloat16"}, method={"name": "lora", "ranks": [2]},
+                       train={"steps": 2, "checkpoints": [0, 2]}, evals={**SMALL, "steps": [2]})
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(data))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    loaded, targets = [], []
+    real_load, real_target = models.load_model, runner.Target
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(runner, "Target", lambda *a, **k: targets.append(real_target(*a, **k)) or targets[-1])
+    run_evals(tmp_path / "run", parse_config(data).evals, suites=["samples"], progress=False)
+    assert len(loaded) == 1 and {p.dtype for p in loaded[0].model.parameters()} == {torch.bfloat16}
+    assert len(targets) == 2 and all(t.dtype == torch.bfloat16 for t in targets)

@@ -71,3 +71,34 @@ def test_short_real_sweep_shows_forgetting(tmp_path):
 
 GOLDEN_BASE_ENTROPY = 3.0805657832853255
 GOLDEN_BASE_FT_LOSS = 4.919863327856986
+
+
+def test_two_processes_converting_at_once_leave_one_complete_folder(tmp_path):
+    """Two sweeps started together on a fresh cache both dequantise the GGUF; neither may delete the other's
+    half-written folder (it did: 'No such file or directory' while saving model.safetensors)."""
+    import threading
+
+    from forgetscale.models import _publish, _scratch_dir
+
+    target = tmp_path / "converted" / "model-v1"
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def convert(tag: str) -> None:
+        try:
+            tmp = _scratch_dir(target)
+            barrier.wait()  # both have a scratch folder before either publishes
+            (tmp / "model.safetensors").write_text(tag)
+            barrier.wait()
+            _publish(tmp, target)
+        except Exception as err:  # noqa: BLE001 - collected for the assert
+            errors.append(err)
+
+    threads = [threading.Thread(target=convert, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (target / "model.safetensors").read_text() in {"a", "b"}
+    assert [p.name for p in target.parent.iterdir()] == ["model-v1"]

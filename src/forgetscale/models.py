@@ -63,9 +63,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _scratch_dir(target)
     try:
         # transformers' dequantisation bar ignores its own switch; this once-per-machine step stays quiet
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
@@ -80,8 +78,27 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(tmp)
     (tmp / "SOURCE").write_text(f"dequantised from {gguf}\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    _publish(tmp, target)
+
+
+def _scratch_dir(target: Path) -> Path:
+    """A private folder beside target: two processes converting at once (a sweep in parallel) do not collide."""
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion into place; if another process got there first, keep theirs."""
+    if target.exists() and not (target / "model.safetensors").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder from an interrupted older layout
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cached_gguf_dir(gguf: Path, cache_dir: str | None) -> Path:
@@ -106,12 +123,10 @@ def _tiny_dir(cache_dir: str | None) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _scratch_dir(target)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    _publish(tmp, target)
     return target
 
 
@@ -233,10 +248,11 @@ def load_base_weights(cfg: Any, device: str | torch.device = "cpu") -> torch.nn.
     """Fresh weights of a config's base model (a run changes them in place or wraps them)."""
     device = torch.device(device)
     return load_model(cfg.model.name, device=device, dtype=weights_dtype(cfg.model.dtype, device),
-                      quantization=cfg.model.quantization, **_model_kwargs(cfg.model)).model
+                      quantization=cfg.model.quantization, **model_kwargs(cfg.model)).model
 
 
-def _model_kwargs(mcfg: Any) -> dict[str, Any]:
+def model_kwargs(mcfg: Any) -> dict[str, Any]:
+    """load_model's keywords from a config's `model` section, apart from precision and device."""
     return dict(gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
                 cache_dir=mcfg.cache_dir)
 
@@ -250,7 +266,7 @@ def load_configured_base(cfg: Any) -> ConfiguredBase:
     weights = weights_dtype(cfg.model.dtype, device)
     dtype = compute_dtype(cfg, device)
     base = load_model(cfg.model.name, device=device, dtype=weights, quantization=cfg.model.quantization,
-                      **_model_kwargs(cfg.model))
+                      **model_kwargs(cfg.model))
     length = cfg.train.context_length
     block = cfg.forgetting.block_length or length
     for key, value in (("train.context_length", length), ("forgetting.block_length", block)):

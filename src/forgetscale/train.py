@@ -84,6 +84,12 @@ class RunContext:
     reference_note: str = "memory"  # where the base predictions live, and why (forgetting.reference)
     base_metrics: dict[str, float] | None = None  # step 0 of a run whose method starts as the base, once measured
 
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A freshly attached model on the run's device (a 4-bit base was placed by its loader and refuses .to())."""
+        if self.config.model.quantization == "none":
+            model.to(self.device)
+        return model
+
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adafactor":
@@ -141,9 +147,7 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
     base = ctx.load_base()
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
-    model = attach(base, plan.method, plan.rank)
-    if ctx.config.model.quantization == "none":
-        model.to(ctx.device)
+    model = ctx.place(attach(base, plan.method, plan.rank))
     hooks = setup(model) if setup is not None else NoHooks()  # the arm's setup (may freeze layers)
     upcast_trainable(model)  # half-precision base weights (model.dtype): what is trained stays fp32
     params = [p for p in model.parameters() if p.requires_grad]

@@ -83,7 +83,7 @@ class ForgettingConfig(SourceSpec):
         "(a file under RUN_DIR/references, read in chunks, reused by every run and resume), recompute (the base "
         "re-run with the adapter disabled at each checkpoint; adapter methods only), topk:K (the K largest base "
         "probabilities + tail mass; KL/CE slightly low, see docs), auto: memory if it fits in half the free RAM, "
-        "else disk",
+        "else disk if its files fit in 90% of the free disk, else recompute (adapter methods)",
     )
 
     @field_validator("reference")

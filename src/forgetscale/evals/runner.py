@@ -123,7 +123,14 @@ def run_evals(
     from tqdm.auto import tqdm
 
     from forgetscale.config import SweepConfig
-    from forgetscale.models import cache_root, load_model, resolve_device, resolve_dtype
+    from forgetscale.models import (
+        cache_root,
+        compute_dtype,
+        load_model,
+        model_kwargs,
+        resolve_device,
+        weights_dtype,
+    )
 
     run_dir = Path(run_dir)
     store = Store(run_dir, create=False)
@@ -149,10 +156,10 @@ def run_evals(
     evaluated = {(n, k) for n, k in todo}
     if todo:
         dev = resolve_device(device or cfg.train.device)
-        dtype = resolve_dtype(cfg.train.dtype, dev)
-        mcfg = cfg.model
-        base = load_model(mcfg.name, device=dev, gguf_file=mcfg.gguf_file, revision=mcfg.revision,
-                          trust_remote_code=mcfg.trust_remote_code, cache_dir=mcfg.cache_dir)
+        # the sweep's precision: base weights in model.dtype (or 4-bit), autocast as the checkpoints were measured
+        dtype = compute_dtype(cfg, dev)
+        base = load_model(cfg.model.name, device=dev, dtype=weights_dtype(cfg.model.dtype, dev),
+                          quantization=cfg.model.quantization, **model_kwargs(cfg.model))
         work = sum(_work(items[n], getattr(evals, suite_for(n).settings_key)) for n, _ in todo)
         by_key = {t.key: t for t in targets}
         with tqdm(total=work, desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:

@@ -25,7 +25,7 @@ from forgetscale.config.methods import METHODS
 from forgetscale.config.mitigations import ScaleSpec
 from forgetscale.data import batch_indices
 from forgetscale.errors import RunFailed
-from forgetscale.methods.attach import attach, trainable_parameters
+from forgetscale.methods.attach import attach, trainable_parameters, upcast_trainable
 from forgetscale.mitigations.base import Arm
 from forgetscale.plan import RunPlan
 from forgetscale.train import RowSink, RunContext, checkpoint_row
@@ -52,7 +52,8 @@ class Scale(Arm):
                             "or all); run it first")
         steps = [s for s in tcfg.checkpoint_steps if s > 0 and s in saved]
         torch.manual_seed(plan.seed)
-        model = attach(ctx.load_base(), plan.method, plan.rank).to(ctx.device)
+        model = ctx.place(attach(ctx.load_base(), plan.method, plan.rank))
+        upcast_trainable(model)  # as trained: the saved fp32 weights are not rounded to a half-precision base
         sink.update_run(plan.run_id, trainable_params=trainable_parameters(model), status="running", error=None)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n}
         start = {n: p.detach().clone() for n, p in named.items()}  # the base point: B = 0, ia3 = 1, W0
