@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forgetscale.data.blocks import IGNORE, Blocks
+from forgetscale.data.blocks import Blocks
 from forgetscale.forgetting import (
     BasePredictions,
     PerTokenEntropy,
@@ -47,7 +47,7 @@ EXACT = ("memory", "disk", "recompute")
 
 def loss_tokens(blocks: Blocks) -> int:
     """Positions a reference holds for these blocks (the measured next-token positions)."""
-    return int((blocks.labels[:, 1:] != IGNORE).sum())
+    return blocks.loss_tokens
 
 
 def vocabulary(model: torch.nn.Module) -> int:
