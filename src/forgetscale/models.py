@@ -246,15 +246,17 @@ class ConfiguredBase:
 
 def load_base_weights(cfg: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Fresh weights of a config's base model (a run changes them in place or wraps them)."""
+    return load_configured_model(cfg, device).model
+
+
+def load_configured_model(cfg: Any, device: str | torch.device) -> LoadedModel:
+    """A config's base model as its runs load it: weights in model.dtype (or 4-bit), from model.* sources.
+    Sweeps, runs and evals all load through here, so none of them sees a different precision."""
     device = torch.device(device)
-    return load_model(cfg.model.name, device=device, dtype=weights_dtype(cfg.model.dtype, device),
-                      quantization=cfg.model.quantization, **model_kwargs(cfg.model)).model
-
-
-def model_kwargs(mcfg: Any) -> dict[str, Any]:
-    """load_model's keywords from a config's `model` section, apart from precision and device."""
-    return dict(gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
-                cache_dir=mcfg.cache_dir)
+    mcfg = cfg.model
+    return load_model(mcfg.name, device=device, dtype=weights_dtype(mcfg.dtype, device), quantization=mcfg.quantization,
+                      gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
+                      cache_dir=mcfg.cache_dir)
 
 
 def load_configured_base(cfg: Any) -> ConfiguredBase:
@@ -263,16 +265,15 @@ def load_configured_base(cfg: Any) -> ConfiguredBase:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    weights = weights_dtype(cfg.model.dtype, device)
     dtype = compute_dtype(cfg, device)
-    base = load_model(cfg.model.name, device=device, dtype=weights, quantization=cfg.model.quantization,
-                      **model_kwargs(cfg.model))
+    base = load_configured_model(cfg, device)
     length = cfg.train.context_length
     block = cfg.forgetting.block_length or length
     for key, value in (("train.context_length", length), ("forgetting.block_length", block)):
         if value > base.max_positions:
             raise ConfigError(f"{key}: must be <= the model's {base.max_positions} positions; got {value}")
-    return ConfiguredBase(base, device, dtype, length, block, cache_root(cfg.model.cache_dir) / "data", weights)
+    return ConfiguredBase(base, device, dtype, length, block, cache_root(cfg.model.cache_dir) / "data",
+                          weights_dtype(cfg.model.dtype, device))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

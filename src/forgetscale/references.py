@@ -45,11 +45,6 @@ from forgetscale.forgetting import (
 EXACT = ("memory", "disk", "recompute")
 
 
-def loss_tokens(blocks: Blocks) -> int:
-    """Positions a reference holds for these blocks (the measured next-token positions)."""
-    return blocks.loss_tokens
-
-
 def vocabulary(model: torch.nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "out_features", None):
@@ -59,7 +54,7 @@ def vocabulary(model: torch.nn.Module) -> int:
 
 def projected_bytes(model: torch.nn.Module, *block_sets: Blocks) -> int:
     """What the in-memory reference of these block sets would take: 4 bytes x vocabulary x tokens."""
-    return 4 * vocabulary(model) * sum(loss_tokens(b) for b in block_sets)
+    return 4 * vocabulary(model) * sum(b.loss_tokens for b in block_sets)
 
 
 def available_ram() -> int:
@@ -159,7 +154,7 @@ def disk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
                     argmax.append(z.argmax(-1).cpu())
                     vocab = z.shape[1]
             torch.save({"neg_entropy": torch.cat(neg_entropy), "argmax": torch.cat(argmax)}, tmp / "summary.pt")
-            (tmp / "meta.json").write_text(json.dumps({"tokens": loss_tokens(blocks), "vocab": vocab}))
+            (tmp / "meta.json").write_text(json.dumps({"tokens": blocks.loss_tokens, "vocab": vocab}))
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # a disk filled by a half-written cache helps nobody
             raise

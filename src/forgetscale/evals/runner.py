@@ -123,14 +123,7 @@ def run_evals(
     from tqdm.auto import tqdm
 
     from forgetscale.config import SweepConfig
-    from forgetscale.models import (
-        cache_root,
-        compute_dtype,
-        load_model,
-        model_kwargs,
-        resolve_device,
-        weights_dtype,
-    )
+    from forgetscale.models import cache_root, compute_dtype, load_configured_model, resolve_device
 
     run_dir = Path(run_dir)
     store = Store(run_dir, create=False)
@@ -158,8 +151,7 @@ def run_evals(
         dev = resolve_device(device or cfg.train.device)
         # the sweep's precision: base weights in model.dtype (or 4-bit), autocast as the checkpoints were measured
         dtype = compute_dtype(cfg, dev)
-        base = load_model(cfg.model.name, device=dev, dtype=weights_dtype(cfg.model.dtype, dev),
-                          quantization=cfg.model.quantization, **model_kwargs(cfg.model))
+        base = load_configured_model(cfg, dev)
         work = sum(_work(items[n], getattr(evals, suite_for(n).settings_key)) for n, _ in todo)
         by_key = {t.key: t for t in targets}
         with tqdm(total=work, desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
