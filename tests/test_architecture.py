@@ -22,6 +22,7 @@ LAYERS = [
     ["forgetscale.registry", "forgetscale.hub"],
     ["forgetscale.config"],  # every key and spec: pydantic only
     ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
+    ["forgetscale.output_head"],  # the head a few rows at a time (training loss, measuring logits)
     ["forgetscale.forgetting", "forgetscale.methods", "forgetscale.laws", "forgetscale.compatibility"],
     ["forgetscale.train", "forgetscale.measure", "forgetscale.references"],  # the loop; measuring models trained elsewhere; bounded base references
     ["forgetscale.mitigations", "forgetscale.integrations"],  # the arms' torch halves; the Trainer callback

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from forgetscale.data.blocks import IGNORE, Blocks
+from forgetscale.output_head import CHUNK_BYTES, LogitsWorkspace, hidden_states_out, plain_head
 
 
 class PerTokenEntropy:
@@ -119,28 +120,45 @@ def fp32_output_head(model: torch.nn.Module, device: torch.device, dtype: torch.
             hook.remove()
 
 
-def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: torch.dtype | None):
+def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: torch.dtype | None,
+            workspace: LogitsWorkspace | None = None):
     """(logits at the loss positions [t, V] float32, shifted so each row's maximum is 0; their log-normaliser
     [t]; labels [t]) for one batch of blocks.
 
     The shift is exact algebra (every quantity below is a difference z_v - logsumexp(z)), and it is what
     keeps fp32 exact: unshifted, p.z and logsumexp(z) are each ~35 nats on SmolLM2 and their difference
-    loses ~1e-3 nats per token to cancellation; shifted, both are a few nats."""
+    loses ~1e-3 nats per token to cancellation; shifted, both are a few nats.
+
+    With a plain output head (forgetscale.output_head) the head runs on the loss positions only, into the
+    workspace's reused buffer, and nothing else [t, V] is allocated: on CPU every fresh tensor that large is
+    page-faulted in anew, which was half of a measuring pass (`benchmarks/bench_train_loss.py`). The
+    logits are then valid until the workspace's next batch."""
     ids, mask = part.input_ids.to(device), part.attention_mask.to(device)
-    with torch.no_grad(), autocast(device, dtype), fp32_output_head(model, device, dtype):
-        logits = model(input_ids=ids, attention_mask=mask).logits
     labels = part.labels[:, 1:].to(device)
     keep = labels != IGNORE
-    z = logits[:, :-1][keep].float()
-    z = z - z.max(dim=-1, keepdim=True).values
-    return z, torch.logsumexp(z, dim=-1), labels[keep]
+    head = plain_head(model)
+    if head is None:
+        with torch.no_grad(), autocast(device, dtype), fp32_output_head(model, device, dtype):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        z = logits[:, :-1][keep].float()
+        z = z - z.max(dim=-1, keepdim=True).values
+        return z, torch.logsumexp(z, dim=-1), labels[keep]
+    with torch.no_grad(), autocast(device, dtype), hidden_states_out(head):
+        hidden = model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        z = (workspace or LogitsWorkspace()).logits(head, hidden[:, :-1][keep])
+        z.sub_(z.amax(dim=-1, keepdim=True))
+        rows = max(1, CHUNK_BYTES // (4 * z.shape[1]))  # logsumexp's own [rows, V] temporary stays small
+        lse = torch.cat([torch.logsumexp(z[start : start + rows], dim=-1) for start in range(0, z.shape[0], rows)])
+    return z, lse, labels[keep]
 
 
 def _batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None):
-    """Yield (batch, z, lse, labels) batch by batch (see `forward`)."""
+    """Yield (batch, z, lse, labels) batch by batch (see `forward`); z is overwritten by the next batch."""
+    workspace = LogitsWorkspace()
     for start in range(0, len(blocks), batch_size):
         part = blocks.select(slice(start, start + batch_size))
-        yield (part, *forward(model, part, device, dtype))
+        yield (part, *forward(model, part, device, dtype, workspace))
 
 
 DOT_CHUNK = 256  # vocabulary columns per partial dot product

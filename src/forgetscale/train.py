@@ -24,6 +24,7 @@ from forgetscale.errors import RunFailed
 from forgetscale.forgetting import BasePredictions, autocast, measure
 from forgetscale.methods.attach import attach, trainable_parameters, upcast_trainable
 from forgetscale.models import enable_gradient_checkpointing
+from forgetscale.output_head import next_token_loss
 from forgetscale.plan import RunPlan
 
 
@@ -214,7 +215,7 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
             batch = blocks.select(slice(start, start + tcfg.batch_size))
             ids, labels, mask = (t.to(ctx.device) for t in (batch.input_ids, batch.labels, batch.attention_mask))
             with autocast(ctx.device, ctx.dtype):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / tcfg.grad_accum
+                loss = next_token_loss(model, ids, mask, labels) / tcfg.grad_accum  # the stock loss, chunked
             scaler.scale(loss).backward()
             step_loss += float(loss.detach())
             tokens_seen += int(mask.sum())

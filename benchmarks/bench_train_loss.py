@@ -1,0 +1,132 @@
+"""The chunked output head against the stock one, side by side in one run: training step time with the
+stock causal-LM loss vs `output_head.next_token_loss`, and a measuring pass (forgetting.measure) with the
+stock head over every position vs the plain head on the loss positions into a reused buffer. Prints
+seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios.
+
+    python benchmarks/bench_train_loss.py                       # SmolLM2, bf16 weights + autocast, 2 threads
+    python benchmarks/bench_train_loss.py --weights fp32 --autocast none
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from forgetscale import forgetting, output_head
+from forgetscale.config import parse_config
+from forgetscale.data import build_finetune_data, build_forgetting_blocks
+from forgetscale.methods.attach import attach, upcast_trainable
+from forgetscale.models import cache_root, load_configured_model, resolve_source
+
+
+class Meter:
+    def __enter__(self):
+        self.usage, self.started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.seconds = time.perf_counter() - self.started
+        self.sys = end.ru_stime - self.usage.ru_stime
+        self.faults = end.ru_minflt - self.usage.ru_minflt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--weights", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--autocast", choices=("bf16", "none"), default="bf16")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=2, help="stock and chunked alternate this many times")
+    parser.add_argument("--forget-tokens", type=int, default=4096)
+    parser.add_argument("--eval-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = parse_config({
+        "model": {"name": args.model, "dtype": "bfloat16" if args.weights == "bf16" else "float32"},
+        "forgetting": {"max_tokens": args.forget_tokens},
+        "method": {"name": "lora", "ranks": [args.rank], "scaling": "rslora"},
+        "train": {"batch_size": args.batch, "context_length": args.context, "threads": args.threads,
+                  **({"dtype": "bfloat16"} if args.autocast == "bf16" else {})},
+    })
+    source, _ = resolve_source(cfg.model.name)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    data = build_finetune_data(cfg.finetune, tokenizer, args.context, cache_root() / "data")
+    forget = build_forgetting_blocks(cfg.forgetting, tokenizer, args.context, cache_root() / "data")
+    device = torch.device("cpu")
+    dtype = torch.bfloat16 if args.autocast == "bf16" else None
+    torch.manual_seed(0)
+    base = load_configured_model(cfg, device).model
+    ref = forgetting.reference(base, forget, args.eval_batch, device, dtype)
+    model = attach(base, cfg.method[0], args.rank)
+    upcast_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batches = iter(range(10**9))
+
+    def step(chunked: bool) -> None:
+        i = next(batches) % max(1, len(data.train) // args.batch)
+        b = data.train.select(slice(i * args.batch, (i + 1) * args.batch))
+        with forgetting.autocast(device, dtype):
+            if chunked:
+                loss = output_head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
+            else:
+                loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    print(f"{args.model}: weights {args.weights}, autocast {args.autocast}, LoRA r{args.rank}, "
+          f"{args.batch} x {args.context} tokens per step, {args.threads} threads")
+    train = {False: [], True: []}
+    for chunked in (False, True):  # warm-up, untimed
+        step(chunked)
+    for _ in range(args.rounds):
+        for chunked in (False, True):
+            with Meter() as m:
+                for _ in range(args.steps):
+                    step(chunked)
+            train[chunked].append(m)
+
+    real_head = forgetting.plain_head
+    passes = {False: [], True: []}
+    model.eval()
+    for _ in range(args.rounds):
+        for chunked in (False, True):
+            forgetting.plain_head = real_head if chunked else (lambda _model: None)
+            try:
+                with Meter() as m:
+                    result = forgetting.measure(model, forget, args.eval_batch, device, dtype, ref)
+            finally:
+                forgetting.plain_head = real_head
+            passes[chunked].append((m, result["kl"]))
+
+    def row(label: str, meters: list[Meter], per: int) -> float:
+        s = sum(m.seconds for m in meters) / (len(meters) * per)
+        sys_s = sum(m.sys for m in meters) / (len(meters) * per)
+        faults = sum(m.faults for m in meters) / (len(meters) * per)
+        print(f"  {label:<34} {s:8.3f} s   sys {sys_s:7.3f} s   minor faults {faults:10,.0f}")
+        return s
+
+    print(f"training step ({args.rounds} rounds x {args.steps} steps each, alternating)")
+    stock = row("stock loss (model(labels=...).loss)", train[False], args.steps)
+    ours = row("chunked head (next_token_loss)", train[True], args.steps)
+    print(f"  speed-up {stock / ours:.2f}x")
+    print(f"measuring pass over {forget.loss_tokens} forgetting tokens, eval batch {args.eval_batch}")
+    stock = row("stock head over every position", [m for m, _ in passes[False]], 1)
+    ours = row("plain head, reused buffer", [m for m, _ in passes[True]], 1)
+    kl = [k for _, k in passes[False] + passes[True]]
+    print(f"  speed-up {stock / ours:.2f}x; KL {min(kl):.6e} .. {max(kl):.6e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The output head a few rows at a time: the training loss and its gradient without a [tokens, vocabulary]
+logits tensor.
+
+Why: the stock causal-LM loss builds bf16 logits, an fp32 copy, log-softmax and two gradients, each
+[batch x context x vocabulary] (100 MB apiece for SmolLM2 at 4 x 128 tokens). Above 32 MB glibc serves
+every allocation with a fresh mmap, so each of them is page-faulted in anew at every micro-batch: on this
+CPU a bf16 LoRA step spent 0.72 of its 1.78 s in the kernel (`benchmarks/bench_train_loss.py`). Here the
+head runs on row chunks whose buffers are allocated once per micro-batch, and the gradient with respect to
+the hidden states is formed in the forward pass (the frozen head needs no weight gradient), so backward
+is one multiplication. Same arithmetic as the stock loss, in the same precision (autocast's dtype for
+the matmul, fp32 softmax).
+
+Only for heads that are a frozen plain Linear on architectures whose logits are the head's output and
+nothing more (no soft-capping or scaling after it); every other model keeps the stock loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from forgetscale.data.blocks import IGNORE
+
+# logits = lm_head(final hidden state), nothing after it (Gemma 2/3 soft-cap, Cohere and Granite scale)
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+CHUNK_BYTES = 16 * 2**20  # one fp32 chunk of logits: under glibc's 32 MB mmap ceiling, so chunks are reused
+
+
+def plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection when the logits are its output on the final hidden states and nothing more."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear else None  # not an adapter or a quantised layer on the head
+
+
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The plain head when it is also frozen (its weight gradient is never formed here), else None."""
+    head = plain_head(model)
+    return None if head is None or any(p.requires_grad for p in head.parameters()) else head
+
+
+@contextlib.contextmanager
+def hidden_states_out(head: torch.nn.Module):
+    """Inside, the model's `.logits` are its final hidden states: the head passes its input through."""
+    head.forward = lambda x: x
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
+class _ChunkedNextTokenLoss(torch.autograd.Function):
+    """mean_t CE(head(h_t), y_t) over rows already restricted to labelled positions."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                rows: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        h_all = hidden.to(weight.dtype)
+        grad = torch.empty_like(h_all)
+        low = torch.empty((min(rows, n), weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+        z = torch.empty(low.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start in range(0, n, rows):
+            h, y = h_all[start : start + rows], labels[start : start + rows]
+            m = h.shape[0]
+            zl, zf = low[:m], z[:m]
+            torch.matmul(h, weight.t(), out=zl)
+            if bias is not None:
+                zl.add_(bias)
+            zf.copy_(zl)
+            zf.sub_(zf.amax(dim=-1, keepdim=True))
+            picked = zf.gather(1, y[:, None]).view(-1)
+            zf.exp_()
+            sums = zf.sum(dim=-1)
+            total += (sums.log() - picked).double().sum()
+            zf.div_(sums[:, None] * n)  # softmax / n: the gradient of the mean, before the low-precision cast
+            zf.view(-1)[torch.arange(m, device=zf.device) * zf.shape[1] + y] -= 1.0 / n
+            zl.copy_(zf)
+            torch.matmul(zl, weight, out=grad[start : start + m])
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return (total / n).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
+
+
+def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss `model(..., labels=labels).loss` gives (mean over labelled next tokens), through
+    the chunked head where the model allows it."""
+    head = chunkable_head(model)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    with hidden_states_out(head):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows = hidden[:, :-1][keep]
+    weight = head.weight
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the matmul in autocast's dtype, as the stock head's would be
+        weight = weight.to(torch.get_autocast_dtype(device))
+    bias = None if head.bias is None else head.bias.to(weight.dtype)
+    chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    with torch.autocast(device_type=device, enabled=False):
+        return _ChunkedNextTokenLoss.apply(rows, weight, bias, targets[keep], chunk)
+
+
+class LogitsWorkspace:
+    """fp32 logits rows for measuring, in one buffer reused batch after batch, and the head's fp32 weight
+    (upcast once, not per batch, for a half-precision head). Good for one measuring pass over a frozen head."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+
+    def logits(self, head: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+        """head(rows) in fp32, [t, V], valid until the next call."""
+        if self.weight is None:
+            self.weight = head.weight.detach().float()
+        t, v = rows.shape[0], self.weight.shape[0]
+        if self.buffer is None or self.buffer.numel() < t * v or self.buffer.device != rows.device:
+            self.buffer = torch.empty(t * v, dtype=torch.float32, device=rows.device)
+        z = self.buffer[: t * v].view(t, v)
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            torch.matmul(rows.float(), self.weight.t(), out=z)
+            if head.bias is not None:
+                z.add_(head.bias.detach().float())
+        return z
