@@ -19,7 +19,7 @@ from forgetscale.data import build_finetune_data
 from forgetscale.data.blocks import IGNORE
 from forgetscale.forgetting import _batches
 from forgetscale.measure import block_se
-from forgetscale.models import cache_root, compute_dtype, load_model, resolve_device
+from forgetscale.models import cache_root, compute_dtype, load_configured_model, resolve_device
 from forgetscale.store import Store
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         runs = [r for r in store.runs() if r["status"] == "finished"]
     device = resolve_device(cfg.train.device)
     dtype = compute_dtype(cfg, device)
-    loaded = load_model(cfg.model.name, device=device)
+    loaded = load_configured_model(cfg, device)  # in model.dtype, as the sweep measured
     data = build_finetune_data(cfg.finetune, loaded.tokenizer, cfg.train.context_length, cache_root() / "data")
     blocks, batch = data.heldout, cfg.train.eval_batch_size
     counts = (blocks.labels[:, 1:] != IGNORE).sum(1)
@@ -66,7 +66,7 @@ def main() -> None:
             continue
         step = int(adapters[-1].name.removeprefix("adapter-step"))
         torch.manual_seed(0)
-        model = PeftModel.from_pretrained(load_model(cfg.model.name, device=device).model, adapters[-1]).eval()
+        model = PeftModel.from_pretrained(load_configured_model(cfg, device).model, adapters[-1]).eval()
         tuned = block_nll(model, blocks, batch, device, dtype)[keep]
         drop = base - tuned
         paired = se(drop, counts)

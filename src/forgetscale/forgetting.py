@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from forgetscale.data.blocks import IGNORE, Blocks
-from forgetscale.output_head import CHUNK_BYTES, LogitsWorkspace, hidden_states_out, plain_head
+from forgetscale.output_head import LogitsWorkspace, chunk_rows, hidden_states_out, plain_head
 
 
 class PerTokenEntropy:
@@ -148,7 +148,7 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
     with torch.no_grad():
         z = (workspace or LogitsWorkspace()).logits(head, hidden[:, :-1][keep])
         z.sub_(z.amax(dim=-1, keepdim=True))
-        rows = max(1, CHUNK_BYTES // (4 * z.shape[1]))  # logsumexp's own [rows, V] temporary stays small
+        rows = chunk_rows(z.shape[1], z.device)  # logsumexp's own [rows, V] temporary stays small
         lse = torch.cat([torch.logsumexp(z[start : start + rows], dim=-1) for start in range(0, z.shape[0], rows)])
     return z, lse, labels[keep]
 

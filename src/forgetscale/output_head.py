@@ -25,6 +25,12 @@ from forgetscale.data.blocks import IGNORE
 # logits = lm_head(final hidden state), nothing after it (Gemma 2/3 soft-cap, Cohere and Granite scale)
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
 CHUNK_BYTES = 16 * 2**20  # one fp32 chunk of logits: under glibc's 32 MB mmap ceiling, so chunks are reused
+GPU_CHUNK_BYTES = 512 * 2**20  # a GPU has no page faults to avoid, only memory: fewer, larger matmuls
+
+
+def chunk_rows(vocabulary: int, device: torch.device) -> int:
+    """Rows per chunk of fp32 logits."""
+    return max(1, (CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES) // (4 * vocabulary))
 
 
 def plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -108,7 +114,7 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     if torch.is_autocast_enabled(device):  # the matmul in autocast's dtype, as the stock head's would be
         weight = weight.to(torch.get_autocast_dtype(device))
     bias = None if head.bias is None else head.bias.to(weight.dtype)
-    chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    chunk = chunk_rows(weight.shape[0], hidden.device)
     with torch.autocast(device_type=device, enabled=False):
         return _ChunkedNextTokenLoss.apply(rows, weight, bias, targets[keep], chunk)
 
