@@ -14,12 +14,16 @@ last checkpoint's KL and held-out loss of each rank from both.
     python benchmarks/bench_sweep.py                                  # SmolLM2, ranks 1/4/16, 60 steps
     python benchmarks/bench_sweep.py --dtype bf16                     # both under bf16 autocast
     python benchmarks/bench_sweep.py --ours-bf16-weights              # stock fp32, forgetscale bf16 weights
+    python benchmarks/bench_sweep.py --ours-bf16-weights --fresh-processes   # each pipeline in its own process
     python benchmarks/bench_sweep.py --model tiny-random-llama --steps 6 --ranks 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -196,24 +200,48 @@ def main() -> None:
     parser.add_argument("--ours-bf16-weights", action="store_true",
                         help="forgetscale only: bf16 base weights + autocast (model.dtype=bfloat16), the stock "
                              "pipeline as --dtype says (README: bf16's KL is within fp32's seed spread)")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="run each pipeline in its own fresh Python process, one after the other, so neither "
+                             "inherits the other's heap or thread pools (the ratio still comes from this one run)")
+    parser.add_argument("--only", choices=("stock", "ours"), help=argparse.SUPPRESS)  # one pipeline, JSON on stdout
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = parse_config(config(args))
     cfgs = {"stock": cfg, "ours": parse_config(config(args, "bfloat16")) if args.ours_bf16_weights else cfg}
+    pipelines = {"stock": ("stock (Trainer + PEFT + base copy)", stock), "ours": ("forgetscale sweep", ours)}
+
+    def run(key: str) -> tuple[float, dict[str, float], dict[int, dict[str, float]]]:
+        timer = Timer()
+        t = time.perf_counter()
+        result = pipelines[key][1](cfgs[key], timer, args.dtype == "bf16")
+        total = time.perf_counter() - t
+        timer.add("other", total - sum(timer.parts.values()))  # e.g. building each Trainer
+        return total, timer.parts, result
+
+    if args.only:
+        total, parts, result = run(args.only)
+        print("RESULT " + json.dumps({"total": total, "parts": parts, "numbers": result}))
+        return
     print(f"{args.model}: LoRA ranks {args.ranks}, {args.steps} steps of {args.batch} x {args.context} tokens, "
           f"checkpoints {cfg.train.checkpoint_steps}, {args.forget_tokens} forgetting tokens, "
           f"{torch.get_num_threads()} threads, {args.dtype}"
-          + (" (forgetscale: bf16 weights + autocast)" if args.ours_bf16_weights else ""))
+          + (" (forgetscale: bf16 weights + autocast)" if args.ours_bf16_weights else "")
+          + (", each pipeline in a fresh process" if args.fresh_processes else ", one process"))
     timings = {}
     numbers = {}
-    for name, key, fn in (("stock (Trainer + PEFT + base copy)", "stock", stock), ("forgetscale sweep", "ours", ours)):
-        timer = Timer()
-        t = time.perf_counter()
-        numbers[name] = fn(cfgs[key], timer, args.dtype == "bf16")
-        timings[name] = time.perf_counter() - t
-        timer.add("other", timings[name] - sum(timer.parts.values()))  # e.g. building each Trainer
-        parts = ", ".join(f"{k} {v:.1f} s" for k, v in timer.parts.items())
-        print(f"{name}: {timings[name]:.1f} s ({parts})")
+    for key, (name, _) in pipelines.items():
+        if args.fresh_processes:
+            argv = [a for a in sys.argv[1:] if a != "--fresh-processes"]
+            done = subprocess.run([sys.executable, __file__, *argv, "--only", key], capture_output=True, text=True)
+            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode != 0 or not line:
+                sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
+            got = json.loads(line[-1].removeprefix("RESULT "))
+            total, parts, result = got["total"], got["parts"], {int(k): v for k, v in got["numbers"].items()}
+        else:
+            total, parts, result = run(key)
+        timings[name], numbers[name] = total, result
+        print(f"{name}: {total:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")")
     a, b = timings.values()
     print(f"ratio stock / forgetscale: {a / b:.2f}x")
     print("last checkpoint per rank (stock | forgetscale):")
