@@ -1,10 +1,10 @@
-"""The output head a few rows at a time: the training loss and its gradient without a [tokens, vocabulary]
-logits tensor.
+"""The output head a few rows at a time: the training loss and its gradient, and the logits a measuring
+pass reads, without a [tokens, vocabulary] tensor per batch.
 
 Why: the stock causal-LM loss builds bf16 logits, an fp32 copy, log-softmax and two gradients, each
 [batch x context x vocabulary] (100 MB apiece for SmolLM2 at 4 x 128 tokens). Above 32 MB glibc serves
 every allocation with a fresh mmap, so each of them is page-faulted in anew at every micro-batch: on this
-CPU a bf16 LoRA step spent 0.72 of its 1.78 s in the kernel (`benchmarks/bench_train_loss.py`). Here the
+CPU a bf16 LoRA step spent 0.52 of its 1.91 s in the kernel (`benchmarks/bench_train_loss.py`, README). Here the
 head runs on row chunks whose buffers are allocated once per micro-batch, and the gradient with respect to
 the hidden states is formed in the forward pass (the frozen head needs no weight gradient), so backward
 is one multiplication. Same arithmetic as the stock loss, in the same precision (autocast's dtype for
