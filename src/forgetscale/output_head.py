@@ -84,7 +84,7 @@ class _ChunkedNextTokenLoss(torch.autograd.Function):
             sums = zf.sum(dim=-1)
             total += (sums.log() - picked).double().sum()
             zf.div_(sums[:, None] * n)  # softmax / n: the gradient of the mean, before the low-precision cast
-            zf.view(-1)[torch.arange(m, device=zf.device) * zf.shape[1] + y] -= 1.0 / n
+            zf[torch.arange(m, device=zf.device), y] -= 1.0 / n
             zl.copy_(zf)
             torch.matmul(zl, weight, out=grad[start : start + m])
         ctx.save_for_backward(grad)
