@@ -138,3 +138,26 @@ def test_chunked_loss_on_the_embedded_model_under_bf16():
     assert abs(ours - exact) <= 1.5 * abs(stock - exact) + 1e-4
     assert _rel(g_ours, g_exact) <= 1.5 * _rel(g_stock, g_exact)
     assert _rel(g_ours, g_stock) < 0.1
+
+
+def test_a_half_precision_head_is_upcast_once_and_again_when_it_changes():
+    head = torch.nn.Linear(8, 50, bias=False).to(torch.bfloat16)
+    first = output_head.fp32_weight(head)
+    assert first.dtype == torch.float32 and torch.equal(first, head.weight.float())
+    assert output_head.fp32_weight(head) is first  # the next pass reuses it
+    with torch.no_grad():
+        head.weight.add_(1.0)  # an optimizer step on a trained head: in place, a new version
+    second = output_head.fp32_weight(head)
+    assert second is not first and torch.equal(second, head.weight.float())
+    fp32 = torch.nn.Linear(8, 50, bias=False)
+    assert output_head.fp32_weight(fp32).data_ptr() == fp32.weight.data_ptr()  # nothing to upcast
+    assert "_forgetscale_fp32_weight" not in dict(head.state_dict())
+
+
+def test_shifted_logsumexp_is_torch_logsumexp_over_several_chunks(monkeypatch):
+    monkeypatch.setattr(output_head, "CHUNK_BYTES", 4 * 1000 * 7)  # 7 rows of 1,000 columns per chunk
+    z = torch.randn(30, 1000, generator=torch.Generator().manual_seed(0)) * 6
+    z.sub_(z.amax(dim=-1, keepdim=True))
+    workspace = output_head.LogitsWorkspace()
+    assert torch.equal(workspace.shifted_logsumexp(z), torch.logsumexp(z, dim=-1))
+    assert workspace.scratch.numel() == 7 * 1000

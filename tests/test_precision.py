@@ -12,8 +12,14 @@ import torch
 from forgetscale.cli import main
 from forgetscale.config import parse_config
 from forgetscale.errors import ConfigError
-from forgetscale.methods.attach import attach, upcast_trainable
-from forgetscale.models import compute_dtype, load_base_weights, weights_dtype
+from forgetscale.methods.attach import attach, skip_lora_input_casts, upcast_trainable
+from forgetscale.models import (
+    attention_implementation,
+    compute_dtype,
+    load_base_weights,
+    load_configured_model,
+    weights_dtype,
+)
 from forgetscale.plan import plan_runs
 from forgetscale.sweep import build_context, run_sweep
 from forgetscale.train import NoHooks, train_run
@@ -113,7 +119,7 @@ def test_gradient_checkpointing_gives_the_same_rows_and_run_ids(tiny_cfg, tmp_pa
 
 def test_new_keys_at_their_defaults_keep_run_ids(tiny_cfg):
     ids = [p.run_id for p in plan_runs(parse_config(tiny_cfg()))]
-    explicit = tiny_cfg(model={"name": "tiny-random-llama", "dtype": "auto", "quantization": "none"},
+    explicit = tiny_cfg(model={"name": "tiny-random-llama", "dtype": "auto", "quantization": "none", "attention": "auto"},
                         forgetting={"reference": "memory"}, train={"gradient_checkpointing": False})
     assert [p.run_id for p in plan_runs(parse_config(explicit))] == ids
     bf16 = tiny_cfg(model={"name": "tiny-random-llama", "dtype": "bfloat16"})
@@ -167,3 +173,89 @@ def test_a_sweep_stored_before_the_new_keys_resumes(tiny_cfg, tmp_path):
         run_sweep(parse_config(tiny_cfg(model={"name": "tiny-random-llama", "dtype": "bfloat16"},
                                         method={"name": "lora", "ranks": [2]}, train={"threads": 1})),
                   tmp_path, progress=False)
+
+
+def test_attention_auto_is_eager_only_for_half_precision_on_cpu_at_short_lengths(tiny_cfg):
+    def pick(model=None, train=None, forgetting=None):
+        cfg = parse_config(tiny_cfg(model={"name": "tiny-random-llama", **(model or {})}, train=train or {},
+                                    forgetting=forgetting or {}))
+        return attention_implementation(cfg, CPU)
+
+    assert pick({"dtype": "bfloat16"}) == "eager"
+    assert pick(train={"dtype": "bfloat16"}) == "eager"  # fp32 weights under bf16 autocast
+    assert pick() is None  # fp32: transformers' default (SDPA)
+    assert pick({"dtype": "bfloat16"}, {"context_length": 1024}) is None
+    assert pick({"dtype": "bfloat16"}, forgetting={"block_length": 1024}) is None
+    assert pick({"dtype": "bfloat16", "attention": "sdpa"}) == "sdpa"
+    assert pick({"attention": "eager"}) == "eager"
+    cfg = parse_config(tiny_cfg(model={"name": "tiny-random-llama", "dtype": "bfloat16"}))
+    assert load_configured_model(cfg, CPU).model.config._attn_implementation == "eager"
+    assert "attention" not in cfg.to_dict()["model"]  # at its default: run ids stored before it stay valid
+
+
+def _lora_outputs(model, ids, skip: bool):
+    if skip:
+        assert skip_lora_input_casts(model) > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return logits, torch.autograd.grad(logits.square().mean(), params)
+
+
+def test_skipping_lora_input_casts_under_autocast_changes_no_number(tiny_cfg):
+    cfg = parse_config(tiny_cfg(method={"name": "lora", "ranks": [2]}))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = attach(load_base_weights(parse_config(tiny_cfg(model={"name": "tiny-random-llama",
+                                                                      "dtype": "bfloat16"}))), cfg.method[0], 2)
+        upcast_trainable(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        outputs.append(_lora_outputs(model, ids, skip))
+    (a, ga), (b, gb) = outputs
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+    dora = parse_config(tiny_cfg(method={"name": "dora", "ranks": [2]}))
+    assert skip_lora_input_casts(attach(load_base_weights(dora), dora.method[0], 2)) == 0  # DoRA keeps its casts
+
+
+@pytest.mark.slow
+def test_smollm2_attention_kernels_and_lora_casts():
+    """The embedded model in bf16 on CPU: auto loads eager attention; SDPA gives the same held-out loss to bf16
+    rounding (and to fp32 rounding in fp32); skipping peft's input casts changes no bit."""
+    from forgetscale.data import build_finetune_data
+    from forgetscale.forgetting import measure
+    from forgetscale.models import cache_root
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    spec = {"finetune": {"heldout_max_tokens": 512, "max_examples": 60}, "method": {"name": "lora", "ranks": [4]},
+            "train": {"context_length": 128}}
+    losses = {}
+    for dtype in ("bfloat16", "float32"):
+        for kernel in ("auto", "sdpa"):
+            cfg = parse_config({**spec, "model": {"name": "smollm2-135m-instruct", "dtype": dtype, "attention": kernel}})
+            loaded = load_configured_model(cfg, CPU)
+            assert loaded.model.config._attn_implementation == ("eager" if (dtype, kernel) == ("bfloat16", "auto")
+                                                               else "sdpa")
+            data = build_finetune_data(cfg.finetune, loaded.tokenizer, 128, cache_root() / "data")
+            compute = compute_dtype(cfg, CPU)
+            losses[dtype, kernel] = measure(loaded.model, data.heldout, 8, CPU, compute)["nll"]
+    assert abs(losses["bfloat16", "auto"] - losses["bfloat16", "sdpa"]) < 5e-3
+    assert abs(losses["float32", "auto"] - losses["float32", "sdpa"]) < 1e-5
+    cfg = parse_config({**spec, "model": {"name": "smollm2-135m-instruct", "dtype": "bfloat16"}})
+    ids = data.heldout.input_ids[:2]
+    outputs = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = attach(load_base_weights(cfg), cfg.method[0], 4)
+        upcast_trainable(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.01)
+        outputs.append(_lora_outputs(model, ids, skip))
+    (a, ga), (b, gb) = outputs
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))

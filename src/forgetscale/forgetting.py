@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from forgetscale.data.blocks import IGNORE, Blocks
-from forgetscale.output_head import LogitsWorkspace, chunk_rows, hidden_states_out, plain_head
+from forgetscale.output_head import LogitsWorkspace, fp32_weight, hidden_states_out, plain_head
 
 
 class PerTokenEntropy:
@@ -95,7 +95,7 @@ def fp32_output_head(model: torch.nn.Module, device: torch.device, dtype: torch.
         def forward(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device_type=device.type, enabled=False):
                 bias = None if head.bias is None else head.bias.float()
-                return torch.nn.functional.linear(x.float(), head.weight.float(), bias)
+                return torch.nn.functional.linear(x.float(), fp32_weight(head), bias)
 
         head.forward = forward
         try:
@@ -145,17 +145,18 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
         return z, torch.logsumexp(z, dim=-1), labels[keep]
     with torch.no_grad(), autocast(device, dtype), hidden_states_out(head):
         hidden = model(input_ids=ids, attention_mask=mask).logits
+    workspace = workspace or LogitsWorkspace()
     with torch.no_grad():
-        z = (workspace or LogitsWorkspace()).logits(head, hidden[:, :-1][keep])
+        z = workspace.logits(head, hidden[:, :-1][keep])
         z.sub_(z.amax(dim=-1, keepdim=True))
-        rows = chunk_rows(z.shape[1], z.device)  # logsumexp's own [rows, V] temporary stays small
-        lse = torch.cat([torch.logsumexp(z[start : start + rows], dim=-1) for start in range(0, z.shape[0], rows)])
+        lse = workspace.shifted_logsumexp(z)
     return z, lse, labels[keep]
 
 
-def _batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None):
+def _batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None,
+             workspace: LogitsWorkspace | None = None):
     """Yield (batch, z, lse, labels) batch by batch (see `forward`); z is overwritten by the next batch."""
-    workspace = LogitsWorkspace()
+    workspace = workspace or LogitsWorkspace()
     for start in range(0, len(blocks), batch_size):
         part = blocks.select(slice(start, start + batch_size))
         yield (part, *forward(model, part, device, dtype, workspace))
@@ -209,16 +210,18 @@ def reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: t
 
 
 def measure(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-            dtype: torch.dtype | None = None, ref: BasePredictions | None = None) -> dict[str, float]:
+            dtype: torch.dtype | None = None, ref: BasePredictions | None = None,
+            workspace: LogitsWorkspace | None = None) -> dict[str, float]:
     """Mean next-token NLL on the blocks' labels; with a reference also soft/hard CE, entropy and KL.
 
     Uses log q(v) = z_v - logsumexp(z), so sum_v p log q = p.z - lse needs no log-softmax tensor; the
     reference's sum p log p uses the same arithmetic, so KL is exactly 0 when the model is the base.
     An approximate reference (topk:K) also gives `kl_error_bound`: KL and CE are low by at most that much.
+    `workspace`: buffers to reuse (a run's context passes one for all its passes); default: this pass's own.
     """
     nll = ce = ce_hard = kl = bound = 0.0
     count = 0
-    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype):
+    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype, workspace):
         t = z.shape[0]
         nll += float((lse - z.gather(1, labels[:, None]).view(-1)).double().sum())
         if ref is not None:

@@ -36,6 +36,7 @@ from forgetscale.data import Blocks, build_finetune_data, build_forgetting_block
 from forgetscale.data.blocks import IGNORE
 from forgetscale.errors import ConfigError, DataError, ModelError, StoreError
 from forgetscale.forgetting import Reference, _batches, reference
+from forgetscale.output_head import LogitsWorkspace
 from forgetscale.plan import run_hash
 from forgetscale.store import RunDirLock, Store
 
@@ -90,12 +91,12 @@ class ForgettingResult:
 
 
 def _per_block(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-               dtype: torch.dtype | None, ref: Reference) -> ForgettingResult:
+               dtype: torch.dtype | None, ref: Reference, workspace: LogitsWorkspace | None = None) -> ForgettingResult:
     """forgetting.measure's numbers (same batches, same per-batch fp64 sums) plus per-block sums."""
     nll = ce = ce_hard = kl = 0.0
     count = 0
     tok_kl, tok_ce, tok_hard = [], [], []
-    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype):
+    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype, workspace):
         t = z.shape[0]
         token_nll = (lse - z.gather(1, labels[:, None]).view(-1)).double()
         nll += float(token_nll.sum())
@@ -127,10 +128,10 @@ def _per_block(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: 
 
 
 def _nll_and_kl(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-                dtype: torch.dtype | None, ref: Reference) -> tuple[float, float]:
+                dtype: torch.dtype | None, ref: Reference, workspace: LogitsWorkspace | None = None) -> tuple[float, float]:
     from forgetscale.forgetting import measure
 
-    out = measure(model, blocks, batch_size, device, dtype, ref)
+    out = measure(model, blocks, batch_size, device, dtype, ref, workspace)
     return out["nll"], out["kl"]
 
 
@@ -166,6 +167,8 @@ class BaseReference:
     heldout: Blocks | None = None
     heldout_ref: Reference | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # measuring buffers reused model after model (CPU: no page faults per pass); pickles empty
+    workspace: LogitsWorkspace = field(default_factory=LogitsWorkspace, repr=False, compare=False)
 
     @classmethod
     def build(cls, model: torch.nn.Module, tokenizer: Any = None, *, forgetting: Any = "embedded:wikipedia",
@@ -203,11 +206,12 @@ class BaseReference:
     def measure(self, model: torch.nn.Module) -> ForgettingResult:
         """Forgetting of `model` (same tokenizer as the base) against this reference."""
         device = self.device or model_device(model)
+        space = self.workspace if device.type == "cpu" else None
         with evaluating(model):
-            result = _per_block(model, self.blocks, self.batch_size, device, self.dtype, self.ref)
+            result = _per_block(model, self.blocks, self.batch_size, device, self.dtype, self.ref, space)
             if self.heldout is not None and self.heldout_ref is not None:
                 result.ft_loss, result.ft_kl = _nll_and_kl(model, self.heldout, self.batch_size, device, self.dtype,
-                                                           self.heldout_ref)
+                                                           self.heldout_ref, space)
         return result
 
 
@@ -382,7 +386,9 @@ def applied(base: torch.nn.Module, source: Source) -> Iterator[tuple[torch.nn.Mo
     from transformers import AutoModelForCausalLM
 
     try:
-        tuned = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+        # the base's attention kernel, so the two differ by their weights alone
+        tuned = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32,
+                                                     attn_implementation=base.config._attn_implementation)
     except (OSError, ValueError) as err:
         raise ModelError(f"model {source.path}: cannot load it ({str(err).strip().splitlines()[0][:200]})") from None
     mine, theirs = dict(base.named_parameters()), dict(tuned.named_parameters())

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from forgetscale.errors import ConfigError, ModelError
+from forgetscale.host_memory import apply_allocator
 from forgetscale.hub import hub_reachable
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -176,11 +177,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     quantization: str = "none",
+    attention: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; a pad token is set if the tokenizer has none.
 
     `dtype`: the weights' precision; quantization='4bit' loads the linear layers in NF4 (bitsandbytes, CUDA)
-    with `dtype` as their compute precision."""
+    with `dtype` as their compute precision. `attention`: transformers' attn_implementation (None: its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
@@ -194,11 +196,11 @@ def load_model(
     offline = source == name and not Path(source).exists() and not hub_reachable()
     if offline:
         kwargs["local_files_only"] = True  # the hub cannot be reached: the local cache or a prompt error
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {} if attention is None else {"attn_implementation": attention}
     if quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
-        extra = {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
+        extra |= {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)}
     try:
@@ -256,15 +258,35 @@ def load_configured_model(cfg: Any, device: str | torch.device) -> LoadedModel:
     mcfg = cfg.model
     return load_model(mcfg.name, device=device, dtype=weights_dtype(mcfg.dtype, device), quantization=mcfg.quantization,
                       gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
-                      cache_dir=mcfg.cache_dir)
+                      cache_dir=mcfg.cache_dir, attention=attention_implementation(cfg, device))
+
+
+EAGER_MAX_LENGTH = 512  # longest sequence at which eager attention beat torch's bf16 SDPA on CPU (fwd + bwd)
+
+
+def attention_implementation(cfg: Any, device: torch.device) -> str | None:
+    """model.attention as transformers' attn_implementation (None: its own default, SDPA where supported).
+
+    auto picks eager on CPU under bf16/fp16 for sequences up to EAGER_MAX_LENGTH: there torch's SDPA kernel
+    took 9.3 ms for the forward and backward of one SmolLM2 layer at 4 x 128 tokens, eager 3.0 ms (a LoRA
+    step 1.1 -> 0.8 s); in fp32, at longer sequences and on GPUs SDPA is as fast or faster
+    (`benchmarks/bench_attention.py`)."""
+    choice = cfg.model.attention
+    if choice != "auto":
+        return choice
+    length = max(cfg.train.context_length, cfg.forgetting.block_length or 0)
+    half = compute_dtype(cfg, device) in (torch.bfloat16, torch.float16)
+    return "eager" if device.type == "cpu" and half and length <= EAGER_MAX_LENGTH else None
 
 
 def load_configured_base(cfg: Any) -> ConfiguredBase:
-    """What a sweep and `forgetscale measure` both start from: torch threads set, device and dtype resolved,
-    the base loaded, and train.context_length / forgetting.block_length checked against its positions."""
+    """What a sweep and `forgetscale measure` both start from: torch threads and host memory (train.allocator)
+    set, device and dtype resolved, the base loaded, and train.context_length / forgetting.block_length
+    checked against its positions."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    apply_allocator(cfg.train.allocator, device)
     dtype = compute_dtype(cfg, device)
     base = load_configured_model(cfg, device)
     length = cfg.train.context_length
@@ -291,11 +313,12 @@ def model_identity(cfg: Any, device: torch.device) -> dict[str, Any]:
     """What decides the base model's predictions, for keying stored ones: the source (with its weight files'
     size and mtime where it is local), the weights' and compute precisions, quantization and device type."""
     source, gguf = resolve_source(cfg.model.name, cfg.model.gguf_file, cfg.model.cache_dir)
+    attention = attention_implementation(cfg, device)  # only when set: keys stored before it existed stay valid
     files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
     return {"source": source, "gguf_file": gguf, "revision": cfg.model.revision,
             "files": [_file_key(f) for f in files], "weights": str(weights_dtype(cfg.model.dtype, device)),
             "compute": str(compute_dtype(cfg, device)), "quantization": cfg.model.quantization,
-            "device": device.type}
+            "device": device.type, **({"attention": attention} if attention else {})}
 
 
 def weights_dtype(dtype: str, device: torch.device) -> torch.dtype:

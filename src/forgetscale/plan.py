@@ -19,7 +19,7 @@ from forgetscale.errors import ConfigError
 # keys that may change between invocations on the same RUN_DIR without invalidating stored runs
 EXTENDABLE = ("name", "method", "mitigation")
 RUN_IRRELEVANT_TRAIN_KEYS = ("seed", "seeds", "threads", "eval_batch_size", "save_adapters", "device",
-                             "gradient_checkpointing")
+                             "gradient_checkpointing", "allocator")
 RUN_IRRELEVANT_SECTIONS = ("resources", "evals")  # how a run is executed, never what it computes
 # keys added after sweeps were stored: left out of a run's identity at their default, so those runs keep their ids
 OMITTED_AT_DEFAULT = {("model", "dtype"): "auto", ("model", "quantization"): "none"}

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from forgetscale.forgetting import (
     forward,
     reference,
 )
+from forgetscale.output_head import LogitsWorkspace
 
 EXACT = ("memory", "disk", "recompute")
 
@@ -171,13 +172,15 @@ class RecomputeReference(PerTokenEntropy):
     """Only H(p) per token; p itself comes from re-running the tuned model with its adapter disabled."""
 
     neg_entropy: torch.Tensor  # [T] float64, from the base pass at build time (the stored entropy)
+    # the base pass's own buffers (the tuned pass's logits stay in the caller's), reused batch after batch
+    workspace: LogitsWorkspace = field(default_factory=LogitsWorkspace, repr=False, compare=False)
 
     def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
              device: torch.device, dtype: torch.dtype | None) -> Rows:
         if not hasattr(model, "disable_adapter"):
             raise RuntimeError("forgetting.reference recompute: the model has no adapter to disable")
         with model.disable_adapter():
-            zb, lseb, _ = forward(model, part, device, dtype)
+            zb, lseb, _ = forward(model, part, device, dtype, self.workspace)
         p, neg_h = base_distribution(zb, lseb)
         # sum p log p from this same pass: KL is exactly 0 wherever the tuned model still equals the base
         return Rows(expected_log_q(p, z, lse), neg_h, zb.argmax(-1))

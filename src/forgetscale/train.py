@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,9 +22,9 @@ from forgetscale.artefacts import RunFolder
 from forgetscale.data import Blocks, FinetuneData, batch_indices
 from forgetscale.errors import RunFailed
 from forgetscale.forgetting import BasePredictions, autocast, measure
-from forgetscale.methods.attach import attach, trainable_parameters, upcast_trainable
+from forgetscale.methods.attach import attach, skip_lora_input_casts, trainable_parameters, upcast_trainable
 from forgetscale.models import enable_gradient_checkpointing
-from forgetscale.output_head import next_token_loss
+from forgetscale.output_head import LogitsWorkspace, next_token_loss
 from forgetscale.plan import RunPlan
 
 
@@ -84,6 +84,7 @@ class RunContext:
     arm_inputs: Any = None  # once-per-sweep inputs of the mitigation arms
     reference_note: str = "memory"  # where the base predictions live, and why (forgetting.reference)
     base_metrics: dict[str, float] | None = None  # step 0 of a run whose method starts as the base, once measured
+    workspace: LogitsWorkspace = field(default_factory=LogitsWorkspace)  # measuring buffers, reused on CPU
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """A freshly attached model on the run's device (a 4-bit base was placed by its loader and refuses .to())."""
@@ -109,10 +110,12 @@ def step_seed(seed: int, step: int) -> int:
 def checkpoint_metrics(model: torch.nn.Module, ctx: RunContext) -> dict[str, float]:
     """Measure `model` on the held-out, train-probe and forgetting sets."""
     batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.dtype
+    # CPU: one set of [tokens x vocabulary] buffers for every pass (no page faults); a GPU frees them for training
+    space = ctx.workspace if device.type == "cpu" else None
     model.eval()
-    held = measure(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref)
-    probe = measure(model, ctx.data.train_probe, batch, device, dtype)
-    forget = measure(model, ctx.forgetting, batch, device, dtype, ctx.forgetting_ref)
+    held = measure(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref, space)
+    probe = measure(model, ctx.data.train_probe, batch, device, dtype, workspace=space)
+    forget = measure(model, ctx.forgetting, batch, device, dtype, ctx.forgetting_ref, space)
     return {"ft_loss": held["nll"], "ft_loss_train": probe["nll"], "forget_ce": forget["ce"],
             "forget_ce_hard": forget["ce_hard"], "base_entropy": forget["entropy"], "forget_kl": forget["kl"],
             "ft_kl": held["kl"]}
@@ -151,6 +154,8 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
     model = ctx.place(attach(base, plan.method, plan.rank))
     hooks = setup(model) if setup is not None else NoHooks()  # the arm's setup (may freeze layers)
     upcast_trainable(model)  # half-precision base weights (model.dtype): what is trained stays fp32
+    if ctx.dtype is not None:  # every pass below runs under autocast, which undoes peft's input casts
+        skip_lora_input_casts(model)
     params = [p for p in model.parameters() if p.requires_grad]
     sink.update_run(plan.run_id, trainable_params=trainable_parameters(model), status="running", error=None)
     optimizer = make_optimizer(tcfg.optimizer, params, lr, tcfg.weight_decay)

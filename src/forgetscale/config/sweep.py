@@ -47,6 +47,12 @@ class ModelConfig(_Section):
         "none", description="4bit: the frozen base in NF4 (QLoRA, bitsandbytes; CUDA only, "
         "`pip install 'forgetscale[qlora]'`); adapter methods only",
     )
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernel: auto: eager on CPU under bf16/fp16 for sequences up to 512 tokens "
+        "(there torch's bf16 SDPA backward is ~3x slower; benchmarks/bench_attention.py), sdpa otherwise",
+    )
+
+    ADDED_KEYS = ("attention",)
 
 
 class FinetuneConfig(SourceSpec):
@@ -130,6 +136,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
                                          "pass: less activation memory for one more forward pass per step, same "
                                          "numbers")
+    allocator: Literal["auto", "retain", "system"] = Field(
+        "auto", description="host memory torch frees: retain keeps it in the process (glibc mallopt), so tensors "
+        "reuse mapped pages instead of page-faulting fresh ones (faster CPU steps, peak RSS kept); system: glibc's "
+        "defaults; auto: retain on CPU. Same numbers either way")
 
     @field_validator("seeds")
     @classmethod

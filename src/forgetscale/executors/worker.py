@@ -29,6 +29,7 @@ import torch
 from forgetscale.artefacts import STATE_FILE, RunFolder
 from forgetscale.executors.local import execute_plan
 from forgetscale.forgetting import Reference
+from forgetscale.host_memory import apply_allocator
 from forgetscale.models import compute_dtype, resolve_device
 from forgetscale.plan import RunPlan
 
@@ -146,6 +147,7 @@ def run_attempt(shipped: tuple[Any, dict], spec: Attempt) -> Iterator[tuple]:
     out_dir = shipped[0].out_dir if direct else Path(tempfile.mkdtemp(prefix="forgetscale-"))
     ctx = _unship(shipped, out_dir, spec.gpus)
     torch.set_num_threads(spec.threads)
+    apply_allocator(ctx.config.train.allocator, ctx.device)  # a worker is its own process
     plan, tcfg = spec.plan, ctx.config.train
     folder = RunFolder(out_dir, plan.run_id)
     run_dir = folder.path

@@ -136,3 +136,20 @@ def upcast_trainable(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def skip_lora_input_casts(model: torch.nn.Module) -> int:
+    """Under autocast, stop peft casting each LoRA layer's input to the adapter's fp32 weight dtype: autocast
+    casts it straight back to the compute dtype at the adapter's matmul, so the two [tokens x width] copies
+    per layer per pass (and their backward) change nothing but the time (the output is bit-identical). Only
+    plain LoRA layers (DoRA's variant does its own arithmetic on the input); returns how many were changed.
+    Call only when every forward pass runs under autocast (forgetscale.models.compute_dtype is not None)."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        linear = isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear)
+        if linear and not getattr(module, "lora_variant", None):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
