@@ -1,5 +1,7 @@
 """model.dtype, train.gradient_checkpointing and model.quantization: half-precision base weights with fp32
-trained weights, the same rows with and without checkpointing, one-line refusals where a mode cannot run."""
+trained weights, the same rows with and without checkpointing, one-line refusals where a mode cannot run;
+and the CPU speed settings that change no number beyond rounding (model.attention, peft's LoRA input
+casts, train.allocator)."""
 
 from __future__ import annotations
 
@@ -259,3 +261,16 @@ def test_smollm2_attention_kernels_and_lora_casts():
         outputs.append(_lora_outputs(model, ids, skip))
     (a, ga), (b, gb) = outputs
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
+def test_allocator_retains_freed_memory_on_cpu_only_and_never_changes_a_run(tiny_cfg):
+    from forgetscale import host_memory
+
+    assert host_memory.apply_allocator("system", CPU) is False
+    assert host_memory.apply_allocator("auto", torch.device("cuda")) is False  # a GPU run's host side: untouched
+    glibc = host_memory._libc() is not None
+    assert host_memory.apply_allocator("auto", CPU) is glibc  # this project's machines: glibc, accepted
+    assert host_memory.apply_allocator("retain", CPU) is glibc
+    ids = [p.run_id for p in plan_runs(parse_config(tiny_cfg()))]
+    for choice in ("system", "retain"):
+        assert [p.run_id for p in plan_runs(parse_config(tiny_cfg(train={"allocator": choice})))] == ids

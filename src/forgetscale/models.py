@@ -267,10 +267,10 @@ EAGER_MAX_LENGTH = 512  # longest sequence at which eager attention beat torch's
 def attention_implementation(cfg: Any, device: torch.device) -> str | None:
     """model.attention as transformers' attn_implementation (None: its own default, SDPA where supported).
 
-    auto picks eager on CPU under bf16/fp16 for sequences up to EAGER_MAX_LENGTH: there torch's SDPA kernel
-    took 9.3 ms for the forward and backward of one SmolLM2 layer at 4 x 128 tokens, eager 3.0 ms (a LoRA
-    step 1.1 -> 0.8 s); in fp32, at longer sequences and on GPUs SDPA is as fast or faster
-    (`benchmarks/bench_attention.py`)."""
+    auto picks eager on CPU under bf16/fp16 for sequences up to EAGER_MAX_LENGTH: torch's bf16 SDPA backward
+    is slow on CPU, and a SmolLM2 LoRA step of 512 tokens ran 1.10x (128-token blocks) to 1.19x (512) faster
+    with eager, but 0.64x at 1,024; in fp32 the two are within 5% up to 512 and SDPA wins beyond
+    (`benchmarks/bench_attention.py`, README). GPUs keep SDPA."""
     choice = cfg.model.attention
     if choice != "auto":
         return choice

@@ -136,8 +136,8 @@ def fp32_weight(head: torch.nn.Module) -> torch.Tensor:
 
 class LogitsWorkspace:
     """fp32 logits rows for measuring, and the scratch rows of their log-normaliser, in buffers reused batch
-    after batch and, held by a run's context, pass after pass: on CPU a fresh [t, V] buffer per pass (200 MB
-    at 8 x 128 SmolLM2 tokens) was ~150k page faults per checkpoint. One pass at a time (a nested pass, as
+    after batch and, held by a run's context, pass after pass: on CPU each fresh [t, V] buffer (200 MB at
+    8 x 128 SmolLM2 tokens, three passes per checkpoint) is page-faulted in anew. One pass at a time (a nested pass, as
     the recompute reference runs, needs its own). Pickles empty, so a shipped context carries no buffers."""
 
     def __init__(self) -> None:
