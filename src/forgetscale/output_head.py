@@ -120,12 +120,15 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
 
 def fp32_weight(head: torch.nn.Module) -> torch.Tensor:
-    """The head's weight in fp32. A half-precision weight (model.dtype) is upcast once and the copy kept on the
-    head until the weight changes (its storage or in-place version): measuring passes and checkpoints of a
-    run reuse it instead of converting 28M SmolLM2 values each pass."""
+    """The head's weight in fp32. On CPU a half-precision weight (model.dtype) is upcast once and the copy kept
+    on the head until the weight changes (its storage or in-place version): measuring passes and checkpoints
+    of a run reuse it instead of converting 28M SmolLM2 values each pass. On a GPU nothing is kept (an fp32
+    copy of a 128k-vocabulary head is 2 GB that training needs); the caller's workspace keeps it for a pass."""
     weight = head.weight.detach()
     if weight.dtype == torch.float32:
         return weight
+    if weight.device.type != "cpu":
+        return weight.float()
     key = (weight.data_ptr(), head.weight._version, weight.device)
     cached = head.__dict__.get("_forgetscale_fp32_weight")
     if cached is None or cached[0] != key:
@@ -138,11 +141,13 @@ class LogitsWorkspace:
     """fp32 logits rows for measuring, and the scratch rows of their log-normaliser, in buffers reused batch
     after batch and, held by a run's context, pass after pass: on CPU each fresh [t, V] buffer (200 MB at
     8 x 128 SmolLM2 tokens, three passes per checkpoint) is page-faulted in anew. One pass at a time (a nested pass, as
-    the recompute reference runs, needs its own). Pickles empty, so a shipped context carries no buffers."""
+    the recompute reference runs, needs its own); off CPU one pass only, over a frozen head (it keeps the head's
+    fp32 weight). Pickles empty, so a shipped context carries no buffers."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.scratch: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None  # off CPU: the head's fp32 weight for this pass
 
     def __getstate__(self) -> dict:
         return {}
@@ -152,7 +157,12 @@ class LogitsWorkspace:
 
     def logits(self, head: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
         """head(rows) in fp32, [t, V], valid until the next call."""
-        weight = fp32_weight(head)
+        if rows.device.type == "cpu":
+            weight = fp32_weight(head)
+        else:  # a GPU workspace lives for one pass over a frozen head
+            if self.weight is None:
+                self.weight = fp32_weight(head)
+            weight = self.weight
         t, v = rows.shape[0], weight.shape[0]
         if self.buffer is None or self.buffer.numel() < t * v or self.buffer.device != rows.device:
             self.buffer = torch.empty(t * v, dtype=torch.float32, device=rows.device)

@@ -172,7 +172,7 @@ class RecomputeReference(PerTokenEntropy):
     """Only H(p) per token; p itself comes from re-running the tuned model with its adapter disabled."""
 
     neg_entropy: torch.Tensor  # [T] float64, from the base pass at build time (the stored entropy)
-    # the base pass's own buffers (the tuned pass's logits stay in the caller's), reused batch after batch
+    # the base pass's own buffers on CPU (the tuned pass's logits stay in the caller's)
     workspace: LogitsWorkspace = field(default_factory=LogitsWorkspace, repr=False, compare=False)
 
     def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
@@ -180,7 +180,8 @@ class RecomputeReference(PerTokenEntropy):
         if not hasattr(model, "disable_adapter"):
             raise RuntimeError("forgetting.reference recompute: the model has no adapter to disable")
         with model.disable_adapter():
-            zb, lseb, _ = forward(model, part, device, dtype, self.workspace)
+            # CPU: buffers reused across batches and checkpoints; a GPU frees them for training
+            zb, lseb, _ = forward(model, part, device, dtype, self.workspace if z.device.type == "cpu" else None)
         p, neg_h = base_distribution(zb, lseb)
         # sum p log p from this same pass: KL is exactly 0 wherever the tuned model still equals the base
         return Rows(expected_log_q(p, z, lse), neg_h, zb.argmax(-1))
