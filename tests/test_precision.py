@@ -195,6 +195,22 @@ def test_attention_auto_is_eager_only_for_half_precision_on_cpu_at_short_lengths
     assert "attention" not in cfg.to_dict()["model"]  # at its default: run ids stored before it stay valid
 
 
+def _assert_skipping_casts_changes_no_bit(base_cfg, method_cfg, rank: int, ids, scale: float) -> None:
+    """The same seeded LoRA model (adapter moved off zero by `scale`) with and without peft's input casts."""
+    outputs = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = attach(load_base_weights(base_cfg), method_cfg.method[0], rank)
+        upcast_trainable(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * scale)
+        outputs.append(_lora_outputs(model, ids, skip))
+    (a, ga), (b, gb) = outputs
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
 def _lora_outputs(model, ids, skip: bool):
     if skip:
         assert skip_lora_input_casts(model) > 0
@@ -207,19 +223,8 @@ def _lora_outputs(model, ids, skip: bool):
 def test_skipping_lora_input_casts_under_autocast_changes_no_number(tiny_cfg):
     cfg = parse_config(tiny_cfg(method={"name": "lora", "ranks": [2]}))
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
-    outputs = []
-    for skip in (False, True):
-        torch.manual_seed(0)
-        model = attach(load_base_weights(parse_config(tiny_cfg(model={"name": "tiny-random-llama",
-                                                                      "dtype": "bfloat16"}))), cfg.method[0], 2)
-        upcast_trainable(model)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.05)
-        outputs.append(_lora_outputs(model, ids, skip))
-    (a, ga), (b, gb) = outputs
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+    bf16 = parse_config(tiny_cfg(model={"name": "tiny-random-llama", "dtype": "bfloat16"}))
+    _assert_skipping_casts_changes_no_bit(bf16, cfg, 2, ids, 0.05)
     dora = parse_config(tiny_cfg(method={"name": "dora", "ranks": [2]}))
     assert skip_lora_input_casts(attach(load_base_weights(dora), dora.method[0], 2)) == 0  # DoRA keeps its casts
 
@@ -248,19 +253,7 @@ def test_smollm2_attention_kernels_and_lora_casts():
     assert abs(losses["bfloat16", "auto"] - losses["bfloat16", "sdpa"]) < 5e-3
     assert abs(losses["float32", "auto"] - losses["float32", "sdpa"]) < 1e-5
     cfg = parse_config({**spec, "model": {"name": "smollm2-135m-instruct", "dtype": "bfloat16"}})
-    ids = data.heldout.input_ids[:2]
-    outputs = []
-    for skip in (False, True):
-        torch.manual_seed(0)
-        model = attach(load_base_weights(cfg), cfg.method[0], 4)
-        upcast_trainable(model)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.01)
-        outputs.append(_lora_outputs(model, ids, skip))
-    (a, ga), (b, gb) = outputs
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+    _assert_skipping_casts_changes_no_bit(cfg, cfg, 4, data.heldout.input_ids[:2], 0.01)
 
 
 def test_allocator_retains_freed_memory_on_cpu_only_and_never_changes_a_run(tiny_cfg):

@@ -4,8 +4,9 @@ Why: glibc serves each allocation above its mmap threshold (dynamic, at most 32 
 and hands the top of the heap back to the kernel whenever enough of it is free. Every training step and
 measuring pass allocates and frees the same activations, so with the defaults each step page-faults them
 in anew (tens of thousands of minor faults per SmolLM2 step in a sweep, each costly in a VM; figures in
-README, from `benchmarks/bench_host_memory.py`). `train.allocator: retain` (auto on CPU) raises both thresholds with glibc's mallopt once per
-process; the cost is a peak RSS that stays at its high-water mark instead of shrinking between phases.
+README, from `benchmarks/bench_host_memory.py`). `train.allocator: retain` (auto on CPU) raises both
+thresholds with glibc's mallopt once per process; the cost is a peak RSS that stays at its high-water
+mark instead of shrinking between phases.
 Only glibc has mallopt: elsewhere (macOS, musl) this is a no-op that says so.
 """
 

@@ -206,7 +206,7 @@ class BaseReference:
     def measure(self, model: torch.nn.Module) -> ForgettingResult:
         """Forgetting of `model` (same tokenizer as the base) against this reference."""
         device = self.device or model_device(model)
-        space = self.workspace if device.type == "cpu" else None
+        space = self.workspace.on(device)
         with evaluating(model):
             result = _per_block(model, self.blocks, self.batch_size, device, self.dtype, self.ref, space)
             if self.heldout is not None and self.heldout_ref is not None:

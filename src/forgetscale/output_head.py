@@ -149,6 +149,11 @@ class LogitsWorkspace:
         self.scratch: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None  # off CPU: the head's fp32 weight for this pass
 
+    def on(self, device: torch.device) -> LogitsWorkspace:
+        """The workspace a pass on `device` should use: this one on CPU (kept pass after pass, no page faults),
+        a fresh one elsewhere (a GPU frees the buffers for training once the caller lets go of it)."""
+        return self if device.type == "cpu" else LogitsWorkspace()
+
     def __getstate__(self) -> dict:
         return {}
 

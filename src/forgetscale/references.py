@@ -180,8 +180,7 @@ class RecomputeReference(PerTokenEntropy):
         if not hasattr(model, "disable_adapter"):
             raise RuntimeError("forgetting.reference recompute: the model has no adapter to disable")
         with model.disable_adapter():
-            # CPU: buffers reused across batches and checkpoints; a GPU frees them for training
-            zb, lseb, _ = forward(model, part, device, dtype, self.workspace if z.device.type == "cpu" else None)
+            zb, lseb, _ = forward(model, part, device, dtype, self.workspace.on(z.device))
         p, neg_h = base_distribution(zb, lseb)
         # sum p log p from this same pass: KL is exactly 0 wherever the tuned model still equals the base
         return Rows(expected_log_q(p, z, lse), neg_h, zb.argmax(-1))

@@ -110,8 +110,7 @@ def step_seed(seed: int, step: int) -> int:
 def checkpoint_metrics(model: torch.nn.Module, ctx: RunContext) -> dict[str, float]:
     """Measure `model` on the held-out, train-probe and forgetting sets."""
     batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.dtype
-    # CPU: one set of [tokens x vocabulary] buffers for every pass (no page faults); a GPU frees them for training
-    space = ctx.workspace if device.type == "cpu" else None
+    space = ctx.workspace.on(device)  # CPU: one set of [tokens x vocabulary] buffers for every pass
     model.eval()
     held = measure(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref, space)
     probe = measure(model, ctx.data.train_probe, batch, device, dtype, workspace=space)
