@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from forgetscale import forgetting, output_head
 from forgetscale.config import parse_config
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.methods.attach import attach, upcast_trainable
+from forgetscale.metric import head as output_head
+from forgetscale.metric import sums
 from forgetscale.models import cache_root, load_configured_model
 
 KERNELS = ("sdpa", "eager")
@@ -26,7 +27,7 @@ KERNELS = ("sdpa", "eager")
 
 def train_step(model, b, optimizer, device, dtype) -> None:
     model.train()
-    with forgetting.autocast(device, dtype):
+    with sums.autocast(device, dtype):
         loss = output_head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)  # no update: every kernel times the same weights
@@ -90,7 +91,7 @@ def main() -> None:
             for kernel in KERNELS:
                 loaded.model.set_attn_implementation(kernel)
                 started = time.perf_counter()
-                forgetting.measure(model, forget, cfg.train.eval_batch_size, device, dtype)
+                sums.score(model, forget, cfg.train.eval_batch_size, device, dtype)
                 passes[kernel] += (time.perf_counter() - started) / args.rounds
         s, e = passes["sdpa"], passes["eager"]
         print(f"{precision:<10}{length:>7}{'':>6}{s:>9.3f}{e:>9.3f}{s / e:>11.2f}x   measuring pass, "

@@ -2,7 +2,7 @@
 
 The local task tests/data/lmeval/forgetscale_mini (8 four-option questions, multiple_choice, scored by
 log-likelihood: 32 requests) on SmolLM2-135M-Instruct, through forgetscale's own path: a saved LoRA
-adapter applied to the one loaded base (forgetscale.evals.runner.with_adapter), lm-eval's HFLM around it,
+adapter applied to the one loaded base (forgetscale.weights.applied), lm-eval's HFLM around it,
 simple_evaluate with log_samples, rows built, adapter unloaded; beside it, the same questions through the
 built-in choice suite's loglik protocol. The one-off costs per `forgetscale eval`
 (lm-eval's index of include_path's tasks, the first load of the task's documents) are printed apart.
@@ -24,9 +24,9 @@ import torch
 
 from forgetscale.config.evals import LmEvalSettings
 from forgetscale.evals.lmeval import task_manager, task_suite
-from forgetscale.evals.runner import with_adapter
 from forgetscale.evals.suites import Target
 from forgetscale.models import EMBEDDED, load_model
+from forgetscale.weights import applied, saved_source
 
 TASKS = Path(__file__).resolve().parents[1] / "tests" / "data" / "lmeval"
 
@@ -76,12 +76,12 @@ def main() -> None:
         times, builtin = [], []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            with with_adapter(base.model, Path(tmp)) as model:
+            with applied(base.model, saved_source(Path(tmp), 0)) as (model, _):
                 choice.evaluate(Target("x", model, base.tokenizer, torch.device("cpu"), None, args.batch_size, 0),
                                 same, loglik)
             builtin.append(time.perf_counter() - started)
             started = time.perf_counter()
-            with with_adapter(base.model, Path(tmp)) as model:
+            with applied(base.model, saved_source(Path(tmp), 0)) as (model, _):
                 rows = suite.evaluate(Target("x", model, base.tokenizer, torch.device("cpu"), None, args.batch_size, 0),
                                       items, settings)
             times.append(time.perf_counter() - started)

@@ -22,12 +22,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
 
-    from forgetscale.measure import BaseReference
+    from forgetscale.metric import ForgettingMeter
     from forgetscale.models import load_model
 
     base = load_model(args.model)
     started = time.perf_counter()
-    ref = BaseReference.build(base.model, base.tokenizer, max_tokens=args.max_tokens, block_length=args.block_length)
+    ref = ForgettingMeter.build(base.model, base.tokenizer, max_tokens=args.max_tokens, block_length=args.block_length)
     build_s = time.perf_counter() - started
     torch.manual_seed(0)
     tuned = get_peft_model(base.model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))

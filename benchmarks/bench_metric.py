@@ -17,23 +17,23 @@ import time
 
 import torch
 
-from forgetscale import forgetting
 from forgetscale.data.blocks import pack_documents
 from forgetscale.data.embedded import wikipedia_articles
+from forgetscale.metric import references, sums
 from forgetscale.models import EMBEDDED, load_model
 
 
 def legacy(monkey: bool) -> None:
-    """Switch forgetting.py's dot product to one fp32 dot per token, or back (the logit shift stays)."""
-    forgetting.DOT_CHUNK = 1 << 30 if monkey else 256
+    """Switch metric/sums.py's dot product to one fp32 dot per token, or back (the logit shift stays)."""
+    sums.DOT_CHUNK = 1 << 30 if monkey else 256
 
 
 def truth(base, tuned, blocks, batch: int) -> dict[str, float]:
     ce = ent = 0.0
     n = 0
     device = torch.device("cpu")
-    for (_, zb, _, _), (_, zt, _, _) in zip(forgetting._batches(base, blocks, batch, device, None),
-                                      forgetting._batches(tuned, blocks, batch, device, None), strict=True):
+    for (_, zb, _, _), (_, zt, _, _) in zip(sums.batches(base, blocks, batch, device, None),
+                                      sums.batches(tuned, blocks, batch, device, None), strict=True):
         logp, logq = torch.log_softmax(zb.double(), -1), torch.log_softmax(zt.double(), -1)
         p = logp.exp()
         ent += float(-(p * logp).sum())
@@ -65,9 +65,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in times:
             legacy(name == "single fp32 dot")
-            ref = forgetting.reference(base, blocks, batch, device)
+            ref = references.memory_reference(base, blocks, batch, device)
             started = time.perf_counter()
-            got = forgetting.measure(tuned, blocks, batch, device, None, ref)
+            got = sums.score(tuned, blocks, batch, device, None, ref)
             times[name].append(time.perf_counter() - started)
             errors[name] = {k: abs(got[k] - exact[k]) for k in exact}
     legacy(False)

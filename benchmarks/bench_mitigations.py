@@ -25,7 +25,7 @@ import torch
 def update_step(model, hooks, ctx, optimizer, params, step: int, seed: int) -> float:
     """One update step exactly as train_run takes it (CPU, fp32: no loss scaling)."""
     from forgetscale.data import batch_indices
-    from forgetscale.forgetting import autocast
+    from forgetscale.metric.sums import autocast
     from forgetscale.train import step_seed
 
     tcfg = ctx.config.train

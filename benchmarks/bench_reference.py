@@ -30,12 +30,12 @@ def rss_mb() -> float:
 def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Path) -> dict:
     import torch
 
-    from forgetscale import references
     from forgetscale.config import ForgettingConfig
     from forgetscale.config.methods import METHODS
     from forgetscale.data import build_forgetting_blocks
-    from forgetscale.forgetting import measure
     from forgetscale.methods.attach import attach
+    from forgetscale.metric import references
+    from forgetscale.metric.sums import score as measure
     from forgetscale.models import EMBEDDED, cache_root, load_model
 
     torch.set_num_threads(threads)

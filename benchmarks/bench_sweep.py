@@ -151,7 +151,8 @@ def stock(cfg, timer: Timer, bf16: bool) -> dict[int, dict[str, float]]:
 
 
 def ours(cfg, timer: Timer, bf16: bool) -> dict[int, dict[str, float]]:
-    from forgetscale import references, train
+    from forgetscale import train
+    from forgetscale.metric import references
     from forgetscale.store import Store
     from forgetscale.sweep import run_sweep
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from forgetscale import forgetting, sweep
+from forgetscale import sweep
 from forgetscale.config import parse_config
 from forgetscale.data import batch_indices
 from forgetscale.methods.attach import attach
+from forgetscale.metric import references, sums
 from forgetscale.models import EMBEDDED, load_model
+from forgetscale.store import RunRecord
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -54,20 +56,20 @@ def main() -> None:
 
     # a full run through the real code path, counting base-prediction passes
     calls = {"n": 0}
-    real_reference = forgetting.reference
+    real_reference = references.memory_reference
 
     def counting_reference(*a, **k):
         calls["n"] += 1
         return real_reference(*a, **k)
 
-    sweep.reference = counting_reference
+    references.memory_reference = counting_reference  # what references.build calls for memory
     with tempfile.TemporaryDirectory() as out:
         ctx = sweep.build_context(cfg, Path(out))
         store = sweep.Store(out)
         sweep.check_same_sweep(store, cfg)
         plan = sweep.plan_runs(cfg)[0]
-        store.add_run({"run_id": plan.run_id, "model": EMBEDDED, "dataset": "news", "method": "lora",
-                       "method_config": {}, "rank": args.rank, "trainable_params": None, "seed": 0, "config": {}})
+        store.add_run(RunRecord(run_id=plan.run_id, model=EMBEDDED, dataset="news", method="lora",
+                                method_config={}, rank=args.rank, trainable_params=None, seed=0, config={}))
         started = time.perf_counter()
         sweep.train_run(plan, ctx, store)
         run_s = time.perf_counter() - started
@@ -95,9 +97,9 @@ def main() -> None:
 
     model.eval()
     started = time.perf_counter()
-    forgetting.measure(model, ctx.data.heldout, 8, ctx.device, None, ctx.heldout_ref)
-    forgetting.measure(model, ctx.data.train_probe, 8, ctx.device, None)
-    forgetting.measure(model, ctx.forgetting, 8, ctx.device, None, ctx.forgetting_ref)
+    sums.score(model, ctx.data.heldout, 8, ctx.device, None, ctx.heldout_ref)
+    sums.score(model, ctx.data.train_probe, 8, ctx.device, None)
+    sums.score(model, ctx.forgetting, 8, ctx.device, None, ctx.forgetting_ref)
     check_s = time.perf_counter() - started
     eval_tokens = ctx.data.heldout.loss_tokens + ctx.data.train_probe.loss_tokens + ctx.forgetting.loss_tokens
     print(f"one checkpoint ({eval_tokens} tokens evaluated): {check_s:.2f} s = {check_s / step_s:.1f} training steps")

@@ -1,5 +1,5 @@
 """The chunked output head against the stock one, side by side in one run: training step time with the
-stock causal-LM loss vs `output_head.next_token_loss`, and a measuring pass (forgetting.measure) with the
+stock causal-LM loss vs `output_head.next_token_loss`, and a measuring pass (metric.sums.score) with the
 stock head over every position vs the plain head on the loss positions into a reused buffer. Prints
 seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios.
 
@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from forgetscale import forgetting, output_head
 from forgetscale.config import parse_config
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.methods.attach import attach, upcast_trainable
+from forgetscale.metric import head as output_head
+from forgetscale.metric import references, sums
 from forgetscale.models import cache_root, load_configured_model, resolve_source
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.autocast == "bf16" else None
     torch.manual_seed(0)
     base = load_configured_model(cfg, device).model
-    ref = forgetting.reference(base, forget, args.eval_batch, device, dtype)
+    ref = references.memory_reference(base, forget, args.eval_batch, device, dtype)
     model = attach(base, cfg.method[0], args.rank)
     upcast_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,7 +77,7 @@ def main() -> None:
     def step(chunked: bool) -> None:
         i = next(batches) % max(1, len(data.train) // args.batch)
         b = data.train.select(slice(i * args.batch, (i + 1) * args.batch))
-        with forgetting.autocast(device, dtype):
+        with sums.autocast(device, dtype):
             if chunked:
                 loss = output_head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
             else:
@@ -97,17 +98,17 @@ def main() -> None:
                     step(chunked)
             train[chunked].append(m)
 
-    real_head = forgetting.plain_head
+    real_head = sums.plain_head
     passes = {False: [], True: []}
     model.eval()
     for _ in range(args.rounds):
         for chunked in (False, True):
-            forgetting.plain_head = real_head if chunked else (lambda _model: None)
+            sums.plain_head = real_head if chunked else (lambda _model: None)
             try:
                 with Meter() as m:
-                    result = forgetting.measure(model, forget, args.eval_batch, device, dtype, ref)
+                    result = sums.score(model, forget, args.eval_batch, device, dtype, ref)
             finally:
-                forgetting.plain_head = real_head
+                sums.plain_head = real_head
             passes[chunked].append((m, result["kl"]))
 
     def row(label: str, meters: list[Meter], per: int) -> float:

@@ -17,8 +17,8 @@ import torch
 from forgetscale.config import parse_config
 from forgetscale.data import build_finetune_data
 from forgetscale.data.blocks import IGNORE
-from forgetscale.forgetting import _batches
-from forgetscale.measure import block_se
+from forgetscale.metric import block_se
+from forgetscale.metric.sums import batches as _batches
 from forgetscale.models import cache_root, compute_dtype, load_configured_model, resolve_device
 from forgetscale.store import Store
 

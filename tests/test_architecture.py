@@ -22,9 +22,9 @@ LAYERS = [
     ["forgetscale.registry", "forgetscale.hub", "forgetscale.host_memory"],
     ["forgetscale.config"],  # every key and spec: pydantic only
     ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
-    ["forgetscale.output_head"],  # the head a few rows at a time (training loss, measuring logits)
-    ["forgetscale.forgetting", "forgetscale.methods", "forgetscale.laws", "forgetscale.compatibility"],
-    ["forgetscale.train", "forgetscale.measure", "forgetscale.references"],  # the loop; measuring models trained elsewhere; bounded base references
+    ["forgetscale.metric", "forgetscale.methods", "forgetscale.laws", "forgetscale.compatibility"],  # the metric in one package
+    ["forgetscale.weights"],  # tuned weights from elsewhere: found, checked and put on the base
+    ["forgetscale.train", "forgetscale.measure"],  # the loop; the `measure` verb's work
     ["forgetscale.mitigations", "forgetscale.integrations"],  # the arms' torch halves; the Trainer callback
     ["forgetscale.executors", "forgetscale.evals"],
     ["forgetscale.sweep", "forgetscale.tracking"],  # the whole pipeline; the store mirrored into MLflow
@@ -165,21 +165,21 @@ def test_config_laws_and_report_import_without_torch(tmp_path):
 
 def _write_store(run_dir: Path) -> None:
     """Rows that follow the paper's line L_f = -c L_ft + s, for fit and report to read (no training)."""
-    from forgetscale.store import Store
+    from forgetscale.store import CheckpointRow, RunRecord, Store
 
     with Store(run_dir) as store:
         store.set_meta("sweep_config", json.dumps({"name": "synthetic"}))
         for rank in (4, 16, 64):
             run_id = f"r{rank}"
-            store.add_run({"run_id": run_id, "model": "m", "dataset": "d", "method": "lora",
-                           "method_config": {"name": "lora"}, "rank": rank, "trainable_params": 10_000 * rank,
-                           "seed": 0, "config": {"method": {"name": "lora"}, "rank": rank}, "status": "finished"})
+            store.add_run(RunRecord(run_id=run_id, model="m", dataset="d", method="lora",
+                                    method_config={"name": "lora"}, rank=rank, trainable_params=10_000 * rank,
+                                    seed=0, config={"method": {"name": "lora"}, "rank": rank}, status="finished"))
             for step in (0, 10, 20, 40, 80, 160):
                 ft = 2.0 + 1.5 * (1 + step / 10) ** -0.4 * (1 - 0.05 * rank ** 0.25)
                 kl = 0.0 if step == 0 else 0.8 * (3.5 - ft) + 0.01 * ((rank + step) % 3)
-                store.add_checkpoint({"run_id": run_id, "step": step, "ft_loss": ft, "ft_loss_train": ft,
-                                      "forget_ce": 3.0 + kl, "forget_ce_hard": 3.5 + kl, "base_entropy": 3.0,
-                                      "forget_kl": kl, "ft_kl": kl, "tokens_seen": 256 * step, "wall_s": step})
+                store.add_checkpoint(CheckpointRow(run_id=run_id, step=step, ft_loss=ft, ft_loss_train=ft,
+                                                   forget_ce=3.0 + kl, forget_ce_hard=3.5 + kl, base_entropy=3.0,
+                                                   forget_kl=kl, ft_kl=kl, tokens_seen=256 * step, wall_s=step))
 
 
 @pytest.mark.parametrize("verb", ["fit", "report"])
@@ -190,3 +190,27 @@ def test_fit_and_report_run_without_torch(tmp_path, verb):
                    tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run_dir / ("laws.json" if verb == "fit" else "report.html")).is_file()
+
+
+METRIC_NAMES = {"score", "batches", "forward", "expected_log_q", "base_distribution", "Rows", "Reference",
+                "MemoryReference", "memory_reference", "DiskReference", "RecomputeReference", "TopKReference",
+                "choose", "ForgettingMeter", "ForgettingResult", "block_interval", "block_se", "LogitsWorkspace",
+                "next_token_loss"}
+
+
+def test_the_metric_lives_in_one_package():
+    """The central number is computed in forgetscale/metric/ alone: its sums, where the base predictions live,
+    the output head and the notebook API; nothing outside defines one of its parts again."""
+    mods = modules()
+    metric = {name for name in mods if name == "forgetscale.metric" or name.startswith("forgetscale.metric.")}
+    assert metric == {"forgetscale.metric", *(f"forgetscale.metric.{m}" for m in ("head", "sums", "references", "meter"))}
+    for gone in ("forgetting", "references", "output_head"):
+        assert f"forgetscale.{gone}" not in mods, f"forgetscale.{gone} is back outside forgetscale/metric/"
+    elsewhere = {}
+    for name, path in mods.items():
+        if name in metric:
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level (Law.score is the estimator's)
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in METRIC_NAMES:
+                elsewhere[f"{name}.{node.name}"] = node.lineno
+    assert not elsewhere, f"parts of the metric defined outside forgetscale/metric/: {elsewhere}"

@@ -4,8 +4,9 @@ import torch.nn.functional as F
 from forgetscale.config import parse_config
 from forgetscale.data.blocks import pack_documents
 from forgetscale.data.embedded import news_articles
-from forgetscale.forgetting import measure, reference
 from forgetscale.methods.attach import attach
+from forgetscale.metric.references import memory_reference as reference
+from forgetscale.metric.sums import score as measure
 from forgetscale.models import load_model
 
 CPU = torch.device("cpu")

@@ -17,6 +17,7 @@ from forgetscale.laws.fit import fit_run_dir
 from forgetscale.laws.pipeline import fitall, forecast, lawfile
 from forgetscale.laws.pipeline.fitall import FitOptions, fit_group
 from forgetscale.laws.studies import paper, synthetic
+from forgetscale.store import CheckpointRow
 
 DATA = Path(__file__).parent / "data"
 
@@ -218,8 +219,8 @@ def test_fit_run_dir_overwrites_and_forecasts(tmp_path):
 
     with Store(tmp_path, create=False) as store:
         assert fitall.stale_groups(store.frame(), again) == []
-        store.add_checkpoint({"run_id": next(iter(used)), "step": 220, "ft_loss": 0.6, "forget_ce": 0.9,
-                              "forget_kl": 0.7, "tokens_seen": 1, "wall_s": 1.0})
+        store.add_checkpoint(CheckpointRow(run_id=next(iter(used)), step=220, ft_loss=0.6, forget_ce=0.9,
+                                           forget_kl=0.7, tokens_seen=1, wall_s=1.0))
         assert fitall.stale_groups(store.frame(), again) == [group["label"]]
 
 

@@ -81,7 +81,8 @@ def _tiny_blocks(tokenizer, max_tokens=256, length=32):
 def test_measured_adapter_equals_direct_forgetting_measure(adapter_dir, tmp_path, capsys):
     from peft import PeftModel
 
-    from forgetscale.forgetting import measure, reference
+    from forgetscale.metric.references import memory_reference as reference
+    from forgetscale.metric.sums import score as measure
 
     out = tmp_path / "run"
     assert main(["measure", "--base", TINY, "--adapter", str(adapter_dir), "--out", str(out), "--no-progress",
@@ -117,10 +118,10 @@ def test_measured_adapter_equals_direct_forgetting_measure(adapter_dir, tmp_path
 def test_notebook_api_matches_the_cli(adapter_dir, tmp_path):
     from peft import PeftModel
 
-    from forgetscale.measure import BaseReference
+    from forgetscale.metric import ForgettingMeter
 
     base = _base()
-    ref = BaseReference.build(base.model, base.tokenizer, forgetting="embedded:wikipedia", max_tokens=256,
+    ref = ForgettingMeter.build(base.model, base.tokenizer, forgetting="embedded:wikipedia", max_tokens=256,
                               block_length=32)
     result = ref.measure(PeftModel.from_pretrained(base.model, adapter_dir))
     assert result.blocks == len(ref.blocks) and result.tokens == ref.ref.tokens
@@ -159,7 +160,8 @@ def test_measured_sweep_adapter_equals_the_sweep_row(tmp_path, write_yaml):
 
 
 def test_full_checkpoint_is_measured_and_evaluable(tmp_path):
-    from forgetscale.forgetting import measure, reference
+    from forgetscale.metric.references import memory_reference as reference
+    from forgetscale.metric.sums import score as measure
 
     tuned = _base()
     torch.manual_seed(3)
@@ -527,7 +529,7 @@ def test_smollm2_sweep_adapter_measured_equals_the_sweep_row(tmp_path, write_yam
 def test_block_interval_is_the_t_interval_over_block_means():
     from scipy import stats
 
-    from forgetscale.measure import block_interval
+    from forgetscale.metric import block_interval
 
     means = torch.tensor([1.0, 1.5, 0.5, 2.0, 1.2], dtype=torch.float64)
     counts = torch.full((5,), 31)

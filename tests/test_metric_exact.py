@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from forgetscale.data.blocks import Blocks
-from forgetscale.forgetting import autocast, fp32_output_head, measure, reference
+from forgetscale.metric.references import memory_reference as reference
+from forgetscale.metric.sums import autocast, fp32_output_head
+from forgetscale.metric.sums import score as measure
 from forgetscale.models import load_model
 
 TOL = 1e-6

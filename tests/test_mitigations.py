@@ -26,7 +26,7 @@ from forgetscale.mitigations.inputs import WINDOW, ArmInputs, general_pool, gene
 from forgetscale.mitigations.kl import kl_to_base
 from forgetscale.mitigations.replay import POOL_SEED, ReplayHooks, pool_rows, replay_count
 from forgetscale.models import load_model
-from forgetscale.store import Store
+from forgetscale.store import CheckpointRow, RunRecord, Store
 from forgetscale.sweep import plan_runs, run_sweep
 from tests.conftest import tiny_config
 
@@ -269,11 +269,12 @@ def _store(path: Path) -> Store:
     runs, rows = _simulated_rows()
     store = Store(path)
     for r in runs:
-        store.add_run({"run_id": r["run_id"], "model": "sim", "dataset": "sim", "method": "lora",
-                       "method_config": {"name": "lora"}, "rank": 8, "trainable_params": 1000, "seed": r["seed"],
-                       "mitigation": r["arm"], "config": r["config"], "status": "finished"})
+        store.add_run(RunRecord(run_id=r["run_id"], model="sim", dataset="sim", method="lora",
+                                method_config={"name": "lora"}, rank=8, trainable_params=1000, seed=r["seed"],
+                                mitigation=r["arm"], config=r["config"], status="finished"))
     for row in rows:
-        store.add_checkpoint({**row, "ft_loss_train": row["ft_loss"], "base_entropy": H, "tokens_seen": row["step"]})
+        store.add_checkpoint(CheckpointRow(**{**row, "ft_loss_train": row["ft_loss"], "base_entropy": H,
+                                              "tokens_seen": row["step"]}))
     return store
 
 

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from forgetscale import forgetting, output_head
 from forgetscale.config import parse_config
 from forgetscale.data.blocks import IGNORE, Blocks
 from forgetscale.methods.attach import attach, upcast_trainable
+from forgetscale.metric import head as output_head
+from forgetscale.metric import sums
 from forgetscale.models import load_model
 
 
@@ -104,9 +105,9 @@ def test_measuring_through_the_plain_head_gives_the_stock_logits(monkeypatch):
     model = _lora()
     b = _batch(model.config.vocab_size)
     device = torch.device("cpu")
-    z, lse, labels = forgetting.forward(model, b, device, None)
-    monkeypatch.setattr(forgetting, "plain_head", lambda m: None)  # the stock head over every position
-    z0, lse0, labels0 = forgetting.forward(model, b, device, None)
+    z, lse, labels = sums.forward(model, b, device, None)
+    monkeypatch.setattr(sums, "plain_head", lambda m: None)  # the stock head over every position
+    z0, lse0, labels0 = sums.forward(model, b, device, None)
     assert torch.equal(labels, labels0) and z.shape == z0.shape
     assert float((z - z0).abs().max()) < 1e-5 and float((lse - lse0).abs().max()) < 1e-5
 
@@ -116,8 +117,8 @@ def test_a_workspace_is_reused_batch_after_batch():
     workspace = output_head.LogitsWorkspace()
     device = torch.device("cpu")
     b = _batch(model.config.vocab_size)
-    first = forgetting.forward(model, b, device, None, workspace)[0].data_ptr()
-    second = forgetting.forward(model, b.select(slice(0, 2)), device, None, workspace)[0].data_ptr()
+    first = sums.forward(model, b, device, None, workspace)[0].data_ptr()
+    second = sums.forward(model, b.select(slice(0, 2)), device, None, workspace)[0].data_ptr()
     assert first == second == workspace.buffer.data_ptr()
 
 

@@ -234,7 +234,7 @@ def test_smollm2_attention_kernels_and_lora_casts():
     """The embedded model in bf16 on CPU: auto loads eager attention; SDPA gives the same held-out loss to bf16
     rounding (and to fp32 rounding in fp32); skipping peft's input casts changes no bit."""
     from forgetscale.data import build_finetune_data
-    from forgetscale.forgetting import measure
+    from forgetscale.metric.sums import score as measure
     from forgetscale.models import cache_root
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -9,15 +9,16 @@ import shutil
 import pytest
 import torch
 
-from forgetscale import references
 from forgetscale.cli import main
 from forgetscale.config import ForgettingConfig, parse_config
 from forgetscale.config.methods import METHODS
 from forgetscale.data import build_forgetting_blocks
 from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
-from forgetscale.forgetting import measure, reference
 from forgetscale.methods.attach import attach
+from forgetscale.metric import references
+from forgetscale.metric.references import memory_reference as reference
+from forgetscale.metric.sums import score as measure
 from forgetscale.models import EMBEDDED, TINY, load_model
 from forgetscale.plan import plan_runs
 from forgetscale.sweep import run_sweep

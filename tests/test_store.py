@@ -3,12 +3,12 @@ import math
 import pytest
 
 from forgetscale.errors import StoreError
-from forgetscale.store import Store
+from forgetscale.store import CheckpointRow, RunRecord, Store
 
 
 def _run(run_id="r1", **kw):
-    return {"run_id": run_id, "model": "m", "dataset": "d", "method": "lora", "method_config": {"r": 1},
-            "rank": 8, "trainable_params": 100, "seed": 0, "config": {}, **kw}
+    return RunRecord(**{"run_id": run_id, "model": "m", "dataset": "d", "method": "lora", "method_config": {"r": 1},
+                        "rank": 8, "trainable_params": 100, "seed": 0, "config": {}, **kw})
 
 
 def test_store_round_trip_and_no_duplicates(tmp_path):
@@ -17,9 +17,9 @@ def test_store_round_trip_and_no_duplicates(tmp_path):
     store.add_run(_run())
     store.add_run(_run(status="finished"))  # a run already stored keeps its status
     assert store.run("r1")["status"] == "pending"
-    store.add_checkpoint({"run_id": "r1", "step": 0, "forget_ce": 1.0, "tokens_seen": 0, "wall_s": 0.0})
-    store.add_checkpoint({"run_id": "r1", "step": 0, "forget_ce": 2.0, "tokens_seen": 0, "wall_s": 0.0})
-    store.add_checkpoint({"run_id": "r1", "step": 5, "ft_loss": math.nan, "tokens_seen": 10, "wall_s": 1.0})
+    store.add_checkpoint(CheckpointRow(run_id="r1", step=0, forget_ce=1.0, tokens_seen=0, wall_s=0.0))
+    store.add_checkpoint(CheckpointRow(run_id="r1", step=0, forget_ce=2.0, tokens_seen=0, wall_s=0.0))
+    store.add_checkpoint(CheckpointRow(run_id="r1", step=5, ft_loss=math.nan, tokens_seen=10, wall_s=1.0))
     rows = store.checkpoints("r1")
     assert [r["step"] for r in rows] == [0, 5]
     assert rows[0]["forget_ce"] == 2.0 and rows[1]["ft_loss"] is None

@@ -57,23 +57,60 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from forgetscale.errors import StoreError
+from forgetscale.errors import ConfigError, StoreError
 
 SCHEMA_VERSION = "1"
 RESULTS_FILE = "results.sqlite"
 
-RUN_COLUMNS = (
-    "run_id", "model", "dataset", "method", "method_config", "rank", "trainable_params", "seed",
-    "mitigation", "config", "status", "error", "created_at", "updated_at",
-)
-CHECKPOINT_COLUMNS = (
-    "run_id", "step", "ft_loss", "ft_loss_train", "train_loss", "forget_ce", "forget_ce_hard",
-    "base_entropy", "forget_kl", "ft_kl", "tokens_seen", "wall_s",
-)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One planned or measured run, as every writer (sweep, `forgetscale measure`, the Trainer callback) stores
+    it; the store adds created_at / updated_at. method_config and config are JSON-able dicts."""
+
+    run_id: str
+    model: str
+    dataset: str
+    method: str
+    method_config: dict[str, Any]
+    rank: int | None
+    trainable_params: int | None
+    seed: int
+    config: dict[str, Any]
+    mitigation: str = "none"
+    status: str = "pending"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """One run at one checkpoint step: the numbers the `checkpoints` table holds (see the schema above), as
+    a sweep's loop, a derived run, `forgetscale measure` and the Trainer callback write them."""
+
+    run_id: str
+    step: int
+    ft_loss: float | None = None
+    ft_loss_train: float | None = None
+    train_loss: float | None = None
+    forget_ce: float | None = None
+    forget_ce_hard: float | None = None
+    base_entropy: float | None = None
+    forget_kl: float | None = None
+    ft_kl: float | None = None
+    tokens_seen: int = 0
+    wall_s: float = 0.0
+
+
+RUN_COLUMNS = (*(f.name for f in fields(RunRecord)), "created_at", "updated_at")
+CHECKPOINT_COLUMNS = tuple(f.name for f in fields(CheckpointRow))
+# who holds a RUN_DIR, and the meta key its settings are stored under
+CLAIMS = {"sweep": "sweep_config", "measure": "measure_settings"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -247,13 +284,12 @@ class Store:
             )
 
     # -- runs -------------------------------------------------------------------------------------
-    def add_run(self, row: dict[str, Any]) -> None:
+    def add_run(self, record: RunRecord) -> None:
         """Insert a planned run; a run already stored keeps its status and rows."""
         now = time.time()
-        values = {"status": "pending", "error": None, "mitigation": "none", **row, "created_at": now, "updated_at": now}
+        values = {**asdict(record), "created_at": now, "updated_at": now}
         for key in ("method_config", "config"):
-            if not isinstance(values[key], str):
-                values[key] = json.dumps(values[key], sort_keys=True)
+            values[key] = json.dumps(values[key], sort_keys=True)
         cols = ", ".join(RUN_COLUMNS)
         marks = ", ".join(f":{c}" for c in RUN_COLUMNS)
         with self.conn:
@@ -276,9 +312,9 @@ class Store:
         return [dict(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY created_at, run_id")]
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def add_checkpoint(self, row: dict[str, Any]) -> None:
+    def add_checkpoint(self, row: CheckpointRow) -> None:
         """Insert one checkpoint row; writing the same (run, step) again replaces it, never duplicates it."""
-        values = {c: _clean(row.get(c)) for c in CHECKPOINT_COLUMNS}
+        values = {c: _clean(v) for c, v in asdict(row).items()}
         cols = ", ".join(CHECKPOINT_COLUMNS)
         marks = ", ".join(f":{c}" for c in CHECKPOINT_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in CHECKPOINT_COLUMNS[2:])
@@ -289,7 +325,7 @@ class Store:
                 values,
             )
 
-    def add_checkpoints(self, rows: Iterable[dict[str, Any]]) -> None:
+    def add_checkpoints(self, rows: Iterable[CheckpointRow]) -> None:
         for row in rows:
             self.add_checkpoint(row)
 
@@ -359,6 +395,32 @@ class Store:
         if suite is not None:
             query, args = query + " WHERE suite = ?", [suite]
         return [dict(r) for r in self.conn.execute(query + " ORDER BY suite, protocol, model_key, metric", args)]
+
+    # -- who holds the folder ---------------------------------------------------------------------
+    def check_claim(self, kind: str, difference: Callable[[dict[str, Any]], str | None]) -> None:
+        """Refuse a RUN_DIR held by the other kind of writer, or by this kind with other settings (reads only).
+
+        A folder is held once it stores a checkpoint row: a start that failed before measuring anything leaves
+        it free. `difference(stored settings)` names the first key that differs (None: compatible)."""
+        if not self.checkpoints():
+            return
+        owner = next((k for k in ("measure", "sweep") if self.get_meta(CLAIMS[k]) is not None), kind)
+        if owner != kind:  # measurements also record a sweep_config (for eval and report): measure_settings decides
+            what = "a sweep" if owner == "sweep" else "measurements"
+            raise StoreError(f"{self.path.parent}: holds {what}; {kind} into a new --out folder")
+        stored = self.get_meta(CLAIMS[kind])
+        key = None if stored is None else difference(json.loads(stored))
+        if key is not None:
+            what = "sweep" if kind == "sweep" else "measurements"
+            raise ConfigError(f"{key}: differs from the {what} already stored in {self.path.parent}; "
+                              f"use a new --out {'directory' if kind == 'sweep' else 'folder'}")
+
+    def claim(self, kind: str, settings: dict[str, Any], difference: Callable[[dict[str, Any]], str | None]) -> None:
+        """check_claim, then record `settings` as the folder's (once every input has been checked)."""
+        self.check_claim(kind, difference)
+        if not self.checkpoints():
+            self.drop_runs_without_rows()  # nothing measured yet (a start that failed): the folder was not held
+        self.set_meta(CLAIMS[kind], json.dumps(settings, sort_keys=True))
 
     def drop_runs_without_rows(self) -> int:
         """Forget planned runs that never stored a row (a start that failed before training); returns how many."""

@@ -8,18 +8,18 @@ skipped, and an interrupted run continues from its last saved checkpoint state.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from forgetscale import references
 from forgetscale.config import SweepConfig
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
-from forgetscale.errors import ConfigError, StoreError
+from forgetscale.errors import StoreError
 from forgetscale.executors import EXECUTORS, make_executor
+from forgetscale.metric import references
 from forgetscale.mitigations.runtime import prepare_arms
 from forgetscale.models import load_base_weights, load_configured_base, model_identity, resolve_device
 from forgetscale.plan import (
@@ -29,7 +29,7 @@ from forgetscale.plan import (
     RunPlan,
     plan_runs,
 )
-from forgetscale.store import RunDirLock, Store
+from forgetscale.store import RunDirLock, RunRecord, Store
 from forgetscale.train import RunContext
 
 
@@ -84,14 +84,11 @@ def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] 
 
 
 def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
-    """A RUN_DIR holds one sweep: only the method list (and name) may grow between invocations."""
-    stored = store.get_meta("sweep_config")
+    """Claim RUN_DIR for this sweep (store.claim): a RUN_DIR holds one sweep, and only the method list (and
+    name) may grow between invocations."""
     current = cfg.to_dict()
-    if stored is not None and not store.checkpoints():
-        store.drop_runs_without_rows()  # nothing measured yet (a start that failed): the folder is not claimed
-        stored = None
-    if stored is not None:
-        old = json.loads(stored)
+
+    def difference(old: dict[str, Any]) -> str | None:
         defaults = SweepConfig().to_dict()
         for section in current:
             if section in EXTENDABLE or section in RUN_IRRELEVANT_SECTIONS:
@@ -109,11 +106,10 @@ def check_same_sweep(store: Store, cfg: SweepConfig) -> None:
                     keys = [k for k in keys if k not in RUN_IRRELEVANT_TRAIN_KEYS]
                     if not keys:
                         continue
-                key = f"{section}.{keys[0]}" if keys else section
-                raise ConfigError(
-                    f"{key}: differs from the sweep already stored in {store.path.parent}; use a new --out directory"
-                )
-    store.set_meta("sweep_config", json.dumps(current, sort_keys=True))
+                return f"{section}.{keys[0]}" if keys else section
+        return None
+
+    store.claim("sweep", current, difference)
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, progress: bool = True, only: list[str] | None = None,
@@ -170,10 +166,10 @@ def _complete(store: Store, plan: RunPlan, expected: set[int]) -> bool:
 
 def _add_runs(store: Store, cfg: SweepConfig, plans: list[RunPlan]) -> None:
     for plan in plans:
-        store.add_run({
-            "run_id": plan.run_id, "model": cfg.model.name, "dataset": cfg.finetune.dataset, "method": plan.method.name,
-            "method_config": plan.method.identity(), "rank": plan.rank, "trainable_params": None,
-            "seed": plan.seed, "mitigation": plan.mitigation.tag(),
-            "config": {**cfg.to_dict(), "method": plan.method.identity(), "rank": plan.rank, "seed": plan.seed,
-                       "mitigation": plan.arm_config()},
-        })
+        store.add_run(RunRecord(
+            run_id=plan.run_id, model=cfg.model.name, dataset=cfg.finetune.dataset, method=plan.method.name,
+            method_config=plan.method.identity(), rank=plan.rank, trainable_params=None, seed=plan.seed,
+            mitigation=plan.mitigation.tag(),
+            config={**cfg.to_dict(), "method": plan.method.identity(), "rank": plan.rank, "seed": plan.seed,
+                    "mitigation": plan.arm_config()},
+        ))

@@ -21,11 +21,12 @@ import torch
 from forgetscale.artefacts import RunFolder
 from forgetscale.data import Blocks, FinetuneData, batch_indices
 from forgetscale.errors import RunFailed
-from forgetscale.forgetting import BasePredictions, autocast, measure
 from forgetscale.methods.attach import attach, skip_lora_input_casts, trainable_parameters, upcast_trainable
+from forgetscale.metric.head import LogitsWorkspace, next_token_loss
+from forgetscale.metric.sums import Reference, autocast, score
 from forgetscale.models import enable_gradient_checkpointing
-from forgetscale.output_head import LogitsWorkspace, next_token_loss
 from forgetscale.plan import RunPlan
+from forgetscale.store import CheckpointRow
 
 
 class RowSink(Protocol):
@@ -37,7 +38,7 @@ class RowSink(Protocol):
 
     def delete_checkpoints_after(self, run_id: str, step: int) -> None: ...
 
-    def add_checkpoint(self, row: dict[str, Any]) -> None: ...
+    def add_checkpoint(self, row: CheckpointRow) -> None: ...
 
 
 class StepHooks(Protocol):
@@ -77,8 +78,8 @@ class RunContext:
     tokenizer: Any
     data: FinetuneData
     forgetting: Blocks
-    forgetting_ref: BasePredictions  # forgetting.Reference, or a bounded kind from forgetscale.references
-    heldout_ref: BasePredictions
+    forgetting_ref: Reference  # where the base predictions live (forgetscale.metric.references)
+    heldout_ref: Reference
     load_base: Callable[[], torch.nn.Module]
     keep_adapters: frozenset[int] = frozenset()  # checkpoint steps whose weights are saved (for evals)
     arm_inputs: Any = None  # once-per-sweep inputs of the mitigation arms
@@ -112,30 +113,30 @@ def checkpoint_metrics(model: torch.nn.Module, ctx: RunContext) -> dict[str, flo
     batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.dtype
     space = ctx.workspace.on(device)  # CPU: one set of [tokens x vocabulary] buffers for every pass
     model.eval()
-    held = measure(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref, space)
-    probe = measure(model, ctx.data.train_probe, batch, device, dtype, workspace=space)
-    forget = measure(model, ctx.forgetting, batch, device, dtype, ctx.forgetting_ref, space)
+    held = score(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref, space)
+    probe = score(model, ctx.data.train_probe, batch, device, dtype, workspace=space)
+    forget = score(model, ctx.forgetting, batch, device, dtype, ctx.forgetting_ref, space)
     return {"ft_loss": held["nll"], "ft_loss_train": probe["nll"], "forget_ce": forget["ce"],
             "forget_ce_hard": forget["ce_hard"], "base_entropy": forget["entropy"], "forget_kl": forget["kl"],
             "ft_kl": held["kl"]}
 
 
 def checkpoint_row(model: torch.nn.Module, ctx: RunContext, run_id: str, step: int, *, train_loss: float | None,
-                   tokens_seen: int, wall_s: float, starts_as_base: bool = False) -> dict[str, Any]:
+                   tokens_seen: int, wall_s: float, starts_as_base: bool = False) -> CheckpointRow:
     """One stored checkpoint row. At step 0 a method that starts as the base (LoRA) has the values every other
     such run of the sweep measured, to the bit, so they are measured once per sweep context."""
     shared = step == 0 and starts_as_base
     metrics = ctx.base_metrics if shared and ctx.base_metrics is not None else checkpoint_metrics(model, ctx)
     if shared:
         ctx.base_metrics = metrics
-    return {"run_id": run_id, "step": step, "train_loss": train_loss, **metrics, "tokens_seen": tokens_seen,
-            "wall_s": wall_s}
+    return CheckpointRow(run_id=run_id, step=step, train_loss=train_loss, **metrics, tokens_seen=tokens_seen,
+                         wall_s=wall_s)
 
 
 def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | None = None,
               on_step: Callable[[int, float], None] | None = None,
-              on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train one run and write its checkpoint rows; returns the final row. Raises RunFailed. `on_phase` hears
+              on_phase: Callable[[str], None] | None = None) -> CheckpointRow | None:
+    """Train one run and write its checkpoint rows; returns the final row (None: every row was stored before). Raises RunFailed. `on_phase` hears
     what the run is doing between steps ('loading model', 'checkpoint N', 'training')."""
     phase = on_phase or (lambda what: None)
     tcfg = ctx.config.train
@@ -186,7 +187,7 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
         sink.delete_checkpoints_after(plan.run_id, -1)
         done_steps = set()
 
-    last_row: dict[str, Any] = {}
+    last_row: CheckpointRow | None = None
     while True:
         # -- checkpoint: measure, store, save state ---------------------------------------------------
         if step in checkpoints and step not in done_steps:

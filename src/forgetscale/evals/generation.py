@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from forgetscale.forgetting import autocast
+from forgetscale.metric.sums import autocast
 
 Messages = list[dict[str, str]]
 

@@ -1,8 +1,8 @@
 """`forgetscale eval`: run the suites on the base model and on saved adapters, store every item and
 every summary in RUN_DIR/results.sqlite.
 
-The base model is loaded once; each tuned model is the base plus its saved adapter (PEFT adapters
-are wrapped around the base and unloaded afterwards; full / top-layer weights are swapped in and
+The base model is loaded once; each tuned model is the base plus its saved weights (forgetscale.weights.applied:
+PEFT adapters are wrapped around the base and unloaded afterwards; full / top-layer weights are swapped in and
 restored), so a 7B base is not re-read per checkpoint. A (suite, model) already stored with the same
 settings is skipped, so re-running the command after an interruption only does what is missing.
 Summaries are recomputed from the stored items each time (stage outputs feed the next stage).
@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
+from forgetscale.artefacts import RunFolder
 from forgetscale.config.evals import EvalsConfig, split_suites
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.evals import choice, lmeval, safety, samples  # noqa: F401  (register the suites)
 from forgetscale.evals.labels import run_labels
 from forgetscale.evals.suites import Target, suite_for
 from forgetscale.store import Store
+from forgetscale.weights import applied, saved_source
 
 BASE = "base"
 
@@ -73,38 +71,6 @@ def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, step
                 continue
             out.append(Checkpoint(r["run_id"], step, labels[r["run_id"]], folder.adapter(step)))
     return out, notes
-
-
-@contextlib.contextmanager
-def with_adapter(model: torch.nn.Module, adapter: Path) -> Iterator[torch.nn.Module]:
-    """The base model with a saved adapter applied; the base is restored on exit."""
-    if (adapter / PEFT_CONFIG).is_file():
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        tuned.eval()
-        try:
-            yield tuned
-        finally:
-            tuned.unload()
-        return
-    from safetensors.torch import load_file
-
-    weights = load_file(adapter / TRAINABLE_FILE)
-    named = dict(model.named_parameters())
-    missing = [n for n in weights if n not in named]
-    if missing:
-        raise StoreError(f"{adapter}: weight '{missing[0]}' is not in the base model; was it saved from another model?")
-    backup = {n: named[n].detach().clone() for n in weights}
-    with torch.no_grad():
-        for n, value in weights.items():
-            named[n].copy_(value)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, value in backup.items():
-                named[n].copy_(value)
 
 
 def _settings_json(settings: Any) -> str:
@@ -160,8 +126,9 @@ def run_evals(
                 if not names_here:
                     continue
                 bar.set_description(f"eval {by_key[key].label}@{by_key[key].step}" if key != BASE else "eval base")
-                context = contextlib.nullcontext(base.model) if key == BASE else with_adapter(base.model, by_key[key].adapter)
-                with context as model:
+                context = (contextlib.nullcontext((base.model, 0)) if key == BASE
+                           else applied(base.model, saved_source(by_key[key].adapter, by_key[key].step)))
+                with context as (model, _params):
                     target = Target(key, model, base.tokenizer, dev, dtype, evals.batch_size, evals.seed, bar.update)
                     for name in names_here:
                         suite = suite_for(name)

@@ -14,13 +14,13 @@ import torch
 from forgetscale.artefacts import RunFolder
 from forgetscale.errors import ConfigError, RunFailed
 from forgetscale.plan import RunPlan
-from forgetscale.store import Store
+from forgetscale.store import CheckpointRow, Store
 from forgetscale.train import RowSink, RunContext, train_run
 
 
 def execute_plan(plan: RunPlan, ctx: RunContext, sink: RowSink,
                  on_step: Callable[[int, float], None] | None = None,
-                 on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 on_phase: Callable[[str], None] | None = None) -> CheckpointRow | None:
     """One plan: a derived run (scale) is measured from its source run's weights; any other is trained,
     with its arm's hooks. Returns the last row; raises RunFailed."""
     from forgetscale.mitigations.runtime import derive_run, hook_setup
@@ -49,9 +49,9 @@ class RunLog:
     def write(self, text: str) -> None:
         self.folder.log(text)
 
-    def checkpoint(self, row: dict[str, Any]) -> None:
-        self.write(f"step {row['step']}: ft_loss {row['ft_loss']:.5f} forget_ce {row['forget_ce']:.5f} "
-                   f"forget_kl {row['forget_kl']:.5f}")
+    def checkpoint(self, row: CheckpointRow) -> None:
+        self.write(f"step {row.step}: ft_loss {row.ft_loss:.5f} forget_ce {row.forget_ce:.5f} "
+                   f"forget_kl {row.forget_kl:.5f}")
 
 
 class LoggedSink:
@@ -69,7 +69,7 @@ class LoggedSink:
     def delete_checkpoints_after(self, run_id: str, step: int) -> None:
         self._store.delete_checkpoints_after(run_id, step)
 
-    def add_checkpoint(self, row: dict[str, Any]) -> None:
+    def add_checkpoint(self, row: CheckpointRow) -> None:
         self._store.add_checkpoint(row)
         self._log.checkpoint(row)
 

@@ -226,7 +226,7 @@ class RayExecutor:
         elif kind == "checkpoint":
             store.add_checkpoint(message[1])
             flight.log.checkpoint(message[1])
-            self._advance(flight, message[1]["step"], bar)
+            self._advance(flight, message[1].step, bar)
         elif kind == "progress":
             self._advance(flight, message[1], bar)
         elif kind == "file":

@@ -28,10 +28,11 @@ import torch
 
 from forgetscale.artefacts import STATE_FILE, RunFolder
 from forgetscale.executors.local import execute_plan
-from forgetscale.forgetting import Reference
 from forgetscale.host_memory import apply_allocator
+from forgetscale.metric.references import MemoryReference
 from forgetscale.models import compute_dtype, resolve_device
 from forgetscale.plan import RunPlan
+from forgetscale.store import CheckpointRow
 
 FILE_CHUNK = 32 << 20  # bytes per streamed artefact message: large adapters never sit whole in one object
 _PROGRESS_EVERY_S = 0.5
@@ -68,8 +69,8 @@ class Attempt:
 def ship(ctx: Any) -> tuple[Any, dict[str, tuple[np.ndarray, ...]]]:
     """The shared context for the object store: base predictions as numpy arrays (Ray maps those into every
     worker of a node without a copy; torch tensors would be copied per worker) and an absolute RUN_DIR."""
-    # in-memory references only: the bounded kinds (forgetscale.references) are small or a path, and pickle as they are
-    names = [n for n in ("forgetting_ref", "heldout_ref") if isinstance(getattr(ctx, n), Reference)]
+    # in-memory references only: the bounded kinds (forgetscale.metric.references) are small or a path, and pickle as they are
+    names = [n for n in ("forgetting_ref", "heldout_ref") if isinstance(getattr(ctx, n), MemoryReference)]
     refs = {name: tuple(getattr(getattr(ctx, name), k).numpy() for k in ("probs", "neg_entropy", "argmax"))
             for name in names}
     bare = dataclasses.replace(ctx, **{n: None for n in names}, out_dir=Path(ctx.out_dir).resolve())
@@ -84,7 +85,7 @@ def _unship(shipped: tuple[Any, dict[str, tuple[np.ndarray, ...]]], out_dir: Pat
     device = torch.device("cpu") if gpus == 0 and wanted == "auto" else resolve_device(wanted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only shared memory: measure() only reads it
-        restored = {name: Reference(*(torch.from_numpy(a) for a in arrays)) for name, arrays in refs.items()}
+        restored = {name: MemoryReference(*(torch.from_numpy(a) for a in arrays)) for name, arrays in refs.items()}
     return dataclasses.replace(bare, device=device, dtype=compute_dtype(bare.config, device),
                                out_dir=out_dir, **restored)
 
@@ -106,8 +107,8 @@ class RowStream:
         self._steps = {s for s in self._steps if s <= step}
         self._put(("delete_after", step))
 
-    def add_checkpoint(self, row: dict[str, Any]) -> None:
-        self._steps.add(row["step"])
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        self._steps.add(row.step)
         self._put(("checkpoint", row))
 
 

@@ -15,7 +15,7 @@
 
 The callback finds its trainer on the first event (the Trainer calls its callbacks from its own methods);
 pass `trainer=` to say it explicitly, as TRL's own callbacks take it. Resuming a full fine-tune from a
-checkpoint: the model at on_train_begin is no longer the base; pass `reference=` built beforehand.
+checkpoint: the model at on_train_begin is no longer the base; pass `meter=` (a ForgettingMeter built on the base beforehand).
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from forgetscale.measure import BaseReference, ForgettingResult, is_peft, method_of
 from forgetscale.methods.attach import trainable_parameters
+from forgetscale.metric import ForgettingMeter, ForgettingResult
+from forgetscale.metric.meter import is_peft
 from forgetscale.plan import run_hash
-from forgetscale.store import Store
+from forgetscale.store import CheckpointRow, RunRecord, Store
+from forgetscale.weights import method_of
 
 KEYS = ("kl", "ce", "ce_hard", "entropy")
 
@@ -58,14 +60,14 @@ class ForgettingCallback(TrainerCallback):
     def __init__(self, forgetting: Any = "embedded:wikipedia", *, max_tokens: int | None = 4096,
                  block_length: int = 128, batch_size: int = 8, every_steps: int | None = None,
                  on_evaluate: bool = True, run_dir: str | Path | None = None, trainer: Any = None,
-                 tokenizer: Any = None, reference: BaseReference | None = None, dtype: Any = "auto",
+                 tokenizer: Any = None, meter: ForgettingMeter | None = None, dtype: Any = "auto",
                  prefix: str = "forgetting/") -> None:
         if every_steps is not None and every_steps < 1:
             raise ValueError("every_steps: must be >= 1 or None")
         self.forgetting, self.max_tokens, self.block_length = forgetting, max_tokens, block_length
         self.batch_size, self.every_steps, self.measure_on_evaluate = batch_size, every_steps, on_evaluate
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.trainer, self.tokenizer, self.reference, self.dtype, self.prefix = trainer, tokenizer, reference, dtype, prefix
+        self.trainer, self.tokenizer, self.meter, self.dtype, self.prefix = trainer, tokenizer, meter, dtype, prefix
         self.results: dict[int, ForgettingResult] = {}  # step -> result, also kept here for notebooks
         self.run_id: str | None = None
         self._last_step: int | None = None
@@ -74,9 +76,9 @@ class ForgettingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.trainer is None:
             self.trainer = _find_trainer(self)
-        if self.reference is None:
+        if self.meter is None:
             tokenizer = self.tokenizer or _tokenizer(processing_class)
-            self.reference = BaseReference.build(
+            self.meter = ForgettingMeter.build(
                 model, tokenizer, forgetting=self.forgetting, max_tokens=self.max_tokens,
                 block_length=self.block_length, batch_size=self.batch_size, dtype=self._autocast(args, model))
         if self.run_dir is not None:
@@ -112,9 +114,9 @@ class ForgettingCallback(TrainerCallback):
         return None
 
     def _measure(self, model: torch.nn.Module, state: Any, eval_loss: float | None = None) -> ForgettingResult:
-        if self.reference is None:
-            raise RuntimeError("ForgettingCallback: no base reference (on_train_begin did not run)")
-        result = self.reference.measure(model)
+        if self.meter is None:
+            raise RuntimeError("ForgettingCallback: no meter (on_train_begin did not run)")
+        result = self.meter.measure(model)
         step = int(state.global_step)
         self.results[step], self._last_step = result, step
         logs = {f"{self.prefix}{k}": float(getattr(result, k)) for k in KEYS}
@@ -127,7 +129,7 @@ class ForgettingCallback(TrainerCallback):
 
     def _open_run(self, args: Any, state: Any, model: torch.nn.Module) -> None:
         name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-        settings = dict(self.reference.settings)
+        settings = dict(self.meter.settings)
         self.run_id = run_hash({"callback": True, "model": name, "forgetting": settings,
                                 "output_dir": str(Path(args.output_dir).resolve()), "run_name": args.run_name})
         if is_peft(model):
@@ -143,14 +145,14 @@ class ForgettingCallback(TrainerCallback):
         with Store(self.run_dir) as store:
             if store.get_meta("sweep_config") is None:
                 store.set_meta("sweep_config", json.dumps(self._sweep_config(name, settings), sort_keys=True))
-            store.add_run({"run_id": self.run_id, "model": name, "dataset": str(getattr(args, "run_name", None) or
-                           "trainer"), "method": method, "method_config": method_config, "rank": rank,
-                           "trainable_params": params, "seed": int(args.seed), "config": config, "status": "running"})
+            store.add_run(RunRecord(run_id=self.run_id, model=name, dataset=str(getattr(args, "run_name", None) or "trainer"),
+                                    method=method, method_config=method_config, rank=rank, trainable_params=params,
+                                    seed=int(args.seed), config=config, status="running"))
             store.update_run(self.run_id, status="running", trainable_params=params)
             store.delete_checkpoints_after(self.run_id, int(state.global_step))  # a resumed run keeps its rows
         if int(state.global_step) == 0:  # the base row: measured, so KL is exactly 0 there
             with (model.disable_adapter() if is_peft(model) else _null()):
-                base = self.reference.measure(model)
+                base = self.meter.measure(model)
             self._store(state, base, None)
 
     @staticmethod
@@ -170,12 +172,10 @@ class ForgettingCallback(TrainerCallback):
         step = int(state.global_step)
         losses = [e["loss"] for e in state.log_history if "loss" in e and e.get("step", -1) <= step]
         with Store(self.run_dir) as store:
-            store.add_checkpoint({
-                "run_id": self.run_id, "step": step, "ft_loss": eval_loss, "ft_loss_train": None,
-                "train_loss": losses[-1] if losses and step > 0 else None, "forget_ce": result.ce,
-                "forget_ce_hard": result.ce_hard, "base_entropy": result.entropy, "forget_kl": result.kl,
-                "ft_kl": None, "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0), "wall_s": 0.0,
-            })
+            store.add_checkpoint(CheckpointRow(
+                run_id=self.run_id, step=step, ft_loss=eval_loss, train_loss=losses[-1] if losses and step > 0 else None,
+                forget_ce=result.ce, forget_ce_hard=result.ce_hard, base_entropy=result.entropy, forget_kl=result.kl,
+                tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0)))
 
 
 class _null:

@@ -25,7 +25,7 @@ import torch
 from forgetscale.data import Blocks, load_records
 from forgetscale.data.blocks import pack_documents, separator_ids, wikitext_articles
 from forgetscale.errors import DataError
-from forgetscale.forgetting import autocast
+from forgetscale.metric.sums import autocast
 
 WINDOW = 16  # tokens: a shared window this long counts as overlap with the forgetting set
 POOL_TOKENS = 65_536  # token budget of a general-text pool

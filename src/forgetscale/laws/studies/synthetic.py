@@ -66,21 +66,21 @@ def simulate_frame(
 
 def write_store(run_dir: str | Path, frame: pd.DataFrame, sweep_config: Mapping | None = None) -> Path:
     """Write simulated rows into RUN_DIR/results.sqlite through the Store (as a real sweep would)."""
-    from forgetscale.store import Store
+    from forgetscale.store import CHECKPOINT_COLUMNS, CheckpointRow, RunRecord, Store
 
     run_dir = Path(run_dir)
     with Store(run_dir, create=True) as store:
         for run_id, g in frame.groupby("run_id", sort=False):
             first = g.iloc[0]
-            store.add_run({
-                "run_id": run_id, "model": first["model"], "dataset": first["dataset"], "method": first["method"],
-                "method_config": json.loads(first["method_config"]), "rank": int(first["rank"]),
-                "trainable_params": int(first["trainable_params"]), "seed": int(first["seed"]),
-                "mitigation": first["mitigation"], "config": {"simulated": True, "rank": int(first["rank"])},
-                "status": first["status"],
-            })
+            store.add_run(RunRecord(
+                run_id=run_id, model=first["model"], dataset=first["dataset"], method=first["method"],
+                method_config=json.loads(first["method_config"]), rank=int(first["rank"]),
+                trainable_params=int(first["trainable_params"]), seed=int(first["seed"]),
+                mitigation=first["mitigation"], config={"simulated": True, "rank": int(first["rank"])},
+                status=first["status"],
+            ))
             for row in g.to_dict("records"):
-                store.add_checkpoint(row)
+                store.add_checkpoint(CheckpointRow(**{c: row[c] for c in CHECKPOINT_COLUMNS if c in row}))
         config = sweep_config or {"simulated": True, "datasets": sorted(frame["dataset"].unique())}
         store.set_meta("sweep_config", json.dumps(config, sort_keys=True))
     return run_dir

@@ -1,60 +1,26 @@
-"""The forgetting metric: cross-entropy of the tuned model against the base model's own predictions.
+"""The metric's sums: one loop (`score`) over a block set that adds up, in fp64, every number a checkpoint
+stores (the NLL of the text, soft and hard CE against the base, the base's entropy, KL), from shifted
+logits of the tuned model and the rows a reference (forgetscale.metric.references) gives for each batch.
 
 L_f = mean_t [ -sum_v p_base(v|x<t) log p_ft(v|x<t) ] = H(p_base) + KL(p_base || p_ft)   (soft, the paper's)
 hard form: -log p_ft(argmax p_base | x<t).
-
-The base log-probabilities are computed once per sweep (`reference`) and kept in memory
-(4 bytes x vocab x tokens: 0.8 GB for SmolLM2 on 4,096 tokens), so a checkpoint costs one
-forward pass of the tuned model and nothing more; forgetscale.references holds them on disk, recomputes
-them, or keeps only their top K, for sets too large for RAM (`forgetting.reference`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from forgetscale.data.blocks import IGNORE, Blocks
-from forgetscale.output_head import LogitsWorkspace, fp32_weight, hidden_states_out, plain_head
-
-
-class PerTokenEntropy:
-    """`tokens` and `entropy` of every reference kind, from its per-token sum_v p log p (`neg_entropy`)."""
-
-    neg_entropy: torch.Tensor  # [T] float64
-
-    @property
-    def tokens(self) -> int:
-        return self.neg_entropy.shape[0]
-
-    @property
-    def entropy(self) -> float:
-        return float(-self.neg_entropy.double().mean())
-
-
-@dataclass
-class Reference(PerTokenEntropy):
-    """Base-model predictions at the loss positions of a block set."""
-
-    probs: torch.Tensor  # [T, V] float32 p_base, on CPU
-    neg_entropy: torch.Tensor  # [T] float64 sum_v p log p, computed with the same arithmetic as `measure`
-    argmax: torch.Tensor  # [T] the base model's most likely token
-
-    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
-             device: torch.device, dtype: torch.dtype | None) -> Rows:
-        """The reference at token rows [start, start + t) against the tuned model's shifted logits `z`."""
-        t = z.shape[0]
-        p = self.probs[start : start + t].to(z.device, non_blocking=True)
-        return Rows(expected_log_q(p, z, lse), self.neg_entropy[start : start + t].to(z.device),
-                    self.argmax[start : start + t].to(z.device))
+from forgetscale.metric.head import LogitsWorkspace, fp32_weight, hidden_states_out, plain_head
 
 
 @dataclass
 class Rows:
-    """What every kind of reference gives `measure` for one batch of tokens."""
+    """What every kind of reference gives `score` for one batch of tokens."""
 
     cross: torch.Tensor  # [t] float64 sum_v p log q
     neg_entropy: torch.Tensor  # [t] float64 sum_v p log p
@@ -62,8 +28,9 @@ class Rows:
     error_bound: torch.Tensor | None = None  # [t] float64 upper bound on KL's error (approximate references)
 
 
-class BasePredictions(Protocol):
-    """A Reference, or one of forgetscale.references' bounded-memory kinds."""
+class Reference(Protocol):
+    """Where the base predictions live (forgetscale.metric.references: memory, disk, recompute, topk:K): what
+    `score` asks of them."""
 
     @property
     def tokens(self) -> int: ...
@@ -129,7 +96,7 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
     keeps fp32 exact: unshifted, p.z and logsumexp(z) are each ~35 nats on SmolLM2 and their difference
     loses ~1e-3 nats per token to cancellation; shifted, both are a few nats.
 
-    With a plain output head (forgetscale.output_head) the head runs on the loss positions only, into the
+    With a plain output head (forgetscale.metric.head) the head runs on the loss positions only, into the
     workspace's reused buffer, and nothing else [t, V] is allocated: on CPU every fresh tensor that large is
     page-faulted in anew, which was half of a measuring pass (`benchmarks/bench_train_loss.py`). The
     logits are then valid until the workspace's next batch."""
@@ -153,7 +120,7 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
     return z, lse, labels[keep]
 
 
-def _batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None,
+def batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None,
              workspace: LogitsWorkspace | None = None):
     """Yield (batch, z, lse, labels) batch by batch (see `forward`); z is overwritten by the next batch."""
     workspace = workspace or LogitsWorkspace()
@@ -189,54 +156,45 @@ def base_distribution(z: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor,
     return p, expected_log_q(p, z, lse)
 
 
-def reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-              dtype: torch.dtype | None = None) -> Reference:
-    """The base model's distribution on `blocks` (call before attaching a method, or with adapters disabled).
-
-    The [T, V] table is allocated once and filled batch by batch: concatenating per-batch pieces would hold it
-    twice at the end (a 12.9 GB reference peaked past 24 GB and was killed)."""
-    probs, neg_entropy, argmax, start = None, [], [], 0
-    for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
-        p, neg_h = base_distribution(z, lse)
-        if probs is None:
-            probs = torch.empty((blocks.loss_tokens, z.shape[1]), dtype=p.dtype)
-        probs[start : start + z.shape[0]] = p
-        start += z.shape[0]
-        neg_entropy.append(neg_h.cpu())
-        argmax.append(z.argmax(-1).cpu())
-    if probs is None or start != probs.shape[0]:
-        raise RuntimeError(f"reference: the blocks gave {start} positions, they hold {blocks.loss_tokens}")
-    return Reference(probs=probs, neg_entropy=torch.cat(neg_entropy), argmax=torch.cat(argmax))
-
-
-def measure(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-            dtype: torch.dtype | None = None, ref: BasePredictions | None = None,
-            workspace: LogitsWorkspace | None = None) -> dict[str, float]:
+def score(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
+          dtype: torch.dtype | None = None, ref: Reference | None = None,
+          workspace: LogitsWorkspace | None = None, per_token: bool = False) -> dict[str, Any]:
     """Mean next-token NLL on the blocks' labels; with a reference also soft/hard CE, entropy and KL.
 
     Uses log q(v) = z_v - logsumexp(z), so sum_v p log q = p.z - lse needs no log-softmax tensor; the
     reference's sum p log p uses the same arithmetic, so KL is exactly 0 when the model is the base.
     An approximate reference (topk:K) also gives `kl_error_bound`: KL and CE are low by at most that much.
     `workspace`: buffers to reuse (a run's context passes one for all its passes); default: this pass's own.
+    `per_token`: also the per-token fp64 KL, CE and hard CE on CPU (`per_token`), for intervals over blocks;
+    the means are the same sums either way.
     """
     nll = ce = ce_hard = kl = bound = 0.0
     count = 0
-    for part, z, lse, labels in _batches(model, blocks, batch_size, device, dtype, workspace):
+    tokens: dict[str, list[torch.Tensor]] = {"kl": [], "ce": [], "ce_hard": []}
+    for part, z, lse, labels in batches(model, blocks, batch_size, device, dtype, workspace):
         t = z.shape[0]
         nll += float((lse - z.gather(1, labels[:, None]).view(-1)).double().sum())
         if ref is not None:
             rows = ref.rows(model, part, count, z, lse, device, dtype)
+            token_kl = (rows.neg_entropy - rows.cross).double()
+            token_hard = (lse - z.gather(1, rows.argmax[:, None]).view(-1)).double()
             ce += float(-rows.cross.double().sum())
-            kl += float((rows.neg_entropy - rows.cross).double().sum())
-            ce_hard += float((lse - z.gather(1, rows.argmax[:, None]).view(-1)).double().sum())
+            kl += float(token_kl.sum())
+            ce_hard += float(token_hard.sum())
             if rows.error_bound is not None:
                 bound += float(rows.error_bound.sum())
+            if per_token:
+                tokens["kl"].append(token_kl.cpu())
+                tokens["ce"].append((-rows.cross).double().cpu())
+                tokens["ce_hard"].append(token_hard.cpu())
         count += t
-    out = {"nll": nll / count, "tokens": count}
+    out: dict[str, Any] = {"nll": nll / count, "tokens": count}
     if ref is not None:
         if count != ref.tokens:
             raise RuntimeError(f"reference holds {ref.tokens} positions, blocks gave {count}")
         out.update(ce=ce / count, ce_hard=ce_hard / count, kl=kl / count, entropy=ref.entropy)
         if getattr(ref, "approximate", False):
             out["kl_error_bound"] = bound / count
+        if per_token:
+            out["per_token"] = {name: torch.cat(values) for name, values in tokens.items()}
     return out

@@ -1,7 +1,9 @@
-"""Where the base model's predictions live when they do not fit in RAM (`forgetting.reference`).
+"""The reference: where the base model's predictions on a block set live (`forgetting.reference`), built
+once per sweep so that a checkpoint costs one forward pass of the tuned model and nothing more.
 
-The in-memory reference (forgetting.Reference) costs 4 bytes x vocabulary x tokens: 0.8 GB for SmolLM2 on
-4,096 tokens, 43 GB for Llama 2 on WikiText-103's test split. The kinds here give `measure` the same rows:
+- memory: the fp32 probabilities in RAM, 4 bytes x vocabulary x tokens: 0.8 GB for SmolLM2 on 4,096 tokens,
+  43 GB for Llama 2 on WikiText-103's test split. For sets that do not fit, the other kinds give `score`
+  the same rows:
 
 - disk: the fp32 probabilities in one file under RUN_DIR/references/, written once in batches and read
   back one batch at a time, keyed by the base model's identity and the exact token blocks, so every run
@@ -31,17 +33,8 @@ import numpy as np
 import torch
 
 from forgetscale.data.blocks import Blocks
-from forgetscale.forgetting import (
-    BasePredictions,
-    PerTokenEntropy,
-    Rows,
-    _batches,
-    base_distribution,
-    expected_log_q,
-    forward,
-    reference,
-)
-from forgetscale.output_head import LogitsWorkspace
+from forgetscale.metric.head import LogitsWorkspace
+from forgetscale.metric.sums import Reference, Rows, base_distribution, batches, expected_log_q, forward
 
 EXACT = ("memory", "disk", "recompute")
 
@@ -117,6 +110,61 @@ def blocks_key(blocks: Blocks) -> str:
     return digest.hexdigest()[:16]
 
 
+class PerTokenEntropy:
+    """`tokens` and `entropy` of every reference kind, from its per-token sum_v p log p (`neg_entropy`)."""
+
+    neg_entropy: torch.Tensor  # [T] float64
+
+    @property
+    def tokens(self) -> int:
+        return self.neg_entropy.shape[0]
+
+    @property
+    def entropy(self) -> float:
+        return float(-self.neg_entropy.double().mean())
+
+
+
+# -- memory -------------------------------------------------------------------------------------------
+@dataclass
+class MemoryReference(PerTokenEntropy):
+    """Base-model predictions at the loss positions of a block set."""
+
+    probs: torch.Tensor  # [T, V] float32 p_base, on CPU
+    neg_entropy: torch.Tensor  # [T] float64 sum_v p log p, computed with the same arithmetic as `score`
+    argmax: torch.Tensor  # [T] the base model's most likely token
+
+    def rows(self, model: torch.nn.Module, part: Blocks, start: int, z: torch.Tensor, lse: torch.Tensor,
+             device: torch.device, dtype: torch.dtype | None) -> Rows:
+        """The reference at token rows [start, start + t) against the tuned model's shifted logits `z`."""
+        t = z.shape[0]
+        p = self.probs[start : start + t].to(z.device, non_blocking=True)
+        return Rows(expected_log_q(p, z, lse), self.neg_entropy[start : start + t].to(z.device),
+                    self.argmax[start : start + t].to(z.device))
+
+
+
+def memory_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
+                     dtype: torch.dtype | None = None) -> MemoryReference:
+    """The base model's distribution on `blocks` (call before attaching a method, or with adapters disabled).
+
+    The [T, V] table is allocated once and filled batch by batch: concatenating per-batch pieces would hold it
+    twice at the end (a 12.9 GB reference peaked past 24 GB and was killed)."""
+    probs, neg_entropy, argmax, start = None, [], [], 0
+    for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype):
+        p, neg_h = base_distribution(z, lse)
+        if probs is None:
+            probs = torch.empty((blocks.loss_tokens, z.shape[1]), dtype=p.dtype)
+        probs[start : start + z.shape[0]] = p
+        start += z.shape[0]
+        neg_entropy.append(neg_h.cpu())
+        argmax.append(z.argmax(-1).cpu())
+    if probs is None or start != probs.shape[0]:
+        raise RuntimeError(f"reference: the blocks gave {start} positions, they hold {blocks.loss_tokens}")
+    return MemoryReference(probs=probs, neg_entropy=torch.cat(neg_entropy), argmax=torch.cat(argmax))
+
+
+
 # -- disk -----------------------------------------------------------------------------------------------
 @dataclass
 class DiskReference(PerTokenEntropy):
@@ -148,8 +196,8 @@ def disk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
         neg_entropy, argmax, vocab = [], [], 0
         try:
             with open(tmp / "probs.f32", "wb") as fh:
-                for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
-                    p, neg_h = base_distribution(z, lse)  # the same arithmetic as forgetting.reference
+                for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype):
+                    p, neg_h = base_distribution(z, lse)  # the same arithmetic as memory_reference
                     fh.write(p.cpu().numpy().tobytes())
                     neg_entropy.append(neg_h.cpu())
                     argmax.append(z.argmax(-1).cpu())
@@ -188,7 +236,7 @@ class RecomputeReference(PerTokenEntropy):
 
 def recompute_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
                         dtype: torch.dtype | None) -> RecomputeReference:
-    neg_entropy = [base_distribution(z, lse)[1].cpu() for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype)]
+    neg_entropy = [base_distribution(z, lse)[1].cpu() for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype)]
     return RecomputeReference(torch.cat(neg_entropy))
 
 
@@ -228,7 +276,7 @@ class TopKReference(PerTokenEntropy):
 def topk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
                    dtype: torch.dtype | None, k: int) -> TopKReference:
     parts: dict[str, list[torch.Tensor]] = {"log_p": [], "index": [], "log_tail": [], "neg_entropy": [], "argmax": []}
-    for _, z, lse, _ in _batches(model, blocks, batch_size, device, dtype):
+    for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype):
         top = z.topk(min(k, z.shape[1]), dim=-1)
         parts["log_p"].append((top.values - lse[:, None]).cpu())
         parts["index"].append(top.indices.int().cpu())
@@ -240,10 +288,10 @@ def topk_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, devi
 
 
 def build(mode: str, model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-          dtype: torch.dtype | None, folder: Path | None = None) -> BasePredictions:
+          dtype: torch.dtype | None, folder: Path | None = None) -> Reference:
     """The base predictions on `blocks` in the given (already chosen, not auto) mode; `folder` for disk."""
     if mode == "memory":
-        return reference(model, blocks, batch_size, device, dtype)
+        return memory_reference(model, blocks, batch_size, device, dtype)
     if mode == "disk":
         if folder is None:
             raise ValueError("a disk reference needs a folder")
