@@ -16,7 +16,7 @@ from forgetscale.tracking import LOG_HELP, open_sink
 NAME = "sweep"
 HELP = "run or resume a forgetting sweep from a YAML config"
 EPILOG = """examples:
-  forgetscale sweep configs/demo.yaml --out runs/demo
+  forgetscale sweep configs/quickstart.yaml --out runs/quickstart
   forgetscale sweep my.yaml --out runs/x --set train.steps=200 --set train.lr=3e-4
   forgetscale sweep my.yaml --out runs/x --executor ray                      # a local Ray instance
   forgetscale sweep my.yaml --out /shared/x --executor ray --address auto   # join the cluster on this node
