@@ -126,8 +126,9 @@ def test_demo_config_meets_the_issue():
     assert yaml.safe_load(demo_config_path().read_text())["forgetting"]["dataset"] == "embedded:wikipedia"
 
 
-def test_demo_ends_with_fit_report_and_the_papers_laws(tmp_path, capsys):
-    """`forgetscale demo` = sweep, then `fit` and `report` with their defaults, then the laws beside Table 1."""
+def test_demo_ends_with_fit_report_and_a_verdict(tmp_path, capsys):
+    """`forgetscale demo` = sweep, then `fit` and `report` with their defaults, then a verdict of a few lines;
+    `--verbose` adds fit's tables and the laws beside Table 1."""
     out = tmp_path / "demo"
     tiny = ["model.name=tiny-random-llama", "method.ranks=[1,2,4]", "train.steps=4", "train.checkpoints=[0,2,3,4]",
             "train.batch_size=2", "train.context_length=32", "train.threads=1", "train.dtype=float32",
@@ -141,7 +142,14 @@ def test_demo_ends_with_fit_report_and_the_papers_laws(tmp_path, capsys):
     assert laws["options"]["target"] == "forget_ce" and laws["options"]["ft_column"] == "ft_loss"
     assert laws["options"]["min_step"] == "auto" and laws["options"]["n_bootstrap"] == 20
     assert {r["status"] for r in Store(out / "results.sqlite").runs()} == {"finished"}
-    assert "fitted laws beside the paper's" in stdout and "paper: news" in stdout
     linear = laws["groups"][0]["laws"]["linear"]
+    verdict = stdout[stdout.index("verdict for"):].strip().splitlines()
+    assert len(verdict) <= 8, stdout  # a verdict, not ~100 lines of constants
+    assert f"forgetting rises {linear['params']['c_f_ft']:.4g}" in stdout  # the fitted Eq. 4 slope
+    assert "laws identified:" in stdout and "held-out forecast" in stdout
+    assert verdict[-2].startswith(f"report: {out / 'report.html'}") and "fitted laws beside the paper's" not in stdout
+    code, stdout, err = _run(argv + ["--verbose"] + [x for kv in tiny for x in ("--set", kv)], capsys)  # resumes
+    assert code == 0, err
+    assert "fitted laws beside the paper's" in stdout and "paper: news" in stdout
     assert f"{linear['params']['c_f_ft']:.4g}" in stdout  # the fitted Eq. 4 slope is what the table shows
     assert f"{paper.CONSTANTS['news']['c_f_ft']:.4g}" in stdout  # the paper's news slope beside it

@@ -83,3 +83,19 @@ def test_errors_name_the_key_and_line(tmp_path, yaml_text, expected):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_empty_config_file_is_one_line_not_a_default_sweep(tmp_path, capsys):
+    """An empty (or comments-only) file is more likely a failed save than a wish for minutes of defaults."""
+    from forgetscale.cli import main
+    from forgetscale.config import load_config
+
+    for text in ("", "# only a comment\n"):
+        path = tmp_path / "sweep.yaml"
+        path.write_text(text)
+        assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "empty config (no keys)" in err[0] and str(path) in err[0]
+        assert not (tmp_path / "out").exists()
+    path.write_text("{}\n")  # every default, said explicitly
+    assert load_config(path).model.name == "smollm2-135m-instruct"

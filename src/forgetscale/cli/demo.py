@@ -1,5 +1,7 @@
 """Run the embedded demo end to end: the sweep (SmolLM2-135M-Instruct, LoRA, news -> Wikipedia forgetting),
-then `fit` and `report` on its RUN_DIR, then the fitted laws beside the paper's constants.
+then `fit` and `report` on its RUN_DIR, and a verdict in a few lines (the trade-off slope, which laws are
+identified, the held-out forecast error, where the report is); `--verbose` prints every table of `fit` and
+the fitted laws beside the paper's constants.
 
 The fit and the report are the same entry points as `forgetscale fit RUN_DIR` and `forgetscale report
 RUN_DIR` with their defaults, so the demo shows exactly what a user gets from those verbs.
@@ -23,6 +25,7 @@ HELP = "run the embedded demo offline: sweep, fit, report, laws beside the paper
 EPILOG = """examples:
   forgetscale demo                 # writes runs/demo/results.sqlite, laws.json, report.html
   forgetscale demo --out /tmp/d --set train.steps=16 --bootstrap 100
+  forgetscale demo --verbose       # every table of `forgetscale fit`, and the laws beside the paper's
 Re-running the same command resumes the sweep (finished runs are skipped), then fits and reports again."""
 
 # the fitted laws shown beside the paper's Table 1, with the paper's equation numbers
@@ -37,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--bootstrap", type=int, default=None,
                         help="bootstrap resamples of the fit (default: fit's own default)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every table of `forgetscale fit` and the laws beside the paper's, not only the verdict")
 
 
 def demo_config_path() -> Path:
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     code = finish_sweep(cfg, store, args.out, progress=not args.no_progress)
     if code != 0:  # a failed run: fitting the others would describe a different sweep; the re-run fits
         return code
-    return fit_and_report(args.out, args.bootstrap)
+    return fit_and_report(args.out, args.bootstrap, verbose=args.verbose)
 
 
 def _verb_args(module: Any, argv: list[str]) -> argparse.Namespace:
@@ -63,21 +68,71 @@ def _verb_args(module: Any, argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fit_and_report(run_dir: Path, bootstrap: int | None = None) -> int:
-    """`forgetscale fit RUN_DIR` then `forgetscale report RUN_DIR`, then the laws beside the paper's."""
+def fit_and_report(run_dir: Path, bootstrap: int | None = None, verbose: bool = False) -> int:
+    """`forgetscale fit RUN_DIR` then `forgetscale report RUN_DIR`, then the verdict (verbose: fit's tables
+    and the laws beside the paper's before it)."""
     from forgetscale.cli import fit, report
+    from forgetscale.laws.fit import fit_run_dir
     from forgetscale.laws.pipeline.lawfile import LAWS_FILE
 
-    fit_argv = [str(run_dir)] + ([] if bootstrap is None else ["--bootstrap", str(bootstrap)])
-    code = fit.run(_verb_args(fit, fit_argv))
-    if code != 0:
-        return code
+    fit_args = _verb_args(fit, [str(run_dir)] + ([] if bootstrap is None else ["--bootstrap", str(bootstrap)]))
+    console = Console() if Console().is_terminal else Console(width=140)
+    if verbose:
+        code = fit.run(fit_args)
+        if code != 0:
+            return code
+    else:
+        with console.status("fitting laws..."):
+            fit_run_dir(run_dir, fit.options_from_args(fit_args))
     code = report.run(_verb_args(report, [str(run_dir), "--no-fit"]))
     doc = json.loads((Path(run_dir) / LAWS_FILE).read_text())
-    console = Console() if Console().is_terminal else Console(width=140)
-    for table in beside_paper_tables(doc):
-        console.print(table)
+    if verbose:
+        for table in beside_paper_tables(doc):
+            console.print(table)
+    print("\n".join(verdict(doc, Path(run_dir))))
     return code
+
+
+def _interval(ci: Any) -> str:
+    lo, hi = ci if ci else (None, None)
+    return "" if lo is None or hi is None else f" [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def verdict(doc: dict[str, Any], run_dir: Path) -> list[str]:
+    """What the demo found, in a few lines per group of laws.json: the Eq. 4 slope (nats of forgetting per
+    nat of fine-tuning loss gained) with its interval, which laws identified every constant, the held-out
+    forecast of the largest rank's later steps beside the nearest-checkpoint baseline, and where to look next."""
+    lines = []
+    for group in doc["groups"]:
+        lines.append(f"verdict for {group['label']}:")
+        linear = group["laws"].get("linear", {})
+        if "params" in linear:
+            r2 = _fmt(linear["r2"].get("f"))
+            lines.append(f"  trade-off (Eq. 4): forgetting rises {_fmt(linear['params']['c_f_ft'])}"
+                         f"{_interval(linear['ci'].get('c_f_ft'))} nats per nat of fine-tuning loss gained "
+                         f"(R^2 {r2})")
+        identified = [k for k, d in group["laws"].items() if "params" in d and not d["weak"]
+                      and d["status"].startswith("converged")]
+        weak = [f"{k} ({', '.join(d['weak'])})" for k, d in group["laws"].items() if "params" in d and d["weak"]]
+        unfitted = [k for k, d in group["laws"].items() if "params" not in d]
+        lines.append(f"  laws identified: {', '.join(identified) or 'none'}"
+                     + (f"; not identified: {'; '.join(weak)}" if weak else "")
+                     + (f"; not fitted: {', '.join(unfitted)}" if unfitted else ""))
+        check = group.get("forecast_check")
+        forms = [r for r in (check or {}).get("forms", []) if r["output"] == "f" and not r["given_ft"]
+                 and r.get("rise") is not None and math.isfinite(r["rise"])]
+        laws = [r for r in forms if not r["form"].startswith("baseline")]
+        if laws:
+            best = min(laws, key=lambda r: r["rise"])
+            base = next((r for r in forms if r["form"].startswith("baseline")), None)
+            lines.append(f"  held-out forecast ({check['description']}): {best['form']} misses the KL rise by "
+                         f"{100 * best['rise']:.1f}%" + (f" (nearest-checkpoint baseline {100 * base['rise']:.1f}%)"
+                                                        if base else ""))
+        else:
+            lines.append("  held-out forecast: not made (too few ranks or steps; see `forgetscale fit`)")
+    lines.append(f"report: {run_dir / 'report.html'}   laws: {run_dir / 'laws.json'}")
+    lines.append(f"every table: forgetscale fit {run_dir}   (or forgetscale demo --verbose)")
+    return lines
 
 
 def _fmt(x: float | None) -> str:

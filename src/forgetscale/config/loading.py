@@ -214,7 +214,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Sw
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    data = data if data is not None else {}
+    if data is None:  # a file that failed to save is likelier than a wish for minutes of default sweep
+        raise ConfigError(f"{path}: empty config (no keys); copy configs/quickstart.yaml, or write {{}} for every "
+                          "default")
     if isinstance(data, dict):
         apply_overrides(data, overrides or {}, shorthands={"model": "name"})
     return parse_config(data, str(path), text)
