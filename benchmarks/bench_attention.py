@@ -18,8 +18,7 @@ import torch
 from forgetscale.config import parse_config
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.methods.attach import attach, upcast_trainable
-from forgetscale.metric import head as output_head
-from forgetscale.metric import sums
+from forgetscale.metric import head, sums
 from forgetscale.models import cache_root, load_configured_model
 
 KERNELS = ("sdpa", "eager")
@@ -28,7 +27,7 @@ KERNELS = ("sdpa", "eager")
 def train_step(model, b, optimizer, device, dtype) -> None:
     model.train()
     with sums.autocast(device, dtype):
-        loss = output_head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
+        loss = head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)  # no update: every kernel times the same weights
 

@@ -1,4 +1,4 @@
-"""Seconds per measured adapter (BaseReference.measure: forward pass + the KL/CE sums + per-block intervals)
+"""Seconds per measured adapter (ForgettingMeter.measure: forward pass + the KL/CE sums + per-block intervals)
 against one plain forward pass over the same tokens, on the embedded SmolLM2 with a LoRA r=8 adapter.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_measure.py [--max-tokens 4096] [--threads 1]

@@ -1,5 +1,5 @@
 """The chunked output head against the stock one, side by side in one run: training step time with the
-stock causal-LM loss vs `output_head.next_token_loss`, and a measuring pass (metric.sums.score) with the
+stock causal-LM loss vs `head.next_token_loss`, and a measuring pass (metric.sums.score) with the
 stock head over every position vs the plain head on the loss positions into a reused buffer. Prints
 seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios.
 
@@ -18,8 +18,7 @@ import torch
 from forgetscale.config import parse_config
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.methods.attach import attach, upcast_trainable
-from forgetscale.metric import head as output_head
-from forgetscale.metric import references, sums
+from forgetscale.metric import head, references, sums
 from forgetscale.models import cache_root, load_configured_model, resolve_source
 
 
@@ -79,7 +78,7 @@ def main() -> None:
         b = data.train.select(slice(i * args.batch, (i + 1) * args.batch))
         with sums.autocast(device, dtype):
             if chunked:
-                loss = output_head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
+                loss = head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
             else:
                 loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
         loss.backward()

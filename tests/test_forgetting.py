@@ -5,8 +5,8 @@ from forgetscale.config import parse_config
 from forgetscale.data.blocks import pack_documents
 from forgetscale.data.embedded import news_articles
 from forgetscale.methods.attach import attach
-from forgetscale.metric.references import memory_reference as reference
-from forgetscale.metric.sums import score as measure
+from forgetscale.metric.references import memory_reference
+from forgetscale.metric.sums import score
 from forgetscale.models import load_model
 
 CPU = torch.device("cpu")
@@ -20,8 +20,8 @@ def _setup():
 
 def test_base_model_has_zero_kl_and_ce_equals_entropy():
     model, blocks = _setup()
-    ref = reference(model, blocks, 4, CPU)
-    out = measure(model, blocks, 4, CPU, ref=ref)
+    ref = memory_reference(model, blocks, 4, CPU)
+    out = score(model, blocks, 4, CPU, ref=ref)
     assert out["kl"] == 0.0
     assert abs(out["ce"] - out["entropy"]) < 1e-9
     assert out["tokens"] == ref.tokens == blocks.loss_tokens
@@ -29,14 +29,14 @@ def test_base_model_has_zero_kl_and_ce_equals_entropy():
 
 def test_metrics_match_a_naive_computation():
     model, blocks = _setup()
-    ref = reference(model, blocks, 3, CPU)
+    ref = memory_reference(model, blocks, 3, CPU)
     torch.manual_seed(1)
     tuned = attach(model, parse_config({"method": {"name": "lora", "ranks": [4]}}).methods[0], 4)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    out = measure(tuned, blocks, 5, CPU, ref=ref)  # batch size differs from the reference's on purpose
+    out = score(tuned, blocks, 5, CPU, ref=ref)  # batch size differs from the reference's on purpose
     with torch.no_grad():
         q = F.log_softmax(tuned(input_ids=blocks.input_ids).logits[:, :-1].float(), -1).reshape(-1, ref.probs.shape[1])
         with tuned.disable_adapter():
@@ -56,9 +56,9 @@ def test_metrics_match_a_naive_computation():
 def test_bf16_autocast_keeps_the_output_head_in_fp32():
     model, blocks = _setup()
     head = model.get_output_embeddings()
-    ref = reference(model, blocks, 4, CPU, torch.bfloat16)
-    out = measure(model, blocks, 5, CPU, torch.bfloat16, ref)
+    ref = memory_reference(model, blocks, 4, CPU, torch.bfloat16)
+    out = score(model, blocks, 5, CPU, torch.bfloat16, ref)
     assert out["kl"] == 0.0
     assert not head._forward_hooks and not head._forward_pre_hooks  # hooks removed after use
-    fp32 = measure(model, blocks, 4, CPU, None, reference(model, blocks, 4, CPU))
+    fp32 = score(model, blocks, 4, CPU, None, memory_reference(model, blocks, 4, CPU))
     assert abs(out["ce"] - fp32["ce"]) < 0.05  # bf16 body, fp32 logits: close to the fp32 numbers

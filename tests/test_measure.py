@@ -1,4 +1,4 @@
-"""`forgetscale measure`, the notebook API (forgetscale.measure.BaseReference) and the Trainer / TRL callback
+"""`forgetscale measure`, the notebook API (forgetscale.metric.ForgettingMeter) and the Trainer / TRL callback
 (forgetscale.integrations.ForgettingCallback), on the tiny random Llama; one slow test on SmolLM2.
 
 These are also the worked examples of docs/integrations.md: an adapter folder, the callback, a checkpoints
@@ -81,8 +81,8 @@ def _tiny_blocks(tokenizer, max_tokens=256, length=32):
 def test_measured_adapter_equals_direct_forgetting_measure(adapter_dir, tmp_path, capsys):
     from peft import PeftModel
 
-    from forgetscale.metric.references import memory_reference as reference
-    from forgetscale.metric.sums import score as measure
+    from forgetscale.metric.references import memory_reference
+    from forgetscale.metric.sums import score
 
     out = tmp_path / "run"
     assert main(["measure", "--base", TINY, "--adapter", str(adapter_dir), "--out", str(out), "--no-progress",
@@ -95,9 +95,9 @@ def test_measured_adapter_equals_direct_forgetting_measure(adapter_dir, tmp_path
 
     base = _base()
     blocks = _tiny_blocks(base.tokenizer)
-    ref = reference(base.model, blocks, 8, torch.device("cpu"))
+    ref = memory_reference(base.model, blocks, 8, torch.device("cpu"))
     tuned = PeftModel.from_pretrained(base.model, adapter_dir)
-    direct = measure(tuned, blocks, 8, torch.device("cpu"), None, ref)
+    direct = score(tuned, blocks, 8, torch.device("cpu"), None, ref)
     assert rows[1]["forget_kl"] == pytest.approx(direct["kl"], abs=1e-9)
     assert rows[1]["forget_ce"] == pytest.approx(direct["ce"], abs=1e-9)
     assert rows[1]["forget_ce_hard"] == pytest.approx(direct["ce_hard"], abs=1e-9)
@@ -160,8 +160,8 @@ def test_measured_sweep_adapter_equals_the_sweep_row(tmp_path, write_yaml):
 
 
 def test_full_checkpoint_is_measured_and_evaluable(tmp_path):
-    from forgetscale.metric.references import memory_reference as reference
-    from forgetscale.metric.sums import score as measure
+    from forgetscale.metric.references import memory_reference
+    from forgetscale.metric.sums import score
 
     tuned = _base()
     torch.manual_seed(3)
@@ -175,7 +175,7 @@ def test_full_checkpoint_is_measured_and_evaluable(tmp_path):
     rows = {r["step"]: r for r in _rows(out)}
     base = _base()
     blocks = _tiny_blocks(base.tokenizer)
-    direct = measure(tuned.model, blocks, 8, torch.device("cpu"), None, reference(base.model, blocks, 8,
+    direct = score(tuned.model, blocks, 8, torch.device("cpu"), None, memory_reference(base.model, blocks, 8,
                                                                                    torch.device("cpu")))
     assert rows[1]["forget_kl"] == pytest.approx(direct["kl"], abs=1e-9) and direct["kl"] > 0
     (run,) = _runs(out)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from forgetscale.data.blocks import Blocks
-from forgetscale.metric.references import memory_reference as reference
-from forgetscale.metric.sums import autocast, fp32_output_head
-from forgetscale.metric.sums import score as measure
+from forgetscale.metric.references import memory_reference
+from forgetscale.metric.sums import autocast, fp32_output_head, score
 from forgetscale.models import load_model
 
 TOL = 1e-6
@@ -56,13 +55,13 @@ def _perturbed(model, scale: float):
 def _check(base, tuned, blocks, dtype):
     device = torch.device("cpu")
     batch = len(blocks)  # the same batch as the fp64 forward: batch shape changes fp32 logits at ~1e-6
-    ref = reference(base, blocks, batch, device, dtype)
-    got = measure(tuned, blocks, batch, device, dtype, ref)
+    ref = memory_reference(base, blocks, batch, device, dtype)
+    got = score(tuned, blocks, batch, device, dtype, ref)
     truth = _truth(base, tuned, blocks, dtype)
     errors = {k: abs(got[k] - truth[k]) for k in truth}
     assert max(errors.values()) <= TOL, errors
     assert truth["kl"] > 1e-3  # the tuned model really differs: the check is not on KL = 0
-    assert measure(base, blocks, batch, device, dtype, ref)["kl"] == 0.0  # and the base is exactly 0
+    assert score(base, blocks, batch, device, dtype, ref)["kl"] == 0.0  # and the base is exactly 0
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])

@@ -1,4 +1,4 @@
-"""The chunked output head (forgetscale.output_head) gives the stock causal-LM loss and gradients, and
+"""The chunked output head (forgetscale.metric.head) gives the stock causal-LM loss and gradients, and
 measuring through it gives the logits the stock head gives; models it does not fit keep the stock path."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 from forgetscale.config import parse_config
 from forgetscale.data.blocks import IGNORE, Blocks
 from forgetscale.methods.attach import attach, upcast_trainable
-from forgetscale.metric import head as output_head
-from forgetscale.metric import sums
+from forgetscale.metric import head, sums
 from forgetscale.models import load_model
 
 
@@ -55,7 +54,7 @@ def _loss_and_grads(model, b: Blocks, chunked: bool, autocast: bool = False, exa
         if exact:
             loss = _exact_loss(model, b)
         elif chunked:
-            loss = output_head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
+            loss = head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
         else:
             loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,9 +68,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_chunked_loss_is_the_stock_loss_in_fp64(monkeypatch):
     """Same algebra: in fp64 the loss and every adapter gradient agree to rounding, over several chunks."""
-    monkeypatch.setattr(output_head, "CHUNK_BYTES", 4 * 1000 * 7)  # 7 rows of the 1,000-word vocabulary per chunk
+    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * 1000 * 7)  # 7 rows of the 1,000-word vocabulary per chunk
     model = _lora(dtype=torch.float64)
-    assert output_head.chunkable_head(model) is not None
+    assert head.chunkable_head(model) is not None
     b = _batch(model.config.vocab_size)
     stock, g_stock = _loss_and_grads(model, b, chunked=False, exact=True)
     ours, g_ours = _loss_and_grads(model, b, chunked=True)
@@ -96,7 +95,7 @@ def test_heads_it_does_not_fit_keep_the_stock_loss(method):
     base = load_model("tiny-random-llama").model
     cfg = parse_config({"method": {"ranks": [2], **method}} if method["name"] == "lora" else {"method": method})
     model = attach(base, cfg.method[0], 2 if method["name"] == "lora" else None)
-    assert output_head.chunkable_head(model) is None
+    assert head.chunkable_head(model) is None
     b = _batch(model.config.vocab_size)
     assert _loss_and_grads(model, b, chunked=True)[0] == _loss_and_grads(model, b, chunked=False)[0]
 
@@ -114,7 +113,7 @@ def test_measuring_through_the_plain_head_gives_the_stock_logits(monkeypatch):
 
 def test_a_workspace_is_reused_batch_after_batch():
     model = _lora()
-    workspace = output_head.LogitsWorkspace()
+    workspace = head.LogitsWorkspace()
     device = torch.device("cpu")
     b = _batch(model.config.vocab_size)
     first = sums.forward(model, b, device, None, workspace)[0].data_ptr()
@@ -142,23 +141,23 @@ def test_chunked_loss_on_the_embedded_model_under_bf16():
 
 
 def test_a_half_precision_head_is_upcast_once_and_again_when_it_changes():
-    head = torch.nn.Linear(8, 50, bias=False).to(torch.bfloat16)
-    first = output_head.fp32_weight(head)
-    assert first.dtype == torch.float32 and torch.equal(first, head.weight.float())
-    assert output_head.fp32_weight(head) is first  # the next pass reuses it
+    layer = torch.nn.Linear(8, 50, bias=False).to(torch.bfloat16)
+    first = head.fp32_weight(layer)
+    assert first.dtype == torch.float32 and torch.equal(first, layer.weight.float())
+    assert head.fp32_weight(layer) is first  # the next pass reuses it
     with torch.no_grad():
-        head.weight.add_(1.0)  # an optimizer step on a trained head: in place, a new version
-    second = output_head.fp32_weight(head)
-    assert second is not first and torch.equal(second, head.weight.float())
+        layer.weight.add_(1.0)  # an optimizer step on a trained head: in place, a new version
+    second = head.fp32_weight(layer)
+    assert second is not first and torch.equal(second, layer.weight.float())
     fp32 = torch.nn.Linear(8, 50, bias=False)
-    assert output_head.fp32_weight(fp32).data_ptr() == fp32.weight.data_ptr()  # nothing to upcast
-    assert "_forgetscale_fp32_weight" not in dict(head.state_dict())
+    assert head.fp32_weight(fp32).data_ptr() == fp32.weight.data_ptr()  # nothing to upcast
+    assert "_forgetscale_fp32_weight" not in dict(layer.state_dict())
 
 
 def test_shifted_logsumexp_is_torch_logsumexp_over_several_chunks(monkeypatch):
-    monkeypatch.setattr(output_head, "CHUNK_BYTES", 4 * 1000 * 7)  # 7 rows of 1,000 columns per chunk
+    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * 1000 * 7)  # 7 rows of 1,000 columns per chunk
     z = torch.randn(30, 1000, generator=torch.Generator().manual_seed(0)) * 6
     z.sub_(z.amax(dim=-1, keepdim=True))
-    workspace = output_head.LogitsWorkspace()
+    workspace = head.LogitsWorkspace()
     assert torch.equal(workspace.shifted_logsumexp(z), torch.logsumexp(z, dim=-1))
     assert workspace.scratch.numel() == 7 * 1000

@@ -234,7 +234,7 @@ def test_smollm2_attention_kernels_and_lora_casts():
     """The embedded model in bf16 on CPU: auto loads eager attention; SDPA gives the same held-out loss to bf16
     rounding (and to fp32 rounding in fp32); skipping peft's input casts changes no bit."""
     from forgetscale.data import build_finetune_data
-    from forgetscale.metric.sums import score as measure
+    from forgetscale.metric.sums import score
     from forgetscale.models import cache_root
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -249,7 +249,7 @@ def test_smollm2_attention_kernels_and_lora_casts():
                                                                else "sdpa")
             data = build_finetune_data(cfg.finetune, loaded.tokenizer, 128, cache_root() / "data")
             compute = compute_dtype(cfg, CPU)
-            losses[dtype, kernel] = measure(loaded.model, data.heldout, 8, CPU, compute)["nll"]
+            losses[dtype, kernel] = score(loaded.model, data.heldout, 8, CPU, compute)["nll"]
     assert abs(losses["bfloat16", "auto"] - losses["bfloat16", "sdpa"]) < 5e-3
     assert abs(losses["float32", "auto"] - losses["float32", "sdpa"]) < 1e-5
     cfg = parse_config({**spec, "model": {"name": "smollm2-135m-instruct", "dtype": "bfloat16"}})

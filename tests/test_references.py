@@ -17,8 +17,8 @@ from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
 from forgetscale.methods.attach import attach
 from forgetscale.metric import references
-from forgetscale.metric.references import memory_reference as reference
-from forgetscale.metric.sums import score as measure
+from forgetscale.metric.references import memory_reference
+from forgetscale.metric.sums import score
 from forgetscale.models import EMBEDDED, TINY, load_model
 from forgetscale.plan import plan_runs
 from forgetscale.sweep import run_sweep
@@ -50,12 +50,12 @@ def _tuned(name: str, scale: float):
 
 def _all_kinds(model, blocks: Blocks, batch: int, folder, ks=(1, 16, 1024)) -> dict[str, dict[str, float]]:
     with model.disable_adapter():
-        memory = reference(model, blocks, batch, CPU)
+        memory = memory_reference(model, blocks, batch, CPU)
         built = {"disk": references.build("disk", model, blocks, batch, CPU, None, folder),
                  "recompute": references.build("recompute", model, blocks, batch, CPU, None),
                  **{f"topk:{k}": references.build(f"topk:{k}", model, blocks, batch, CPU, None) for k in ks}}
-    out = {"memory": measure(model, blocks, batch, CPU, None, memory)}
-    out.update({name: measure(model, blocks, batch, CPU, None, ref) for name, ref in built.items()})
+    out = {"memory": score(model, blocks, batch, CPU, None, memory)}
+    out.update({name: score(model, blocks, batch, CPU, None, ref) for name, ref in built.items()})
     return out
 
 
@@ -99,7 +99,7 @@ def test_topk_at_the_base_is_exactly_zero():
     model = _tuned(TINY, 0.0)  # B = 0: the tuned model is the base
     blocks = _blocks(model.config.vocab_size, n=2)
     ref = references.build("topk:8", model, blocks, 2, CPU, None)
-    got = measure(model, blocks, 2, CPU, None, ref)
+    got = score(model, blocks, 2, CPU, None, ref)
     assert abs(got["kl"]) <= 1e-9 and got["kl_error_bound"] >= 0.0  # the bound holds, loosely, here too
 
 
