@@ -31,9 +31,9 @@ def one(mode: str, batch: int, length: int, steps: int, threads: int) -> dict:
     import torch
 
     from forgetscale.config import parse_config
-    from forgetscale.config.methods import METHODS
     from forgetscale.errors import ForgetscaleError
     from forgetscale.forgetting import autocast
+    from forgetscale.methods import METHODS
     from forgetscale.methods.attach import attach, upcast_trainable
     from forgetscale.models import compute_dtype, enable_gradient_checkpointing, load_base_weights
     from forgetscale.train import make_optimizer

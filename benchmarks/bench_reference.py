@@ -32,9 +32,9 @@ def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Pa
 
     from forgetscale import references
     from forgetscale.config import ForgettingConfig
-    from forgetscale.config.methods import METHODS
     from forgetscale.data import build_forgetting_blocks
     from forgetscale.forgetting import measure
+    from forgetscale.methods import METHODS
     from forgetscale.methods.attach import attach
     from forgetscale.models import EMBEDDED, cache_root, load_model
 

@@ -12,11 +12,11 @@ import torch
 from forgetscale import references
 from forgetscale.cli import main
 from forgetscale.config import ForgettingConfig, parse_config
-from forgetscale.config.methods import METHODS
 from forgetscale.data import build_forgetting_blocks
 from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
 from forgetscale.forgetting import measure, reference
+from forgetscale.methods import METHODS
 from forgetscale.methods.attach import attach
 from forgetscale.models import EMBEDDED, TINY, load_model
 from forgetscale.plan import plan_runs

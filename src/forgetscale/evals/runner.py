@@ -22,7 +22,6 @@ import torch
 from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
 from forgetscale.config.evals import EvalsConfig, split_suites
 from forgetscale.errors import ConfigError, StoreError
-from forgetscale.evals import choice, lmeval, safety, samples  # noqa: F401  (register the suites)
 from forgetscale.evals.labels import run_labels
 from forgetscale.evals.suites import Target, suite_for
 from forgetscale.store import Store
