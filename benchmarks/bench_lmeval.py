@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from forgetscale.config.evals import LmEvalSettings
-from forgetscale.evals.lmeval import task_manager, task_suite
+from forgetscale.evals.lmeval import LmEvalSettings, task_manager, task_suite
 from forgetscale.evals.suites import Target
 from forgetscale.models import EMBEDDED, load_model
 from forgetscale.weights import applied, saved_source
@@ -67,8 +66,8 @@ def main() -> None:
         tuned = get_peft_model(base.model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         tuned.save_pretrained(tmp)
         tuned.unload()
-        from forgetscale.config.evals import ChoiceSettings
         from forgetscale.evals import choice
+        from forgetscale.evals.choice import ChoiceSettings
         from forgetscale.evals.items import choice_items
 
         same = choice_items(str(TASKS / "mini_choice.jsonl"))  # the same 8 questions, forgetscale's choice suite

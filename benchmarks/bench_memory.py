@@ -31,8 +31,8 @@ def one(mode: str, batch: int, length: int, steps: int, threads: int) -> dict:
     import torch
 
     from forgetscale.config import parse_config
-    from forgetscale.config.methods import METHODS
     from forgetscale.errors import ForgetscaleError
+    from forgetscale.methods import METHODS
     from forgetscale.methods.attach import attach, upcast_trainable
     from forgetscale.metric.sums import autocast
     from forgetscale.models import compute_dtype, enable_gradient_checkpointing, load_base_weights

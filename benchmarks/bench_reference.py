@@ -31,8 +31,8 @@ def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Pa
     import torch
 
     from forgetscale.config import ForgettingConfig
-    from forgetscale.config.methods import METHODS
     from forgetscale.data import build_forgetting_blocks
+    from forgetscale.methods import METHODS
     from forgetscale.methods.attach import attach
     from forgetscale.metric import references
     from forgetscale.metric.sums import score as measure

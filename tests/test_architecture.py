@@ -16,22 +16,32 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# lower layers never import higher ones; parts in one layer do not import each other
+# lower layers never import higher ones; parts in one layer do not import each other. A part is a package or module
+# (`forgetscale.evals`), or a module listed on its own (`forgetscale.evals.runner`), which then is not in its package's.
 LAYERS = [
     ["forgetscale", "forgetscale.errors"],
-    ["forgetscale.registry", "forgetscale.hub", "forgetscale.host_memory"],
+    ["forgetscale.registry", "forgetscale.hub", "forgetscale.host_memory", "forgetscale.schema"],
+    ["forgetscale.methods"],  # one module per method: its spec and its attach function, one registration
+    ["forgetscale.mitigations", "forgetscale.evals"],  # one module per arm / suite: its spec and its torch half
     ["forgetscale.config"],  # every key and spec: pydantic only
     ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
-    ["forgetscale.metric", "forgetscale.methods", "forgetscale.laws", "forgetscale.compatibility"],  # the metric in one package
+    ["forgetscale.metric", "forgetscale.laws", "forgetscale.compatibility"],  # the metric in one package
     ["forgetscale.weights"],  # tuned weights from elsewhere: found, checked and put on the base
-    ["forgetscale.train", "forgetscale.measure"],  # the loop; the `measure` verb's work
-    ["forgetscale.mitigations", "forgetscale.integrations"],  # the arms' torch halves; the Trainer callback
-    ["forgetscale.executors", "forgetscale.evals"],
+    # the loop; the `measure` verb's work; the arms' once-per-sweep inputs
+    ["forgetscale.train", "forgetscale.measure", "forgetscale.mitigations.inputs"],
+    # what the executor asks of the arms; the Trainer callback; what the suites generate and read
+    ["forgetscale.mitigations.runtime", "forgetscale.integrations", "forgetscale.evals.generation",
+     "forgetscale.evals.items", "forgetscale.evals.labels"],
+    ["forgetscale.executors", "forgetscale.evals.runner"],
     ["forgetscale.sweep", "forgetscale.tracking"],  # the whole pipeline; the store mirrored into MLflow
     ["forgetscale.report"],  # presentation of stored numbers
     ["forgetscale.cli"],
     ["forgetscale.__main__"],
 ]
+# A registration module sits below config (config validates with its spec) but its torch half runs at training or
+# eval time: the imports inside its functions (deferred: they run when called, not when the module is imported)
+# obey the layer of the module that runs the registered halves instead.
+RUNS_WITH = {"forgetscale.mitigations": "forgetscale.mitigations.runtime", "forgetscale.evals": "forgetscale.evals.runner"}
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 
@@ -43,8 +53,9 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> forgetscale modules it imports (top-level and inside functions; not under TYPE_CHECKING)."""
+def import_edges() -> dict[tuple[str, str], bool]:
+    """(module, forgetscale module it imports) -> deferred: True when every such import is inside a function (not
+    under TYPE_CHECKING, which never runs)."""
     mods = modules()
 
     def resolve(name: str) -> str:
@@ -52,11 +63,11 @@ def import_graph() -> dict[str, set[str]]:
             name = name.rpartition(".")[0]
         return name
 
-    graph: dict[str, set[str]] = defaultdict(set)
+    edges: dict[tuple[str, str], bool] = {}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
 
-        def visit(node: ast.AST, name: str = name, package: str = package) -> None:
+        def visit(node: ast.AST, deferred: bool, name: str = name, package: str = package) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                     continue
@@ -71,15 +82,36 @@ def import_graph() -> dict[str, set[str]]:
                     targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in child.names]
                 for target in targets:
                     if target.startswith("forgetscale") and resolve(target) not in ("", name):
-                        graph[name].add(resolve(target))
-                visit(child)
+                        key = (name, resolve(target))
+                        edges[key] = edges.get(key, True) and deferred
+                visit(child, deferred or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
-        visit(ast.parse(path.read_text(encoding="utf-8")))
+        visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return edges
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> forgetscale modules it imports (top-level and inside functions; not under TYPE_CHECKING)."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in import_edges():
+        graph[a].add(b)
     return graph
 
 
 def part(module: str) -> str:
-    return ".".join(module.split(".")[:2])
+    """The longest prefix of `module` listed in LAYERS (a package's modules belong to the package's part)."""
+    names = module.split(".")
+    for n in range(len(names), 2, -1):
+        if ".".join(names[:n]) in LAYER:
+            return ".".join(names[:n])
+    return ".".join(names[:2])
+
+
+def limit(module: str, deferred: bool) -> int:
+    """The layer an import in `module` must point below: its part's, or, deferred in a registration part, the
+    layer of the module that runs it."""
+    home = part(module)
+    return LAYER[RUNS_WITH[home]] if deferred and home in RUNS_WITH else LAYER[home]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -122,13 +154,27 @@ def test_every_part_has_a_layer():
 
 
 def test_no_import_cycles():
-    assert cycles(import_graph()) == []
+    """No cycles, except through a registration's deferred imports up to the layer that runs it (config -> arm
+    module -> train -> config): those run after every module is imported, by design."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for (a, b), deferred in import_edges().items():
+        if not (deferred and part(a) in RUNS_WITH and LAYER[part(b)] >= LAYER[part(a)]):
+            graph[a].add(b)
+    assert cycles(graph) == []
 
 
 def test_imports_only_point_down():
-    upward = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
-                    if part(a) != part(b) and LAYER[part(b)] >= LAYER[part(a)])
+    upward = sorted(f"{a} -> {b}" for (a, b), deferred in import_edges().items()
+                    if part(a) != part(b) and LAYER[part(b)] >= limit(a, deferred))
     assert upward == []
+
+
+def test_a_registration_imports_upward_only_inside_its_functions():
+    """The same import at module level would load train (and torch) whenever config validates an arm."""
+    edges = import_edges()
+    assert edges[("forgetscale.mitigations.scale", "forgetscale.train")] is True
+    assert limit("forgetscale.mitigations.scale", False) <= LAYER[part("forgetscale.train")]
+    assert limit("forgetscale.mitigations.scale", True) > LAYER[part("forgetscale.train")]
 
 
 def test_the_checks_catch_a_planted_cycle_and_upward_arrow():
@@ -155,9 +201,21 @@ def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_config_laws_and_report_import_without_torch(tmp_path):
-    done = _python("import forgetscale.config, forgetscale.plan, forgetscale.laws, forgetscale.report\n"
-                   "import forgetscale.methods, forgetscale.mitigations\n"
+    """Also every module of the method, arm and suite registrations: config imports them to validate."""
+    registrations = sorted(m for m in modules() if part(m) in ("forgetscale.methods", "forgetscale.mitigations",
+                                                                "forgetscale.evals"))
+    assert "forgetscale.methods.lora" in registrations and "forgetscale.mitigations.kl" in registrations
+    assert "forgetscale.evals.choice" in registrations and "forgetscale.evals.runner" not in registrations
+    done = _python("import importlib\n"
+                   "import forgetscale.config, forgetscale.plan, forgetscale.laws, forgetscale.report\n"
+                   f"for m in {registrations!r}: importlib.import_module(m)\n"
+                   "from forgetscale.methods import METHODS\n"
+                   "from forgetscale.mitigations import MITIGATIONS\n"
+                   "from forgetscale.evals import suite_names\n"
                    "forgetscale.config.parse_config({'method': ['lora', 'ia3'], 'mitigation': ['kl', 'scale']})\n"
+                   "forgetscale.config.parse_config({'method': METHODS.names()})\n"
+                   "forgetscale.config.parse_config({'mitigation': MITIGATIONS.names(),\n"
+                   "                                 'evals': {'suites': [*suite_names(), 'lm-eval:arc_easy']}})\n"
                    "print('ok')", tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forgetscale.config.evals import ChoiceSettings
+from forgetscale.evals.choice import ChoiceSettings
 from forgetscale.evals.choice import evaluate as choice_evaluate
 from forgetscale.evals.choice_set import embedded_choice_items
 from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
@@ -84,8 +84,7 @@ def test_lm_eval_bridge_equals_lm_eval_on_the_embedded_model(smollm):
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
 
-    from forgetscale.config.evals import LmEvalSettings
-    from forgetscale.evals.lmeval import task_manager, task_suite
+    from forgetscale.evals.lmeval import LmEvalSettings, task_manager, task_suite
     from forgetscale.models import resolve_source
 
     tasks = str(Path(__file__).parent / "data" / "lmeval")

@@ -11,10 +11,10 @@ import torch
 
 from forgetscale.cli import main
 from forgetscale.config import ForgettingConfig, parse_config
-from forgetscale.config.methods import METHODS
 from forgetscale.data import build_forgetting_blocks
 from forgetscale.data.blocks import Blocks
 from forgetscale.errors import ConfigError
+from forgetscale.methods import METHODS
 from forgetscale.methods.attach import attach
 from forgetscale.metric import references
 from forgetscale.metric.references import memory_reference

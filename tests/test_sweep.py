@@ -11,8 +11,9 @@ import pytest
 
 from forgetscale.config import parse_config
 from forgetscale.errors import ConfigError
-from forgetscale.methods import METHODS, LoraSpec
-from forgetscale.methods.attach import ATTACH, _attach_lora
+from forgetscale.methods import METHODS, LoraSpec, register_method
+from forgetscale.methods.attach import ATTACH
+from forgetscale.methods.lora import _attach_lora
 from forgetscale.store import Store
 from forgetscale.sweep import plan_runs, run_sweep
 
@@ -149,8 +150,7 @@ def test_nonfinite_loss_fails_the_run_and_the_sweep_goes_on(tmp_path, tiny_cfg):
                                          type(out)(logits=out.logits * float("nan")))  # the loss comes from these
         return peft_model
 
-    METHODS.add("nan_lora", NanSpec)
-    ATTACH.add("nan_lora", attach_nan)
+    register_method(NanSpec, attach=attach_nan)
     try:
         cfg = parse_config(tiny_cfg(method=[{"name": "nan_lora", "ranks": [2]}, {"name": "lora", "ranks": [2]}]))
         store = run_sweep(cfg, tmp_path, progress=False)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgetscale.config import SweepConfig
-from forgetscale.config.methods import MethodSpec
-from forgetscale.config.mitigations import CONTROL, MitigationSpec, arms, check_arms
 from forgetscale.errors import ConfigError
+from forgetscale.methods import MethodSpec
+from forgetscale.mitigations import CONTROL, MitigationSpec, arms, check_arms
 
 # keys that may change between invocations on the same RUN_DIR without invalidating stored runs
 EXTENDABLE = ("name", "method", "mitigation")

@@ -21,7 +21,7 @@ def config_keys() -> list[tuple[str, str, str]]:
     from pydantic_core import PydanticUndefined
 
     from forgetscale.config import SweepConfig
-    from forgetscale.config.methods import METHODS
+    from forgetscale.methods import METHODS
 
     rows: list[tuple[str, str, str]] = []
 
@@ -48,7 +48,7 @@ def config_keys() -> list[tuple[str, str, str]]:
             if name == "name":
                 continue
             rows.append((f"method.{name} ({method})", repr(field.default), field.description or ""))
-    from forgetscale.config.mitigations import MITIGATIONS
+    from forgetscale.mitigations import MITIGATIONS
 
     for arm in MITIGATIONS.names():  # each `mitigation:` entry is one arm's settings (docs/mitigations.md)
         for name, field in MITIGATIONS.get(arm).model_fields.items():

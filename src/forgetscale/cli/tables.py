@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from forgetscale.config.mitigations import stored_arm_label
+from forgetscale.mitigations import stored_arm_label
 
 
 def _fmt(value: object, digits: int = 4) -> str:

@@ -1,8 +1,8 @@
 """The sweep config's sections: every key, its default and its rule, in one place (pydantic, torch-free).
 
 Every key is documented by its Field description; `forgetscale keys` prints them. Methods and arms are
-validated in the same pass, each by its own spec class (forgetscale.config.methods,
-forgetscale.config.mitigations), chosen by its `name`.
+validated in the same pass, each by its own spec class (registered in forgetscale.methods and
+forgetscale.mitigations, one module per method or arm), chosen by its `name`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pydantic import (
 )
 
 from forgetscale.config.evals import EvalsConfig
-from forgetscale.config.methods import METHODS, MethodSpec
-from forgetscale.config.mitigations import MITIGATIONS, MitigationSpec
-from forgetscale.config.sources import Section, SourceSpec
+from forgetscale.methods import METHODS, MethodSpec
+from forgetscale.mitigations import MITIGATIONS, MitigationSpec
+from forgetscale.schema import Section, SourceSpec
 
 _Section = Section
 

@@ -13,16 +13,41 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
-from forgetscale.evals.items import ChoiceItem, choice_items
-from forgetscale.evals.suites import SUITES, Suite, Target, paired_rows, rate
+from pydantic import Field, field_validator
+
+from forgetscale.evals.suites import SuiteSettings, paired_rows, rate, register_suite
+
+if TYPE_CHECKING:
+    from forgetscale.evals.choice_set import ChoiceItem
+    from forgetscale.evals.suites import Target
 
 INSTRUCTION = "Answer with the letter of the correct option only."
 
 
+class ChoiceSettings(SuiteSettings):
+    source: str = Field("embedded:choice", description="embedded:choice | hf:allenai/ai2_arc (ARC-Challenge test) | local ARC-format .jsonl")
+    config: str | None = Field(None, description="hub config (hf:allenai/ai2_arc defaults to ARC-Challenge)")
+    split: str = Field("test", description="hub dataset split")
+    limit: int | None = Field(None, gt=0, description="first N items (null: all)")
+    protocols: list[Literal["loglik", "generate"]] = Field(
+        ["loglik", "generate"],
+        description="loglik: most likely option text (lm-evaluation-harness); generate: answer letter parsed from a greedy reply (the paper's)",
+    )
+    max_new_tokens: int = Field(8, gt=0, description="tokens generated for the answer letter")
+
+    @field_validator("protocols")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must list distinct protocols: loglik, generate")
+        return v
+
+
 def load(settings: Any, cache_dir: Any) -> list[ChoiceItem]:
+    from forgetscale.evals.items import choice_items
+
     return choice_items(settings.source, config=settings.config, split=settings.split, limit=settings.limit,
                         cache_dir=cache_dir)
 
@@ -50,6 +75,8 @@ def parse_answer(reply: str, item: ChoiceItem) -> str | None:
 
 
 def evaluate(target: Target, items: list[ChoiceItem], settings: Any) -> list[dict[str, Any]]:
+    from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
+
     rows: list[dict[str, Any]] = []
     tok = target.tokenizer
     if "loglik" in settings.protocols:
@@ -104,8 +131,8 @@ def summarize(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None
     return out
 
 
-SUITES.add("choice", Suite(
-    title="Reasoning and knowledge: multiple choice", settings_key="choice", load=load, evaluate=evaluate,
-    summarize=summarize,
+register_suite(
+    "choice", ChoiceSettings, "multiple-choice knowledge and reasoning",
+    title="Reasoning and knowledge: multiple choice", load=load, evaluate=evaluate, summarize=summarize,
     describe="ARC-format questions; accuracy against gold and agreement with the base model, per protocol",
-))
+)

@@ -5,7 +5,7 @@ Torch-free (the report imports it), unlike evals/runner.py, which runs the suite
 
 from __future__ import annotations
 
-from forgetscale.config.mitigations import stored_arm_label
+from forgetscale.mitigations import stored_arm_label
 from forgetscale.store import Store
 
 

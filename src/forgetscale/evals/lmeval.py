@@ -20,13 +20,34 @@ import json
 import logging
 import math
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from forgetscale.config.evals import LMEVAL
+from pydantic import Field, field_validator
+
 from forgetscale.errors import ConfigError, DataError, UnknownNameError
-from forgetscale.evals.suites import FAMILIES, Suite, Target, paired_rows, rate
+from forgetscale.evals.suites import Suite, SuiteSettings, paired_rows, rate, register_family
 
+if TYPE_CHECKING:
+    from forgetscale.evals.suites import Target
+
+LMEVAL = "lm-eval"  # `lm-eval:TASK[,TASK...]`: the family's name, and its `evals:` key as written
+KEY = "lm_eval"  # the EvalsConfig attribute holding its settings
 EXTRA = "lm-eval suites need lm-evaluation-harness: pip install 'forgetscale[lmeval]'"
+
+
+class LmEvalSettings(SuiteSettings):
+    include_path: str | None = Field(None, description="folder of extra lm-eval task YAMLs (e.g. a local task over a local JSONL)")
+    limit: int | None = Field(None, gt=0, description="first N documents of each task (null: all)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (null: the task's own default)")
+    apply_chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
+
+    @field_validator("include_path")
+    @classmethod
+    def _folder(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"must be a folder of lm-eval task YAMLs; {v} is not a folder")
+        return None if v is None else str(Path(v).expanduser().resolve())
 
 
 def _require() -> None:
@@ -106,7 +127,7 @@ def task_suite(task: str) -> Suite:
             target.on_items(len(items))
         return rows
 
-    return Suite(title=f"lm-evaluation-harness: {task}", settings_key="lm_eval", load=load, evaluate=evaluate,
+    return Suite(title=f"lm-evaluation-harness: {task}", settings_key=KEY, load=load, evaluate=evaluate,
                  summarize=summarize, describe=f"lm-eval task {task}: its metrics per document, agreement with the base")
 
 
@@ -194,4 +215,5 @@ def _value(row: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-FAMILIES[LMEVAL] = task_suite
+register_family(LMEVAL, LmEvalSettings, "lm-evaluation-harness tasks (`lm-eval:TASK` suites; extra [lmeval])",
+                key=KEY, build=task_suite, argument="task", example="arc_easy")

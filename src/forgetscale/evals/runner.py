@@ -19,7 +19,6 @@ from typing import Any
 from forgetscale.artefacts import RunFolder
 from forgetscale.config.evals import EvalsConfig, split_suites
 from forgetscale.errors import ConfigError, StoreError
-from forgetscale.evals import choice, lmeval, safety, samples  # noqa: F401  (register the suites)
 from forgetscale.evals.labels import run_labels
 from forgetscale.evals.suites import Target, suite_for
 from forgetscale.store import Store

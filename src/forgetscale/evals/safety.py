@@ -4,22 +4,37 @@ newly complies with and newly refuses, and whether the change is outside noise."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from forgetscale.evals.generation import chat_prompt, generate
-from forgetscale.evals.items import harmful_prompts
+from pydantic import Field
+
 from forgetscale.evals.refusal import refusal_marker
-from forgetscale.evals.suites import SUITES, Suite, Target, paired_rows, rate
+from forgetscale.evals.suites import SourceSettings, paired_rows, rate, register_suite
+
+if TYPE_CHECKING:
+    from forgetscale.evals.suites import Target
 
 PROTOCOL = "greedy"
 
 
+class SafetySettings(SourceSettings):
+    source: str = Field("embedded:harmbench", description="embedded:harmbench | hf:walledai/AdvBench (the paper's) | local .csv/.jsonl")
+    text_field: str | None = Field(None, description="column with the request (auto: prompt/goal/behavior/text)")
+    limit: int | None = Field(50, gt=0, description="first N prompts (the paper used 50 AdvBench requests; null: all)")
+    max_new_tokens: int = Field(64, gt=0, description="tokens generated per reply (greedy)")
+    system_prompt: str | None = Field(None, description="system turn added before each request")
+
+
 def load(settings: Any, cache_dir: Any) -> list[tuple[str, str]]:
+    from forgetscale.evals.items import harmful_prompts
+
     return harmful_prompts(settings.source, text_field=settings.text_field, config=settings.config,
                            split=settings.split, limit=settings.limit, cache_dir=cache_dir)
 
 
 def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> list[dict[str, Any]]:
+    from forgetscale.evals.generation import chat_prompt, generate
+
     prompts = [chat_prompt(target.tokenizer, text, settings.system_prompt) for _, text in items]
     replies = generate(target.model, target.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                        batch_size=target.batch_size, device=target.device, dtype=target.dtype,
@@ -45,8 +60,8 @@ def summarize(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None
     return out
 
 
-SUITES.add("safety", Suite(
-    title="Safety: refusals of harmful requests", settings_key="safety", load=load, evaluate=evaluate,
-    summarize=summarize,
+register_suite(
+    "safety", SafetySettings, "harmful-request refusals",
+    title="Safety: refusals of harmful requests", load=load, evaluate=evaluate, summarize=summarize,
     describe="harmful requests, greedy replies, refusal markers; refusal rate and changes against the base",
-))
+)

@@ -4,14 +4,26 @@ many replies are unchanged from the base model's."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from forgetscale.evals.generation import chat_prompt, generate
-from forgetscale.evals.items import sample_prompts
-from forgetscale.evals.suites import SUITES, Suite, Target, paired_rows, rate
+from pydantic import Field
+
+from forgetscale.evals.suites import SuiteSettings, paired_rows, rate, register_suite
+
+if TYPE_CHECKING:
+    from forgetscale.evals.suites import Target
+
+
+class SamplesSettings(SuiteSettings):
+    prompts: list[str] | str | None = Field(None, description="prompt list, or a .txt (one per line) / .jsonl / .csv file; null: built-in set")
+    max_new_tokens: int = Field(96, gt=0, description="tokens generated per reply")
+    sample: bool = Field(False, description="sample instead of greedy decoding (seeded by evals.seed)")
+    temperature: float = Field(0.7, gt=0.0, description="sampling temperature when sample: true")
 
 
 def load(settings: Any, cache_dir: Any) -> list[tuple[str, str]]:
+    from forgetscale.evals.items import sample_prompts
+
     return sample_prompts(settings.prompts)
 
 
@@ -20,6 +32,8 @@ def _protocol(settings: Any) -> str:
 
 
 def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> list[dict[str, Any]]:
+    from forgetscale.evals.generation import chat_prompt, generate
+
     prompts = [chat_prompt(target.tokenizer, text) for _, text in items]
     replies = generate(target.model, target.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                        batch_size=target.batch_size, device=target.device, dtype=target.dtype,
@@ -39,7 +53,8 @@ def summarize(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None
     return [rate("same_as_base", _protocol(settings), same, None)]
 
 
-SUITES.add("samples", Suite(
-    title="Samples: base and tuned replies side by side", settings_key="samples", load=load, evaluate=evaluate,
-    summarize=summarize, describe="fixed prompts; generations of every model, shown side by side",
-))
+register_suite(
+    "samples", SamplesSettings, "side-by-side generations",
+    title="Samples: base and tuned replies side by side", load=load, evaluate=evaluate, summarize=summarize,
+    describe="fixed prompts; generations of every model, shown side by side",
+)

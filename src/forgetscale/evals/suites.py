@@ -1,4 +1,5 @@
-"""The suite registry. A suite is data + three functions, so adding one is one module:
+"""The suite registry. A suite is data + three functions, and one module registers it together with its
+settings (the `evals:` key config validates), in one call:
 
 - `load(settings, cache_dir)`: the items (prompts, questions), read once per `forgetscale eval`;
 - `evaluate(target, items, settings)`: one model's per-item rows (generation and parsing happen here);
@@ -6,19 +7,39 @@
   with the base model's rows (None for the base model itself).
 
 A family of suites is named `<family>:<argument>` (`lm-eval:arc_easy`): its module registers a function
-in FAMILIES that builds the Suite for one argument.
+that builds the Suite for one argument (`register_family`).
+
+Torch-free to import: a suite module imports generation (torch) and item loading inside `load` and
+`evaluate`, so config validates the `evals:` section without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from pydantic import BaseModel, ConfigDict
 
+from forgetscale.errors import ConfigError
 from forgetscale.evals.stats import paired_difference, wilson
 from forgetscale.registry import Registry
+from forgetscale.schema import SourceSpec, Strict
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SuiteSettings(Strict):
+    """The base of a suite's settings (the `evals.<suite>` keys); changed by `--set`, so not frozen."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SourceSettings(SourceSpec):
+    """A suite's item source (the key is `source`: a suite reads prompts or questions, not documents)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 @dataclass
@@ -45,15 +66,66 @@ class Suite:
     describe: str
 
 
+@dataclass(frozen=True)
+class Family:
+    """Suites named `<name>:<argument>`, one per argument, sharing one settings key."""
+
+    name: str
+    build: Callable[[str], Suite]
+    argument: str  # what the argument is, for messages: 'task' -> "needs a task name", `lm-eval:TASK`
+    example: str  # an argument for messages: `lm-eval:arc_easy`
+
+
+@dataclass(frozen=True)
+class SettingsKey:
+    """One suite's key in the `evals:` section (config builds EvalsConfig from these, in this order)."""
+
+    key: str  # the EvalsConfig attribute (Suite.settings_key)
+    settings: type[BaseModel]
+    description: str
+    alias: str | None = None  # the key as written, when it is not a Python name (`lm-eval`)
+
+
 SUITES: Registry[Suite] = Registry("eval suite")
-FAMILIES: dict[str, Callable[[str], Suite]] = {}
+FAMILIES: dict[str, Family] = {}
+SETTINGS: list[SettingsKey] = []
+_ORDER: list[str] = []  # registration order: how messages and the config list the suites
+
+
+def register_suite(name: str, settings: type[BaseModel], description: str, *, title: str,
+                   load: Callable[[Any, Any], list[Any]],
+                   evaluate: Callable[[Target, list[Any], Any], list[dict[str, Any]]],
+                   summarize: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None, Any], list[dict[str, Any]]],
+                   describe: str) -> Suite:
+    """Register a suite and its settings (the `evals.<name>` key, described by `description`) in one call."""
+    suite = SUITES.add(name, Suite(title=title, settings_key=name, load=load, evaluate=evaluate,
+                                   summarize=summarize, describe=describe))
+    SETTINGS.append(SettingsKey(name, settings, description))
+    _ORDER.append(name)
+    return suite
+
+
+def register_family(name: str, settings: type[BaseModel], description: str, *, key: str,
+                    build: Callable[[str], Suite], argument: str, example: str) -> Family:
+    """Register a family of suites (`<name>:<argument>`) and its settings (the `evals.<name>` key, stored
+    as `key`, which the suites `build` makes must use as their settings_key) in one call."""
+    if name in FAMILIES or name in SUITES:
+        raise ConfigError(f"eval suite family '{name}' is registered twice")
+    FAMILIES[name] = family = Family(name, build, argument, example)
+    SETTINGS.append(SettingsKey(key, settings, description, alias=name if name != key else None))
+    return family
+
+
+def suite_names() -> list[str]:
+    """The registered suites (not the families), in registration order."""
+    return list(_ORDER)
 
 
 def suite_for(name: str) -> Suite:
     """The suite a name picks: a registered one, or one member of a family (`lm-eval:TASK`)."""
     family, sep, argument = name.partition(":")
     if sep and family in FAMILIES:
-        return FAMILIES[family](argument)
+        return FAMILIES[family].build(argument)
     return SUITES.get(name)
 
 

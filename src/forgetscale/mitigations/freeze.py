@@ -8,18 +8,31 @@ the trade-off line; this arm tests that for the lower layers in particular.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Literal
 
-from forgetscale.config.mitigations import FreezeSpec
+from pydantic import Field
+
 from forgetscale.errors import ConfigError
 from forgetscale.methods.attach import decoder_layers
-from forgetscale.mitigations.base import Arm
-from forgetscale.plan import RunPlan
-from forgetscale.train import NoHooks, RunContext
+from forgetscale.mitigations.base import Arm, ArmHooks, MitigationSpec, register_arm
+
+if TYPE_CHECKING:
+    import torch
+
+    from forgetscale.plan import RunPlan
+    from forgetscale.train import RunContext
+
+
+class FreezeSpec(MitigationSpec):
+    """Tune only the upper layers: the first k decoder layers stay exactly as in the base model."""
+
+    name: Literal["freeze"] = "freeze"
+    layers: int | None = Field(None, ge=1, description="how many of the lowest decoder layers stay untouched "
+                                                       "(default: half of them)")
 
 
 class Freeze(Arm):
-    def hooks(self, spec: FreezeSpec, ctx: RunContext, model: torch.nn.Module, plan: RunPlan) -> NoHooks:
+    def hooks(self, spec: FreezeSpec, ctx: RunContext, model: torch.nn.Module, plan: RunPlan) -> ArmHooks:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = decoder_layers(base)
         k = spec.layers if spec.layers is not None else len(layers) // 2
@@ -30,4 +43,7 @@ class Freeze(Arm):
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"mitigation freeze.layers: freezing {k} layers leaves method '{plan.method.name}' "
                               "nothing to train; lower it")
-        return NoHooks()
+        return ArmHooks()
+
+
+register_arm(FreezeSpec, Freeze())

@@ -11,17 +11,47 @@ weights in ways this sum does not describe and are refused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from pydantic import Field
 
-from forgetscale.config.mitigations import L2SPSpec
-from forgetscale.mitigations.base import Arm
-from forgetscale.mitigations.inputs import ArmInputs
-from forgetscale.plan import RunPlan
-from forgetscale.train import NoHooks, RunContext
+from forgetscale.methods import MethodSpec
+from forgetscale.mitigations.base import Arm, ArmHooks, MitigationSpec, register_arm
 
+if TYPE_CHECKING:
+    import torch
+
+    from forgetscale.mitigations.inputs import ArmInputs
+    from forgetscale.plan import RunPlan
+    from forgetscale.train import RunContext
+
+L2SP_METHODS = ("lora", "top_layers", "full")
 PEFT_PREFIX = "base_model.model."
+
+
+class L2SPSpec(MitigationSpec):
+    """lambda * sum F * (W - W0)^2: penalise how far the weights move from the base (F = 1)."""
+
+    name: Literal["l2sp"] = "l2sp"
+    lam: float = Field(0.01, gt=0.0, description="lambda: weight of sum F (W - W0)^2 against the fine-tuning loss")
+    fisher: bool = Field(False, description="weight each entry by a diagonal Fisher of the base on general text")
+    fisher_samples: int = Field(32, ge=1, description="general-text sequences the Fisher is estimated on")
+    dataset: str | None = Field(None, description="general text for the Fisher (default: forgetting.dataset minus "
+                                                  "its forgetting documents)")
+    split: str = Field("train", description="hub split of that source")
+
+    def check(self, method: MethodSpec) -> str | None:
+        if method.name not in L2SP_METHODS:
+            return (f"penalises the weight change B @ A (lora) or W - W0 (top_layers, full); method "
+                    f"'{method.name}' changes the weights another way")
+        return None
+
+
+class EWCSpec(L2SPSpec):
+    """l2sp with each entry weighted by a diagonal Fisher of the base weights on general text."""
+
+    name: Literal["ewc"] = "ewc"  # type: ignore[assignment]
+    fisher: bool = Field(True, description="weight each entry by a diagonal Fisher of the base on general text")
 
 
 def _lora_term(layer: Any, fisher: torch.Tensor | None) -> Callable[[], torch.Tensor]:
@@ -38,11 +68,13 @@ def _full_term(param: torch.nn.Parameter, fisher: torch.Tensor | None) -> Callab
     return lambda: (fisher * (param - start) ** 2).sum()
 
 
-class PenaltyHooks(NoHooks):
+class PenaltyHooks(ArmHooks):
     def __init__(self, terms: list[Callable[[], torch.Tensor]], lam: float):
         self.terms, self.lam = terms, lam
 
     def penalty(self, model: torch.nn.Module, step: int) -> torch.Tensor:
+        import torch
+
         return self.lam * torch.stack([t() for t in self.terms]).sum()
 
 
@@ -68,3 +100,7 @@ class Penalty(Arm):
                     f = fisher.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
                     terms.append(_full_term(param, None if f is None else f.to(device)))
         return PenaltyHooks(terms, spec.lam)
+
+
+register_arm(L2SPSpec, Penalty())
+register_arm(EWCSpec, Penalty())

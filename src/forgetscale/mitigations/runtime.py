@@ -1,8 +1,6 @@
-"""The torch halves of the arms, by spec name, and the three things an executor asks of them: the
-once-per-sweep inputs, a run's step hooks, and derived runs (measured, never trained).
-
-Adding an arm: its spec in config/mitigations.py, one module with an `Arm` subclass, one line in ARMS below, a test.
-"""
+"""The three things an executor asks of the sweep's arms: the once-per-sweep inputs, a run's step hooks,
+and derived runs (measured, never trained). Each arm's spec and torch half are registered together in its
+own module (mitigations/<arm>.py), so every spec name has its `Arm` in ARMS."""
 
 from __future__ import annotations
 
@@ -11,25 +9,11 @@ from typing import Any
 
 import torch
 
-from forgetscale.config.mitigations import MITIGATIONS, MitigationSpec
 from forgetscale.data import Blocks
-from forgetscale.mitigations.base import Arm
-from forgetscale.mitigations.freeze import Freeze
+from forgetscale.mitigations import ARMS, MitigationSpec
 from forgetscale.mitigations.inputs import ArmInputs
-from forgetscale.mitigations.kl import KL
-from forgetscale.mitigations.l2sp import Penalty
-from forgetscale.mitigations.replay import Replay
-from forgetscale.mitigations.scale import Scale
-from forgetscale.mitigations.self_replay import SelfReplay
 from forgetscale.plan import RunPlan
-from forgetscale.registry import Registry
 from forgetscale.train import HookSetup, RowSink, RunContext
-
-ARMS: Registry[Arm] = Registry("mitigation")
-for _name, _arm in (("none", Arm()), ("replay", Replay()), ("self_replay", SelfReplay()), ("kl", KL()),
-                    ("l2sp", Penalty()), ("ewc", Penalty()), ("freeze", Freeze()), ("scale", Scale())):
-    ARMS.add(_name, _arm)
-assert set(ARMS.names()) == set(MITIGATIONS.names()), "every arm spec needs its torch half"
 
 
 def hook_setup(plan: RunPlan, ctx: RunContext) -> HookSetup:

@@ -16,23 +16,47 @@ order and derived plans come last; under Ray, rerun the sweep if a derived run s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
+from pydantic import Field, field_validator
 
-from forgetscale.artefacts import RunFolder, load_weights
-from forgetscale.config.methods import METHODS
-from forgetscale.config.mitigations import ScaleSpec
-from forgetscale.data import batch_indices
 from forgetscale.errors import RunFailed
+from forgetscale.methods import METHODS, MethodSpec
 from forgetscale.methods.attach import attach, trainable_parameters, upcast_trainable
-from forgetscale.mitigations.base import Arm
-from forgetscale.plan import RunPlan
-from forgetscale.train import RowSink, RunContext, checkpoint_row
+from forgetscale.mitigations.base import Arm, MitigationSpec, register_arm
+
+if TYPE_CHECKING:
+    from forgetscale.plan import RunPlan
+    from forgetscale.train import RowSink, RunContext
+
+
+class ScaleSpec(MitigationSpec):
+    """After training, move the weights back toward the base by s in [0, 1]; runs derived, never trained."""
+
+    name: Literal["scale"] = "scale"
+    s: list[float] = Field([0.25, 0.5, 0.75], description="scale factors, each a derived run (0: base, 1: the "
+                                                          "control run)")
+
+    derived: ClassVar[bool] = True
+    grid_key: ClassVar[str | None] = "s"
+
+    @field_validator("s")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= x <= 1.0 for x in v) or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct numbers in [0, 1]")
+        return v
+
+    def check(self, method: MethodSpec) -> str | None:
+        if method.name == "dora":
+            return "dora's magnitude vector makes scaling the adapter no interpolation to the base; use lora"
+        return None
 
 
 def tokens_seen(ctx: RunContext, seed: int, step: int) -> int:
     """Training tokens the control run had consumed at `step` (its batches are a pure function of seed and step)."""
+    from forgetscale.data import batch_indices
+
     tcfg = ctx.config.train
     rows = tcfg.batch_size * tcfg.grad_accum
     return sum(int(ctx.data.train.select(batch_indices(s, rows, len(ctx.data.train), seed)).attention_mask.sum())
@@ -44,6 +68,11 @@ class Scale(Arm):
         """Measure the control run's saved weights scaled by s = plan.arm_value; returns the last row.
 
         Reads only RUN_DIR/runs/<source>/ (not the store), so it runs under any executor that sees RUN_DIR."""
+        import torch
+
+        from forgetscale.artefacts import RunFolder, load_weights
+        from forgetscale.train import checkpoint_row
+
         tcfg = ctx.config.train
         source = RunFolder(ctx.out_dir, plan.source)
         saved = set(source.saved_steps())
@@ -70,3 +99,6 @@ class Scale(Arm):
         if tcfg.save_adapters != "none" and METHODS.get(plan.method.name).uses_adapter:
             RunFolder(ctx.out_dir, plan.run_id).save_adapter(steps[-1], model)
         return row
+
+
+register_arm(ScaleSpec, Scale())

@@ -3,15 +3,27 @@ text, so no pre-training data is needed. Sampled once per sweep and cached under
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from forgetscale.config.mitigations import SelfReplaySpec
-from forgetscale.data import Blocks
-from forgetscale.mitigations.base import Arm
-from forgetscale.mitigations.inputs import ArmInputs
+from pydantic import Field
+
+from forgetscale.mitigations.base import Arm, MitigationSpec, register_arm
 from forgetscale.mitigations.replay import ReplayHooks
-from forgetscale.plan import RunPlan
-from forgetscale.train import RunContext
+
+if TYPE_CHECKING:
+    from forgetscale.data import Blocks
+    from forgetscale.mitigations.inputs import ArmInputs
+    from forgetscale.plan import RunPlan
+    from forgetscale.train import RunContext
+
+
+class SelfReplaySpec(MitigationSpec):
+    """replay with text sampled from the base model itself: no pre-training data needed."""
+
+    name: Literal["self_replay"] = "self_replay"
+    p: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each step's sequences replaced by sampled text")
+    samples: int = Field(256, ge=1, description="sequences sampled from the base model (once per sweep)")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (1: the model's own distribution)")
 
 
 class SelfReplay(Arm):
@@ -23,3 +35,6 @@ class SelfReplay(Arm):
 
     def hooks(self, spec: SelfReplaySpec, ctx: RunContext, model: Any, plan: RunPlan) -> ReplayHooks:
         return ReplayHooks(self.pool(spec, ctx.arm_inputs), spec.p, plan.seed)
+
+
+register_arm(SelfReplaySpec, SelfReplay())

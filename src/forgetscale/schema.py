@@ -1,6 +1,7 @@
 """The base classes of every config model (Strict: what all of them refuse; Section: a frozen sweep
 section) and where text comes from: the keys every data source shares (finetune, forgetting, the eval
-suites), declared once. Torch-free."""
+suites), declared once. Torch-free, and below config: the method, arm and suite modules that config
+validates with build on these."""
 
 from __future__ import annotations
 
