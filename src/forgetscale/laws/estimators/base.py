@@ -23,8 +23,8 @@ import pandas as pd
 
 from forgetscale.errors import DataError, NotFittedError
 from forgetscale.laws.estimators import fitting
-from forgetscale.laws.estimators.registry import LAWS
 from forgetscale.laws.estimators.select import FitData, Selection, heldout_split, select_rows
+from forgetscale.registry import Registry
 
 FORECAST_METRICS = ("mae", "mare", "rise", "bias")
 
@@ -423,3 +423,8 @@ class Law:
         pred = self._predict(self._columns_of(np.array([[self.params_[n] for n in self.names]])),
                              data.P, data.N, data.ft)
         return fitting.r2(self._obs(data, out), pred[out][0])
+
+
+# Every law class by the name the CLI and laws.json use. It lives beside the contract, so a law can fit its
+# dependencies by name while the law modules import this one (never the other way round).
+LAWS: Registry[type[Law]] = Registry("law")
