@@ -10,6 +10,7 @@ rank's later checkpoints from the smaller ranks' earlier ones. Only finished run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import Any
 
@@ -17,7 +18,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forgetscale.laws.estimators.select import FT_COLUMNS, TARGETS
 from forgetscale.laws.fit import fit_run_dir
 from forgetscale.laws.pipeline.fitall import FitOptions
 from forgetscale.laws.studies import crossmethod
@@ -50,34 +50,32 @@ c_ft is fixed (gauge): c_ft, a and b trade off exactly, so only their combinatio
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="sweep output folder (holds results.sqlite)")
-    parser.add_argument("--target", choices=TARGETS, default="forget_ce",
-                        help="forgetting measure: CE against the base model (the paper's L_f) or its KL part")
-    parser.add_argument("--ft-column", choices=FT_COLUMNS, default="ft_loss",
-                        help="fine-tuning loss: held-out (default) or on training blocks")
-    parser.add_argument("--min-step", type=int, default=None,
-                        help="smallest step fitted (default: min(50, 20%% of the largest step))")
-    parser.add_argument("--max-step", type=int, default=None,
-                        help="largest step fitted (a pilot: fit the first steps, then `predict --against` the rest)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000; 0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.add_argument("--include-unfinished", action="store_true", help="also use rows of unfinished runs")
-    parser.add_argument("--laws", default=None, help="comma-separated laws to fit (default: all)")
-    parser.add_argument("--huber-delta", type=float, default=None, help="Huber threshold on log residuals (1e-3)")
+    add_option_flags(parser)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FitOptions field that has one, read from its declaration (name, type, help, choices).
+
+    Every flag defaults to None, so a flag left out keeps the declared default."""
+    for f in dataclasses.fields(FitOptions):
+        setting = f.metadata["setting"]
+        if setting.flag is None:
+            continue
+        flag = setting.flag or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": setting.help.replace("%", "%%")}
+        if isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        elif setting.choices:
+            kw["choices"] = setting.choices
+        else:
+            kw.update(type=setting.parse or type(f.default), metavar=flag.removeprefix("--").replace("-", "_").upper())
+        parser.add_argument(flag, **kw)
 
 
 def options_from_args(args: argparse.Namespace) -> FitOptions:
     """FitOptions from flags; a flag left out keeps the default (never merged by truthiness)."""
-    kw: dict[str, Any] = {"target": args.target, "ft_column": args.ft_column, "n_bootstrap": args.bootstrap,
-                          "seed": args.seed, "include_unfinished": args.include_unfinished}
-    if args.min_step is not None:
-        kw["min_step"] = args.min_step
-    if args.max_step is not None:
-        kw["max_step"] = args.max_step
-    if args.laws is not None:
-        kw["laws"] = tuple(x.strip() for x in args.laws.split(",") if x.strip())
-    if args.huber_delta is not None:
-        kw["huber_delta"] = args.huber_delta
-    return FitOptions(**kw)
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(FitOptions)}
+    return FitOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 def _fmt(x: float | None) -> str:
