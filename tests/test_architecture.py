@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # lower layers never import higher ones; parts in one layer do not import each other
 LAYERS = [
     ["forgetscale", "forgetscale.errors"],
-    ["forgetscale.registry", "forgetscale.hub", "forgetscale.host_memory"],
+    ["forgetscale.registry", "forgetscale.hub", "forgetscale.host_memory", "forgetscale.formatting"],
     ["forgetscale.config"],  # every key and spec: pydantic only
     ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
     ["forgetscale.output_head"],  # the head a few rows at a time (training loss, measuring logits)

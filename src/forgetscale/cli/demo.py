@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from forgetscale.formatting import bracket, num
 
 NAME = "demo"
 HELP = "run the embedded demo offline: sweep, fit, report, laws beside the paper's"
@@ -80,10 +81,6 @@ def fit_and_report(run_dir: Path, bootstrap: int | None = None) -> int:
     return code
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.4g}"
-
-
 def beside_paper_tables(doc: dict[str, Any]) -> list[Table]:
     """Per group of laws.json: each law's status and R^2, its fitted constants with 95% intervals, and the
     paper's value of the same constant (news, or both datasets when the data is neither), a and b written
@@ -106,18 +103,18 @@ def beside_paper_tables(doc: dict[str, Any]) -> list[Table]:
                 continue
             status = escape(d["status"])
             colour = "green" if d["status"] == "converged" else "yellow" if "params" in d else "red"
-            r2 = ", ".join(f"{_fmt(v)}" for v in d.get("r2", {}).values())
+            r2 = ", ".join(f"{num(v)}" for v in d.get("r2", {}).values())
             names = [n for n in d.get("free", []) if n not in d.get("borrowed", {})]
             if not names:
                 t.add_row(f"{title} ({key})", f"[{colour}]{status}[/]", r2, "", "", "", *("" for _ in datasets))
             for i, name in enumerate(names):
                 lo, hi = d["ci"][name]
-                value = _fmt(d["params"][name])
+                value = num(d["params"][name])
                 if name in d["weak"]:
                     value = f"[dim]{value}[/] (not identified)"
-                paper_values = [_fmt(theirs[p].get(name)) if name in theirs[p] else "-" for p in datasets]
+                paper_values = [num(theirs[p].get(name)) if name in theirs[p] else "-" for p in datasets]
                 t.add_row(f"{title} ({key})" if i == 0 else "", f"[{colour}]{status}[/]" if i == 0 else "",
-                          r2 if i == 0 else "", name, value, f"[{_fmt(lo)}, {_fmt(hi)}]", *paper_values)
+                          r2 if i == 0 else "", name, value, bracket(lo, hi), *paper_values)
             t.add_section()
         tables.append(t)
     return tables

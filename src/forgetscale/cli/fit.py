@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from forgetscale.formatting import bracket, ci_suffix, num, pct
 from forgetscale.laws.fit import fit_run_dir
 from forgetscale.laws.pipeline.fitall import FitOptions
 from forgetscale.laws.studies import crossmethod
@@ -78,14 +78,6 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
     return FitOptions(**{k: v for k, v in given.items() if v is not None})
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
-
-
 OUT_NAME = {"ft": "L_ft", "f": "L_f"}
 
 
@@ -111,7 +103,7 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
             continue
         for i, out in enumerate(d["outputs"]):
             colour = "green" if d["status"].startswith("converged") else "yellow"
-            summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], _fmt(d["r2"].get(out)),
+            summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], num(d["r2"].get(out)),
                             f"[{colour}]{escape(d['status'])}[/]" if i == 0 else "")
     consts = Table(title=f"{escape(group['label'])}: constants (95% bootstrap interval)", title_justify="left")
     for col in ("law", "constant", "value", "95% interval", "note"):
@@ -128,9 +120,9 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
                 note = "[yellow]not identified[/]"
             else:
                 note = ""
-            value = _fmt(d["params"][name])
+            value = num(d["params"][name])
             consts.add_row(d["law"] if first else "", name, f"[dim]{value}[/]" if name in d["weak"] else value,
-                           f"[{_fmt(lo)}, {_fmt(hi)}]", note)
+                           bracket(lo, hi), note)
             first = False
         consts.add_section()
     return [summary, *forecast_check_tables(group, target), consts]
@@ -148,15 +140,14 @@ def forecast_check_tables(group: dict[str, Any], target: str) -> list[Table]:
     rise = {"ft": "L_ft drop", "f": "KL rise" if target != "forget_ce_hard" else "hard-CE rise"}
     for r in check["forms"]:
         note = "not a forecast: uses the held-out runs' measured L_ft" if r["given_ft"] else ""
-        t.add_row(escape(r["form"]), OUT_NAME[r["output"]], str(r.get("rows", "")), _fmt(r["mae"]),
-                  f"{_pct(r['rise'])} of {rise[r['output']]}", _pct(r["bias"]), _pct(r["mare"]), note)
+        t.add_row(escape(r["form"]), OUT_NAME[r["output"]], str(r.get("rows", "")), num(r["mae"]),
+                  f"{pct(r['rise'])} of {rise[r['output']]}", pct(r["bias"]), pct(r["mare"]), note)
     return [t]
 
 
 def _err(e: dict[str, Any], key: str) -> str:
     lo, hi = e[f"{key}_ci"]
-    ci = "" if lo is None or hi is None else f" [{_pct(lo)}, {_pct(hi)}]"
-    return f"{_pct(e[key])}{ci}"
+    return f"{pct(e[key])}{ci_suffix(lo, hi, pct)}"
 
 
 def cross_method_tables(block: dict[str, Any]) -> list[Table]:
@@ -167,7 +158,7 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
     for group, info in block["variants"].items():
         for i, r in enumerate(info["runs"]):
             runs.add_row(escape(group) if i == 0 else "", "-" if r["rank"] is None else str(r["rank"]),
-                         f"{r['P']:,.0f}", str(r["step"]), *(_fmt(r.get(c)) for c in
+                         f"{r['P']:,.0f}", str(r["step"]), *(num(r.get(c)) for c in
                                                             ("ft_loss", "ft_loss_train", "forget_ce", "forget_kl")),
                          r["status"])
     title = escape(f"{block['dataset']}: methods against the laws fitted on LoRA ({block.get('reference') or '-'})")
@@ -191,7 +182,7 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
             if i == 0 and info.get("outside"):
                 note = "; ".join([*([note] if note else []), *map(escape, info["outside"])])
             dist.add_row(name if i == 0 else "", p_text if i == 0 else "", str(info["n_rows"]) if i == 0 else "",
-                         law, _err(e, "signed"), _err(e, "mean"), _pct(e["max"]), note)
+                         law, _err(e, "signed"), _err(e, "mean"), pct(e["max"]), note)
         dist.add_section()
     tables = [runs, dist]
     ho = block.get("heldout") or {}
@@ -202,8 +193,8 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
             t.add_column(col, overflow="fold")
         for group, r in ho["by_variant"].items():
             for i, law in enumerate(r["pooled"] or r["lora"]):
-                t.add_row(escape(group) if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)),
-                          _pct(r["lora"].get(law)))
+                t.add_row(escape(group) if i == 0 else "", law, pct(r["own"].get(law)), pct(r["pooled"].get(law)),
+                          pct(r["lora"].get(law)))
             t.add_section()
         tables.append(t)
     pooled = (block.get("pooled") or {}).get("laws") or {}
@@ -213,8 +204,8 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
             t.add_column(col, overflow="fold")
         for d in pooled.values():
             fitted = "params" in d
-            t.add_row(d["law"], ", ".join(_fmt(v) for v in d["r2"].values()) if fitted else "",
-                      ", ".join(_pct(v) for v in d["heldout_mare"].values()) if fitted else "", escape(d["status"]))
+            t.add_row(d["law"], ", ".join(num(v) for v in d["r2"].values()) if fitted else "",
+                      ", ".join(pct(v) for v in d["heldout_mare"].values()) if fitted else "", escape(d["status"]))
         tables.append(t)
     return tables
 
