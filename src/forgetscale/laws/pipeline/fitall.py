@@ -30,10 +30,12 @@ Progress = Callable[[str, str, int, int], None]
 
 
 def _law_names(text: str) -> tuple[str, ...]:
+    """--laws a,b -> ('a', 'b')."""
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def _known_laws(names: tuple[str, ...]) -> bool:
+    """True, or the registry's did-you-mean error (more use than a generic 'must be' rule)."""
     for name in names:
         LAWS.get(name)  # unknown law -> did-you-mean error
     return True
