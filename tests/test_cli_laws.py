@@ -89,3 +89,27 @@ def test_fit_kl_target(capsys, sweep, tmp_path):
     assert main(["fit", str(sweep), "--target", "forget_kl", "--bootstrap", "20", "--laws", "linear,mult_f"]) == 0
     doc = json.loads((sweep / "laws.json").read_text())
     assert doc["options"]["target"] == "forget_kl" and set(doc["groups"][0]["laws"]) == {"linear", "mult_f"}
+
+
+def test_fit_settings_are_declared_once():
+    """get_params, FitOptions and the flags of `fit` are all read from Law.__init__'s signature."""
+    import argparse
+    import dataclasses
+    import inspect
+
+    from forgetscale.cli.fit import add_option_flags, options_from_args
+    from forgetscale.laws import LinearLaw
+    from forgetscale.laws.pipeline.fitall import FitOptions
+
+    params = set(inspect.signature(LinearLaw.__init__).parameters) - {"self"}
+    assert set(LinearLaw().get_params()) == params
+    fields = {f.name for f in dataclasses.fields(FitOptions)}
+    assert fields == (params - {"heldout"}) | {"max_step", "laws"}  # heldout is set per fit
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser)
+    assert {a.dest for a in parser._actions} - {"help"} == fields - {"gauge_c_ft"}  # the gauge has no flag
+    args = parser.parse_args(["--bootstrap", "30", "--min-step", "5", "--laws", "linear, power_ft",
+                              "--include-unfinished", "--target", "forget_kl"])
+    assert options_from_args(args) == FitOptions(n_bootstrap=30, min_step=5, laws=("linear", "power_ft"),
+                                                 include_unfinished=True, target="forget_kl")
+    assert options_from_args(parser.parse_args([])) == FitOptions()

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from forgetscale.formatting import bracket, ci_suffix, num
+
 NAME = "demo"
 HELP = "run the embedded demo offline: sweep, fit, report, laws beside the paper's"
 EPILOG = """examples:
@@ -93,11 +95,6 @@ def fit_and_report(run_dir: Path, bootstrap: int | None = None, verbose: bool = 
     return code
 
 
-def _interval(ci: Any) -> str:
-    lo, hi = ci if ci else (None, None)
-    return "" if lo is None or hi is None else f" [{_fmt(lo)}, {_fmt(hi)}]"
-
-
 def verdict(doc: dict[str, Any], run_dir: Path) -> list[str]:
     """What the demo found, in a few lines per group of laws.json: the Eq. 4 slope (nats of forgetting per
     nat of fine-tuning loss gained) with its interval, which laws identified every constant, the held-out
@@ -107,9 +104,9 @@ def verdict(doc: dict[str, Any], run_dir: Path) -> list[str]:
         lines.append(f"verdict for {group['label']}:")
         linear = group["laws"].get("linear", {})
         if "params" in linear:
-            r2 = _fmt(linear["r2"].get("f"))
-            lines.append(f"  trade-off (Eq. 4): forgetting rises {_fmt(linear['params']['c_f_ft'])}"
-                         f"{_interval(linear['ci'].get('c_f_ft'))} nats per nat of fine-tuning loss gained "
+            r2 = num(linear["r2"].get("f"))
+            lines.append(f"  trade-off (Eq. 4): forgetting rises {num(linear['params']['c_f_ft'])}"
+                         f"{ci_suffix(*(linear['ci'].get('c_f_ft') or (None, None)))} nats per nat of fine-tuning loss gained "
                          f"(R^2 {r2})")
         identified = [k for k, d in group["laws"].items() if "params" in d and not d["weak"]
                       and d["status"].startswith("converged")]
@@ -135,10 +132,6 @@ def verdict(doc: dict[str, Any], run_dir: Path) -> list[str]:
     return lines
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.4g}"
-
-
 def beside_paper_tables(doc: dict[str, Any]) -> list[Table]:
     """Per group of laws.json: each law's status and R^2, its fitted constants with 95% intervals, and the
     paper's value of the same constant (news, or both datasets when the data is neither), a and b written
@@ -161,18 +154,18 @@ def beside_paper_tables(doc: dict[str, Any]) -> list[Table]:
                 continue
             status = escape(d["status"])
             colour = "green" if d["status"] == "converged" else "yellow" if "params" in d else "red"
-            r2 = ", ".join(f"{_fmt(v)}" for v in d.get("r2", {}).values())
+            r2 = ", ".join(f"{num(v)}" for v in d.get("r2", {}).values())
             names = [n for n in d.get("free", []) if n not in d.get("borrowed", {})]
             if not names:
                 t.add_row(f"{title} ({key})", f"[{colour}]{status}[/]", r2, "", "", "", *("" for _ in datasets))
             for i, name in enumerate(names):
                 lo, hi = d["ci"][name]
-                value = _fmt(d["params"][name])
+                value = num(d["params"][name])
                 if name in d["weak"]:
                     value = f"[dim]{value}[/] (not identified)"
-                paper_values = [_fmt(theirs[p].get(name)) if name in theirs[p] else "-" for p in datasets]
+                paper_values = [num(theirs[p].get(name)) if name in theirs[p] else "-" for p in datasets]
                 t.add_row(f"{title} ({key})" if i == 0 else "", f"[{colour}]{status}[/]" if i == 0 else "",
-                          r2 if i == 0 else "", name, value, f"[{_fmt(lo)}, {_fmt(hi)}]", *paper_values)
+                          r2 if i == 0 else "", name, value, bracket(lo, hi), *paper_values)
             t.add_section()
         tables.append(t)
     return tables

@@ -10,14 +10,14 @@ rank's later checkpoints from the smaller ranks' earlier ones. Only finished run
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forgetscale.laws.estimators.select import FT_COLUMNS, TARGETS
+from forgetscale.formatting import bracket, ci_suffix, num, pct
 from forgetscale.laws.fit import fit_run_dir
 from forgetscale.laws.pipeline.fitall import FitOptions
 from forgetscale.laws.studies import crossmethod
@@ -50,42 +50,32 @@ c_ft is fixed (gauge): c_ft, a and b trade off exactly, so only their combinatio
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="sweep output folder (holds results.sqlite)")
-    parser.add_argument("--target", choices=TARGETS, default="forget_ce",
-                        help="forgetting measure: CE against the base model (the paper's L_f) or its KL part")
-    parser.add_argument("--ft-column", choices=FT_COLUMNS, default="ft_loss",
-                        help="fine-tuning loss: held-out (default) or on training blocks")
-    parser.add_argument("--min-step", type=int, default=None,
-                        help="smallest step fitted (default: min(50, 20%% of the largest step))")
-    parser.add_argument("--max-step", type=int, default=None,
-                        help="largest step fitted (a pilot: fit the first steps, then `predict --against` the rest)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000; 0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.add_argument("--include-unfinished", action="store_true", help="also use rows of unfinished runs")
-    parser.add_argument("--laws", default=None, help="comma-separated laws to fit (default: all)")
-    parser.add_argument("--huber-delta", type=float, default=None, help="Huber threshold on log residuals (1e-3)")
+    add_option_flags(parser)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FitOptions field that has one, read from its declaration (name, type, help, choices).
+
+    Every flag defaults to None, so a flag left out keeps the declared default."""
+    for f in dataclasses.fields(FitOptions):
+        setting = f.metadata["setting"]
+        if setting.flag is None:
+            continue
+        flag = setting.flag or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": setting.help.replace("%", "%%")}
+        if isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        elif setting.choices:
+            kw["choices"] = setting.choices
+        else:
+            kw.update(type=setting.parse or type(f.default), metavar=flag.removeprefix("--").replace("-", "_").upper())
+        parser.add_argument(flag, **kw)
 
 
 def options_from_args(args: argparse.Namespace) -> FitOptions:
     """FitOptions from flags; a flag left out keeps the default (never merged by truthiness)."""
-    kw: dict[str, Any] = {"target": args.target, "ft_column": args.ft_column, "n_bootstrap": args.bootstrap,
-                          "seed": args.seed, "include_unfinished": args.include_unfinished}
-    if args.min_step is not None:
-        kw["min_step"] = args.min_step
-    if args.max_step is not None:
-        kw["max_step"] = args.max_step
-    if args.laws is not None:
-        kw["laws"] = tuple(x.strip() for x in args.laws.split(",") if x.strip())
-    if args.huber_delta is not None:
-        kw["huber_delta"] = args.huber_delta
-    return FitOptions(**kw)
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(FitOptions)}
+    return FitOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 OUT_NAME = {"ft": "L_ft", "f": "L_f"}
@@ -113,7 +103,7 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
             continue
         for i, out in enumerate(d["outputs"]):
             colour = "green" if d["status"].startswith("converged") else "yellow"
-            summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], _fmt(d["r2"].get(out)),
+            summary.add_row(d["law"] if i == 0 else "", OUT_NAME[out], num(d["r2"].get(out)),
                             f"[{colour}]{escape(d['status'])}[/]" if i == 0 else "")
     consts = Table(title=f"{escape(group['label'])}: constants (95% bootstrap interval)", title_justify="left")
     for col in ("law", "constant", "value", "95% interval", "note"):
@@ -130,9 +120,9 @@ def group_tables(group: dict[str, Any], target: str) -> list[Table]:
                 note = "[yellow]not identified[/]"
             else:
                 note = ""
-            value = _fmt(d["params"][name])
+            value = num(d["params"][name])
             consts.add_row(d["law"] if first else "", name, f"[dim]{value}[/]" if name in d["weak"] else value,
-                           f"[{_fmt(lo)}, {_fmt(hi)}]", note)
+                           bracket(lo, hi), note)
             first = False
         consts.add_section()
     return [summary, *forecast_check_tables(group, target), consts]
@@ -150,15 +140,14 @@ def forecast_check_tables(group: dict[str, Any], target: str) -> list[Table]:
     rise = {"ft": "L_ft drop", "f": "KL rise" if target != "forget_ce_hard" else "hard-CE rise"}
     for r in check["forms"]:
         note = "not a forecast: uses the held-out runs' measured L_ft" if r["given_ft"] else ""
-        t.add_row(escape(r["form"]), OUT_NAME[r["output"]], str(r.get("rows", "")), _fmt(r["mae"]),
-                  f"{_pct(r['rise'])} of {rise[r['output']]}", _pct(r["bias"]), _pct(r["mare"]), note)
+        t.add_row(escape(r["form"]), OUT_NAME[r["output"]], str(r.get("rows", "")), num(r["mae"]),
+                  f"{pct(r['rise'])} of {rise[r['output']]}", pct(r["bias"]), pct(r["mare"]), note)
     return [t]
 
 
 def _err(e: dict[str, Any], key: str) -> str:
     lo, hi = e[f"{key}_ci"]
-    ci = "" if lo is None or hi is None else f" [{_pct(lo)}, {_pct(hi)}]"
-    return f"{_pct(e[key])}{ci}"
+    return f"{pct(e[key])}{ci_suffix(lo, hi, pct)}"
 
 
 def cross_method_tables(block: dict[str, Any]) -> list[Table]:
@@ -169,7 +158,7 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
     for group, info in block["variants"].items():
         for i, r in enumerate(info["runs"]):
             runs.add_row(escape(group) if i == 0 else "", "-" if r["rank"] is None else str(r["rank"]),
-                         f"{r['P']:,.0f}", str(r["step"]), *(_fmt(r.get(c)) for c in
+                         f"{r['P']:,.0f}", str(r["step"]), *(num(r.get(c)) for c in
                                                             ("ft_loss", "ft_loss_train", "forget_ce", "forget_kl")),
                          r["status"])
     title = escape(f"{block['dataset']}: methods against the laws fitted on LoRA ({block.get('reference') or '-'})")
@@ -193,7 +182,7 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
             if i == 0 and info.get("outside"):
                 note = "; ".join([*([note] if note else []), *map(escape, info["outside"])])
             dist.add_row(name if i == 0 else "", p_text if i == 0 else "", str(info["n_rows"]) if i == 0 else "",
-                         law, _err(e, "signed"), _err(e, "mean"), _pct(e["max"]), note)
+                         law, _err(e, "signed"), _err(e, "mean"), pct(e["max"]), note)
         dist.add_section()
     tables = [runs, dist]
     ho = block.get("heldout") or {}
@@ -204,8 +193,8 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
             t.add_column(col, overflow="fold")
         for group, r in ho["by_variant"].items():
             for i, law in enumerate(r["pooled"] or r["lora"]):
-                t.add_row(escape(group) if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)),
-                          _pct(r["lora"].get(law)))
+                t.add_row(escape(group) if i == 0 else "", law, pct(r["own"].get(law)), pct(r["pooled"].get(law)),
+                          pct(r["lora"].get(law)))
             t.add_section()
         tables.append(t)
     pooled = (block.get("pooled") or {}).get("laws") or {}
@@ -215,8 +204,8 @@ def cross_method_tables(block: dict[str, Any]) -> list[Table]:
             t.add_column(col, overflow="fold")
         for d in pooled.values():
             fitted = "params" in d
-            t.add_row(d["law"], ", ".join(_fmt(v) for v in d["r2"].values()) if fitted else "",
-                      ", ".join(_pct(v) for v in d["heldout_mare"].values()) if fitted else "", escape(d["status"]))
+            t.add_row(d["law"], ", ".join(num(v) for v in d["r2"].values()) if fitted else "",
+                      ", ".join(pct(v) for v in d["heldout_mare"].values()) if fitted else "", escape(d["status"]))
         tables.append(t)
     return tables
 

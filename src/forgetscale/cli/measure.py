@@ -11,9 +11,9 @@ already stored (identity: base + forgetting settings + path + weight-file hash).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+from forgetscale.formatting import ci_suffix, measured
 from forgetscale.tracking import LOG_HELP
 
 NAME = "measure"
@@ -54,15 +54,6 @@ def config_from_args(args: argparse.Namespace):
     return parse_config(apply_overrides({}, overrides, shorthands={"model": "name"}), "--set")
 
 
-def _ci(row: dict, key: str) -> str:
-    lo, hi = row[key]
-    return "" if lo is None or not math.isfinite(lo) else f" [{lo:.4g}, {hi:.4g}]"
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4g}"
-
-
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -87,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
             shown_base = True
         params = "-" if row["trainable_params"] is None or row["step"] == 0 else f"{row['trainable_params']:,}"
         name = "base" if row["step"] == 0 else row["label"]
-        print(f"{name:<28} step {row['step']:>6}  P {params:>12}  KL {row['forget_kl']:.5f}{_ci(row, 'kl_ci')}  "
-              f"CE {row['forget_ce']:.4f}{_ci(row, 'ce_ci')}  CE hard {row['forget_ce_hard']:.4f}"
-              f"{_ci(row, 'ce_hard_ci')}  L_ft {_fmt(row['ft_loss'])}")
+        print(f"{name:<28} step {row['step']:>6}  P {params:>12}  KL {row['forget_kl']:.5f}{ci_suffix(*row['kl_ci'])}  "
+              f"CE {row['forget_ce']:.4f}{ci_suffix(*row['ce_ci'])}  CE hard {row['forget_ce_hard']:.4f}"
+              f"{ci_suffix(*row['ce_hard_ci'])}  L_ft {measured(row['ft_loss'])}")
     print(f"results: {Path(args.out) / 'results.sqlite'}")
     return 0

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetscale.errors import ConfigError
+from forgetscale.formatting import fixed, interval
 from forgetscale.laws.estimators import forms
 from forgetscale.laws.pipeline import forecast, frontier, lawfile
 from forgetscale.laws.studies import paper
@@ -50,14 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="method (when the sweep has several)")
     parser.add_argument("--mitigation", default=None, help="mitigation arm (when the sweep has several)")
     parser.add_argument("--p-per-rank", type=int, default=paper.P_PER_RANK, help="with --paper: P per unit rank")
-
-
-def _fmt(x: float, digits: int = 4) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _interval(lo: float, hi: float) -> str:
-    return "none" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def paper_plan(dataset: str, goal: frontier.Goal, ranks: list[int] | None, max_steps: int | None,
@@ -128,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
         meets = ("frontier" if r.frontier else "yes") if r.feasible else (
             "goal not reached" if not r.reaches else "over budget")
         cells = ["-" if r.rank is None or (isinstance(r.rank, float) and math.isnan(r.rank)) else str(int(r.rank)),
-                 f"{r.P:,.0f}", str(r.N), _fmt(r.ft), _interval(r.ft_lo, r.ft_hi), _fmt(r.f), _interval(r.f_lo, r.f_hi)]
+                 f"{r.P:,.0f}", str(r.N), fixed(r.ft), interval(r.ft_lo, r.ft_hi), fixed(r.f), interval(r.f_lo, r.f_hi)]
         if math.isfinite(base):
-            cells.append(_fmt(r.f - base))
+            cells.append(fixed(r.f - base))
         cells += ["-" if not math.isfinite(tokens) else f"{tokens * r.N:,.0f}",
                   "-" if not math.isfinite(seconds) else _duration(seconds * r.N), meets, r.note]
         t.add_row(*cells)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetscale.errors import ConfigError
+from forgetscale.formatting import fixed, interval
 from forgetscale.laws.pipeline import fitall, forecast, lawfile
 
 NAME = "predict"
@@ -48,14 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
 
 
-def _fmt(x: float) -> str:
-    return "-" if not math.isfinite(x) else f"{x:.4f}"
-
-
-def _interval(lo: float, hi: float) -> str:
-    return "none" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{_fmt(lo)}, {_fmt(hi)}]"
-
-
 def _score_against(group: dict, target: Path, level: float) -> int:
     """Forecast every stored checkpoint of TARGET_DIR's runs and print the errors and coverage."""
     from forgetscale.laws.estimators.select import group_rows
@@ -79,9 +72,9 @@ def _score_against(group: dict, target: Path, level: float) -> int:
                 f"{pct} new run", "covered"):
         t.add_column(col, justify="left" if col in ("form", "output") else "right")
     for r in scored.itertuples(index=False):
-        t.add_row(r.form, {"ft": "L_ft", "f": "L_f"}[r.output], f"{r.P:,.0f}", f"{r.N:g}", _fmt(r.forecast),
-                  _fmt(r.measured), f"{r.error:+.4f}", "-" if not math.isfinite(r.share_of_change)
-                  else f"{100 * r.share_of_change:+.1f}%", _interval(r.pi_lo, r.pi_hi),
+        t.add_row(r.form, {"ft": "L_ft", "f": "L_f"}[r.output], f"{r.P:,.0f}", f"{r.N:g}", fixed(r.forecast),
+                  fixed(r.measured), f"{r.error:+.4f}", "-" if not math.isfinite(r.share_of_change)
+                  else f"{100 * r.share_of_change:+.1f}%", interval(r.pi_lo, r.pi_hi),
                   "-" if r.covered is None else ("yes" if r.covered else "no"))
     out.print(t)
     return 0
@@ -136,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
             for o in ("ft", "f"):
                 r = rows[(rows["form"] == form) & (rows["output"] == o)]
                 cells[o] = (("-", "", "") if r.empty else
-                            (_fmt(r["value"].iloc[0]), _interval(r["lo"].iloc[0], r["hi"].iloc[0]),
-                             _interval(r["pi_lo"].iloc[0], r["pi_hi"].iloc[0])))
+                            (fixed(r["value"].iloc[0]), interval(r["lo"].iloc[0], r["hi"].iloc[0]),
+                             interval(r["pi_lo"].iloc[0], r["pi_hi"].iloc[0])))
             statuses = " ".join(rows[rows["form"] == form]["status"])
             kinds = [k for k in ("not identifiable", "not converged", "no intervals") if k in statuses]
             note = "; ".join(kinds).replace("not identifiable", "some constants not identified")

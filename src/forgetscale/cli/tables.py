@@ -8,15 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from forgetscale.formatting import cell
 from forgetscale.mitigations import stored_arm_label
-
-
-def _fmt(value: object, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def print_summary(store, console: Console | None = None) -> None:
@@ -38,9 +31,9 @@ def print_summary(store, console: Console | None = None) -> None:
             table.add_section()
         previous = row["run_id"]
         arm = stored_arm_label(run)
-        table.add_row((run["method"] + (f"-{arm}" if arm else "")) if first else "", _fmt(run["rank"]) if first else "", _fmt(run["seed"]) if first else "",
-                      _fmt(run["trainable_params"]) if first else "", str(row["step"]), _fmt(row["ft_loss"]),
-                      _fmt(row["ft_loss_train"]), _fmt(row["forget_ce"]), _fmt(row["forget_kl"], 5),
+        table.add_row((run["method"] + (f"-{arm}" if arm else "")) if first else "", cell(run["rank"]) if first else "", cell(run["seed"]) if first else "",
+                      cell(run["trainable_params"]) if first else "", str(row["step"]), cell(row["ft_loss"]),
+                      cell(row["ft_loss_train"]), cell(row["forget_ce"]), cell(row["forget_kl"], 5),
                       run["status"] if first else "")
     console.print(table)
     failed = [r for r in runs.values() if r["status"] == "failed"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from forgetscale.formatting import bracket, missing, num, pct
 from forgetscale.laws.estimators import forms
 from forgetscale.laws.estimators.groups import GROUP, add_groups, non_default
 from forgetscale.laws.estimators.select import group_label, group_rows
@@ -21,14 +21,6 @@ from forgetscale.report import figures
 from forgetscale.report.sections import Markup, ReportContext, register_section, table
 
 OUT = {"ft": "L_ft", "f": "L_f"}
-
-
-def _fmt(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
-
-
-def _pct(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.2f}%"
 
 
 def _slug(group: dict[str, Any]) -> str:
@@ -96,13 +88,13 @@ def summary(ctx: ReportContext) -> str:
                 rows.append([d["law"], "", "", "", d["status"]])
                 continue
             for out in d["outputs"]:
-                rows.append([d["law"], OUT[out], _fmt(d["r2"].get(out)), d["status"]])
+                rows.append([d["law"], OUT[out], num(d["r2"].get(out)), d["status"]])
         parts.append(f"<h3>{html.escape(group['label'])}</h3>" + table(["law", "output", "R²", "status"], rows))
         check = group.get("forecast_check")
         if check:
             moved = {"ft": "L_ft drop", "f": "KL rise"}
-            crows = [[r["form"], OUT[r["output"]], _fmt(r["mae"]), f"{_pct(r['rise'])} of {moved[r['output']]}",
-                      _pct(r["bias"]), _pct(r["mare"]),
+            crows = [[r["form"], OUT[r["output"]], num(r["mae"]), f"{pct(r['rise'])} of {moved[r['output']]}",
+                      pct(r["bias"]), pct(r["mare"]),
                       "not a forecast: uses the held-out runs' measured L_ft" if r["given_ft"] else ""]
                      for r in check["forms"]]
             parts.append(f"<p>Held-out forecast: {html.escape(check['description'])}.</p>" + table(
@@ -140,8 +132,8 @@ def _method_points(ctx: ReportContext, block: dict[str, Any]) -> pd.DataFrame:
 
 def _err(e: dict[str, Any], key: str) -> Markup:
     lo, hi = e[f"{key}_ci"]
-    ci = "" if lo is None or hi is None else f'<br><span class="ci">[{_pct(lo)}, {_pct(hi)}]</span>'
-    return Markup(f"{_pct(e[key])}{ci}")
+    ci = "" if missing(lo) or missing(hi) else f'<br><span class="ci">{bracket(lo, hi, pct)}</span>'
+    return Markup(f"{pct(e[key])}{ci}")
 
 
 def _methods_table(block: dict[str, Any]) -> str:
@@ -150,8 +142,8 @@ def _methods_table(block: dict[str, Any]) -> str:
         for i, r in enumerate(info["runs"]):
             changed = non_default(info["method"], info["settings"])
             rows.append([group if i == 0 else "", "" if i else json.dumps(changed, sort_keys=True) if changed else "defaults",
-                         "-" if r["rank"] is None else r["rank"], f"{r['P']:,.0f}", r["step"], _fmt(r.get("ft_loss")),
-                         _fmt(r.get("forget_ce")), _fmt(r.get("forget_kl")), r["status"]])
+                         "-" if r["rank"] is None else r["rank"], f"{r['P']:,.0f}", r["step"], num(r.get("ft_loss")),
+                         num(r.get("forget_ce")), num(r.get("forget_kl")), r["status"]])
     return table(["method", "settings (non-default)", "rank", "P (trainable)", "last step", "L_ft held-out", "L_f (CE)", "KL",
                   "status"], rows)
 
@@ -172,7 +164,7 @@ def _distance_table(block: dict[str, Any]) -> str:
                 Markup(f'<span class="warn">{bias}</span>') if e["bias"] in ("under", "over") else bias)
             rows.append([f"{group} (reference)" if ref and i == 0 else (group if i == 0 else ""),
                          p_text if i == 0 else "", info["n_rows"] if i == 0 else "", law, _err(e, "signed"),
-                         _err(e, "mean"), _pct(e["max"]), note])
+                         _err(e, "mean"), pct(e["max"]), note])
     return table(["method", "P", "rows", "law fitted on LoRA", "signed mean error", "mean |error|", "max |error|",
                   "bias (95% interval)"], rows, "consts")
 
@@ -182,13 +174,13 @@ def _heldout_tables(block: dict[str, Any]) -> str:
     ho = block.get("heldout") or {}
     out.append(f"<p>{html.escape(ho.get('description', ''))}.</p>")
     if ho.get("by_variant"):
-        rows = [[v if i == 0 else "", law, _pct(r["own"].get(law)), _pct(r["pooled"].get(law)), _pct(r["lora"].get(law))]
+        rows = [[v if i == 0 else "", law, pct(r["own"].get(law)), pct(r["pooled"].get(law)), pct(r["lora"].get(law))]
                 for v, r in ho["by_variant"].items() for i, law in enumerate(r["pooled"] or r["lora"])]
         out.append(table(["method", "law", "own fit", "pooled fit", "LoRA-only fit"], rows, "consts"))
     pooled = (block.get("pooled") or {}).get("laws") or {}
     if pooled:
-        rows = [[d["law"], ", ".join(_fmt(v) for v in d["r2"].values()) if "params" in d else "",
-                 ", ".join(_pct(v) for v in d["heldout_mare"].values()) if "params" in d else "", d["status"]]
+        rows = [[d["law"], ", ".join(num(v) for v in d["r2"].values()) if "params" in d else "",
+                 ", ".join(pct(v) for v in d["heldout_mare"].values()) if "params" in d else "", d["status"]]
                 for d in pooled.values()]
         out.append(f"<p>{html.escape(block['pooled']['label'])}: every method fitted together as one group "
                    "(held-out error: its own largest-P split, see docs/laws.md).</p>"
@@ -267,13 +259,13 @@ def _cell(d: dict[str, Any] | None, name: str) -> Markup | str:
     """'value [lo, hi]' for one constant of one law, marked when fixed, borrowed or not identified."""
     if d is None or name not in d["names"]:
         return ""
-    value = _fmt(d["params"][name])
+    value = num(d["params"][name])
     if name in d["borrowed"]:
         return Markup(f'<span class="dim">= {d["borrowed"][name]}</span>')
     if name not in d["free"]:
         return Markup(f'{value} <span class="dim">(gauge)</span>')
     lo, hi = d["ci"][name]
-    ci = f'<br><span class="ci">[{_fmt(lo)}, {_fmt(hi)}]</span>'
+    ci = f'<br><span class="ci">{bracket(lo, hi)}</span>'
     if name in d["weak"]:
         return Markup(f'<span class="warn">{value}&thinsp;&dagger;</span>{ci}')
     return Markup(f"{value}{ci}")
@@ -299,23 +291,23 @@ def constants(ctx: ReportContext) -> str:
         for name in forms.POWER_JOINT:
             row = [name, *(_cell(fitted[k], name) for k, _ in cols)]
             for d in datasets:
-                row += [_fmt(paper.CONSTANTS[d][name]), _fmt(paper.in_gauge(d, gauge)[name])]
+                row += [num(paper.CONSTANTS[d][name]), num(paper.in_gauge(d, gauge)[name])]
             rows.append(row)
         for out_key, label in (("ft", "R² of L_ft"), ("f", "R² of L_f")):
-            row = [label, *(_fmt(fitted[k]["r2"].get(out_key)) for k, _ in cols)]
+            row = [label, *(num(fitted[k]["r2"].get(out_key)) for k, _ in cols)]
             for d in datasets:
-                row += [_fmt(paper.POWER_F_R2[d]) + " (Eq. 6), " + _fmt(paper.LINEAR_R2[d]) + " (Eq. 4)"
+                row += [num(paper.POWER_F_R2[d]) + " (Eq. 6), " + num(paper.LINEAR_R2[d]) + " (Eq. 4)"
                         if out_key == "f" else "-", ""]
             rows.append(row)
         for out_key, label in (("ft", "held-out error L_ft"), ("f", "held-out error L_f")):
-            rows.append([label, *(_pct(fitted[k]["heldout_mare"].get(out_key)) for k, _ in cols)]
+            rows.append([label, *(pct(fitted[k]["heldout_mare"].get(out_key)) for k, _ in cols)]
                         + ["", ""] * len(datasets))
         out.append(f"<h3>{html.escape(group['label'])}</h3>" + table(header, rows, "consts"))
         mult = [k for k in ("mult_ft", "mult_f") if k in fitted]
         if mult:
             rows = [[name, *(_cell(fitted[k], name) for k in mult)] for name in fitted[mult[0]]["names"]]
-            rows.append(["R²", *(_fmt(next(iter(fitted[k]["r2"].values()))) for k in mult)])
-            rows.append(["held-out error", *(_pct(next(iter(fitted[k]["heldout_mare"].values()))) for k in mult)])
+            rows.append(["R²", *(num(next(iter(fitted[k]["r2"].values()))) for k in mult)])
+            rows.append(["held-out error", *(pct(next(iter(fitted[k]["heldout_mare"].values()))) for k in mult)])
             out.append("<p>Competing multiplicative form: L_ft = A P<sup>-alpha</sup> N<sup>-beta</sup> + E, "
                        "L_f = E - A P<sup>-alpha</sup> N<sup>-beta</sup>.</p>"
                        + table(["constant", *mult], rows, "consts"))

@@ -12,30 +12,19 @@ from typing import Any
 
 import numpy as np
 
+from forgetscale.formatting import ci_suffix, fixed, missing, pct, signed
 from forgetscale.report.sections import Markup, ReportContext, register_section, table
 
 HEADER = ["arm", "seeds", "matched L_ft (depth)", "KL control", "KL arm", "KL reduction [95%]", "L_f arm - control [95%]",
           "line gap at L* [95%]", "verdict", "train time x control"]
 
 
-def _v(x: Any) -> float:
-    """A number from laws.json (where NaN is stored as null)."""
-    return math.nan if x is None else float(x)
-
-
-def _f(x: Any, digits: int = 4) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _ci(pair: list[Any], digits: int = 4, pct: bool = False) -> str:
-    lo, hi = pair
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return ""
-    return f" [{100 * lo:.0f}%, {100 * hi:.0f}%]" if pct else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
 def _pct(x: Any) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.0f}%"
+    return pct(x, 0)
+
+
+def _signed3(x: Any) -> str:
+    return signed(x, 3)
 
 
 def rows(cell: dict[str, Any]) -> list[list[str]]:
@@ -44,17 +33,17 @@ def rows(cell: dict[str, Any]) -> list[list[str]]:
     out = [["none (control)", ",".join(map(str, control["seeds"])), "", "", "", "", "", "", "", "1.00"]]
     for a in cell["arms"]:
         cost = a["cost"]
-        cost_text = _f(cost["ratio"], 2) + (" (reuses control)" if cost.get("note") else "")
+        cost_text = fixed(cost["ratio"], 2) + (" (reuses control)" if cost.get("note") else "")
         if "matched" not in a:
             out.append([a["arm"], ",".join(map(str, a["seeds"])), "", "", "", "", "", "", a.get("status", ""), cost_text])
             continue
         p = a["matched"][-1]
         gap = a["gap"]["f"]
         out.append([
-            a["arm"], ",".join(map(str, a["paired_seeds"])), f"{_f(p['ft'])} ({_pct(a['depth'])})", _f(p["kl_none"]),
-            _f(p["kl_arm"]), _pct(p["reduction"]) + _ci(p["reduction_ci"], pct=True),
-            f"{p['f_diff']:+.4f}" + _ci(p["f_diff_ci"]) if math.isfinite(_v(p["f_diff"])) else "-",
-            f"{gap['value']:+.4f}" + _ci(gap["ci"]) if math.isfinite(_v(gap["value"])) else "-",
+            a["arm"], ",".join(map(str, a["paired_seeds"])), f"{fixed(p['ft'])} ({_pct(a['depth'])})", fixed(p["kl_none"]),
+            fixed(p["kl_arm"]), _pct(p["reduction"]) + ci_suffix(*p["reduction_ci"], _pct),
+            signed(p["f_diff"]) + ci_suffix(*p["f_diff_ci"], signed) if not missing(p["f_diff"]) else "-",
+            signed(gap["value"]) + ci_suffix(*gap["ci"], signed) if not missing(gap["value"]) else "-",
             a["verdict"] if a["status"] == "compared" else f"{a['verdict']} ({a['status']})", cost_text,
         ])
     return out
@@ -66,8 +55,8 @@ def line_rows(cell: dict[str, Any]) -> list[list[str]]:
         if "slope" not in line:
             out.append([name, "", "", "", line["status"]])
             continue
-        out.append([name, f"{line['slope']:.3f}" + _ci(line["slope_ci"], 3), f"{line['intercept']:.3f}"
-                    + _ci(line["intercept_ci"], 3), _f(line["r2"], 3), line["status"]])
+        out.append([name, f"{line['slope']:.3f}" + ci_suffix(*line["slope_ci"], _signed3), f"{line['intercept']:.3f}"
+                    + ci_suffix(*line["intercept_ci"], _signed3), fixed(line["r2"], 3), line["status"]])
     return out
 
 def figure(frame: Any, cell: dict[str, Any]) -> Any:

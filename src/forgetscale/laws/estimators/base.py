@@ -15,16 +15,25 @@ per bootstrap resample, so the uncertainty of the shared constants carries throu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError, NotFittedError
 from forgetscale.laws.estimators import fitting
-from forgetscale.laws.estimators.registry import LAWS
-from forgetscale.laws.estimators.select import FitData, Selection, heldout_split, select_rows
+from forgetscale.laws.estimators.select import (
+    FT_COLUMNS,
+    TARGETS,
+    FitData,
+    Selection,
+    heldout_split,
+    select_rows,
+)
+from forgetscale.laws.estimators.settings import Setting
+from forgetscale.registry import Registry
 
 FORECAST_METRICS = ("mae", "mare", "rise", "bias")
 
@@ -57,6 +66,18 @@ MAX_FAILED = 0.1  # more bootstrap refits than this share failing: no interval (
 OUTPUT_COLUMN = {"ft": "ft_loss", "f": "forgetting"}
 
 
+def _step_or_auto(v: Any) -> bool:
+    return v == "auto" or (isinstance(v, int) and v >= 1)
+
+
+def _resamples(v: Any) -> bool:
+    return isinstance(v, int) and (v == 0 or v >= 20)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
 class Law:
     """Base estimator. Subclasses set the class attributes and implement `_solve` and `_predict`."""
 
@@ -76,24 +97,43 @@ class Law:
     def __init__(
         self,
         *,
-        target: str = "forget_ce",
-        ft_column: str = "ft_loss",
-        min_step: int | str = "auto",
-        include_unfinished: bool = False,
-        n_bootstrap: int = 1000,
-        seed: int = 0,
-        huber_delta: float = fitting.HUBER_DELTA,
-        gauge_c_ft: float = GAUGE_C_FT,
-        heldout: bool = True,
+        target: Annotated[str, Setting(
+            "forgetting measure: CE against the base model (the paper's L_f) or its KL part", choices=TARGETS,
+        )] = "forget_ce",
+        ft_column: Annotated[str, Setting(
+            "fine-tuning loss: held-out (default) or on training blocks", choices=FT_COLUMNS,
+        )] = "ft_loss",
+        min_step: Annotated[int | str, Setting(
+            "smallest step fitted (default: min(50, 20% of the largest step))", parse=int,
+            check=_step_or_auto, rule="'auto' or an integer >= 1",
+        )] = "auto",
+        include_unfinished: Annotated[bool, Setting("also use rows of unfinished runs")] = False,
+        n_bootstrap: Annotated[int, Setting(
+            "bootstrap resamples (default 1000; 0: none)", flag="--bootstrap",
+            check=_resamples, rule="0 (no intervals) or an integer >= 20",
+        )] = 1000,
+        seed: Annotated[int, Setting("bootstrap seed (default 0)")] = 0,
+        huber_delta: Annotated[float, Setting(
+            "Huber threshold on log residuals (1e-3)", check=_positive, rule="> 0",
+        )] = fitting.HUBER_DELTA,
+        gauge_c_ft: Annotated[float, Setting(
+            "value c_ft is pinned to (see forms.regauge)", flag=None, check=_positive, rule="> 0",
+        )] = GAUGE_C_FT,
+        heldout: Annotated[bool, Setting(
+            "also refit on the held-out split and score its forecast", option=False,
+        )] = True,
     ) -> None:
         self.target, self.ft_column, self.min_step = target, ft_column, min_step
         self.include_unfinished, self.n_bootstrap, self.seed = include_unfinished, n_bootstrap, seed
         self.huber_delta, self.gauge_c_ft, self.heldout = huber_delta, gauge_c_ft, heldout
 
+    @classmethod
+    def _param_names(cls) -> tuple[str, ...]:
+        """The settings: every keyword of __init__ (scikit-learn's rule), so none is listed twice."""
+        return tuple(p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
     def get_params(self) -> dict[str, Any]:
-        keys = ("target", "ft_column", "min_step", "include_unfinished", "n_bootstrap", "seed",
-                "huber_delta", "gauge_c_ft", "heldout")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in self._param_names()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
@@ -423,3 +463,8 @@ class Law:
         pred = self._predict(self._columns_of(np.array([[self.params_[n] for n in self.names]])),
                              data.P, data.N, data.ft)
         return fitting.r2(self._obs(data, out), pred[out][0])
+
+
+# Every law class by the name the CLI and laws.json use. It lives beside the contract, so a law can fit its
+# dependencies by name while the law modules import this one (never the other way round).
+LAWS: Registry[type[Law]] = Registry("law")

@@ -13,62 +13,80 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, field, make_dataclass
+from typing import Annotated, Any
 
 import pandas as pd
 
 from forgetscale import __version__
 from forgetscale.errors import ConfigError, DataError, ForgetscaleError
-from forgetscale.laws.estimators.base import GAUGE_C_FT, Law
-from forgetscale.laws.estimators.fitting import HUBER_DELTA
+from forgetscale.laws.estimators.base import Law
 from forgetscale.laws.estimators.registry import LAWS, ORDER
-from forgetscale.laws.estimators.select import FT_COLUMNS, TARGETS, FitData, group_label, groups, select_rows
+from forgetscale.laws.estimators.select import FitData, group_label, groups, select_rows
+from forgetscale.laws.estimators.settings import Declared, Setting, declared
 from forgetscale.laws.pipeline import forecast, lawfile
 
 Progress = Callable[[str, str, int, int], None]
 
 
-@dataclass(frozen=True)
-class FitOptions:
-    """How `fit` fits; every field is recorded in laws.json."""
+def _law_names(text: str) -> tuple[str, ...]:
+    """--laws a,b -> ('a', 'b')."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
-    target: str = field(default="forget_ce",
-                        metadata={"help": "forgetting column: forget_ce (L_f), forget_kl or forget_ce_hard"})
-    ft_column: str = field(default="ft_loss", metadata={"help": "L_ft column: held-out ft_loss or ft_loss_train"})
-    min_step: int | str = field(default="auto", metadata={"help": "smallest step fitted; auto = min(50, 20% of max)"})
-    max_step: int | None = field(default=None, metadata={
-        "help": "largest step fitted (a pilot budget: fit the first steps, forecast the rest); None: all"})
-    include_unfinished: bool = field(default=False, metadata={"help": "also fit rows of running/failed runs"})
-    n_bootstrap: int = field(default=1000, metadata={"help": "run-bootstrap resamples for the 95% intervals"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed (same seed, same intervals)"})
-    huber_delta: float = field(default=HUBER_DELTA, metadata={"help": "Huber threshold on log residuals"})
-    gauge_c_ft: float = field(default=GAUGE_C_FT, metadata={"help": "value c_ft is pinned to (see forms.regauge)"})
-    laws: tuple[str, ...] = field(default=ORDER, metadata={"help": "which laws to fit"})
+
+def _known_laws(names: tuple[str, ...]) -> bool:
+    """True, or the registry's did-you-mean error (more use than a generic 'must be' rule)."""
+    for name in names:
+        LAWS.get(name)  # unknown law -> did-you-mean error
+    return True
+
+
+def _fit_only(
+    *,
+    max_step: Annotated[int | None, Setting(
+        "largest step fitted (a pilot: fit the first steps, then `predict --against` the rest)", parse=int,
+        check=lambda v: v is None or (isinstance(v, int) and v >= 1), rule="an integer >= 1",
+    )] = None,
+    laws: Annotated[tuple[str, ...], Setting(
+        "comma-separated laws to fit (default: all)", parse=_law_names, check=_known_laws,
+    )] = ORDER,
+) -> None:
+    """The settings of a whole fit that no single law has, declared the way Law declares its own."""
+
+
+def _options() -> list[Declared]:
+    """FitOptions' fields: the law settings that are options, then the fit's own, in the order laws.json
+    has always recorded them (max_step beside min_step, laws last)."""
+    law = [d for d in declared(Law.__init__) if d.setting.option]
+    max_step, laws = declared(_fit_only)
+    at = [d.name for d in law].index("min_step") + 1
+    return [*law[:at], max_step, *law[at:], laws]
+
+
+OPTIONS = _options()
+LAW_OPTIONS = tuple(d.name for d in declared(Law.__init__) if d.setting.option)
+
+
+class _Options:
+    """What FitOptions does; its fields are made from OPTIONS below."""
 
     def __post_init__(self) -> None:
-        checks = [
-            ("target", self.target in TARGETS, f"one of {', '.join(TARGETS)}"),
-            ("ft_column", self.ft_column in FT_COLUMNS, f"one of {', '.join(FT_COLUMNS)}"),
-            ("min_step", self.min_step == "auto" or (isinstance(self.min_step, int) and self.min_step >= 1),
-             "'auto' or an integer >= 1"),
-            ("max_step", self.max_step is None or (isinstance(self.max_step, int) and self.max_step >= 1),
-             "an integer >= 1"),
-            ("n_bootstrap", isinstance(self.n_bootstrap, int) and (self.n_bootstrap == 0 or self.n_bootstrap >= 20),
-             "0 (no intervals) or an integer >= 20"),
-            ("huber_delta", self.huber_delta > 0, "> 0"),
-            ("gauge_c_ft", self.gauge_c_ft > 0, "> 0"),
-        ]
-        for key, ok, rule in checks:
-            if not ok:
-                raise ConfigError(f"{key} must be {rule}; got {getattr(self, key)!r}")
-        for name in self.laws:
-            LAWS.get(name)  # unknown law -> did-you-mean error
+        for d in OPTIONS:
+            problem = d.setting.problem(d.name, getattr(self, d.name))
+            if problem:
+                raise ConfigError(problem)
 
     def law_params(self) -> dict[str, Any]:
-        keys = ("target", "ft_column", "min_step", "include_unfinished", "n_bootstrap", "seed", "huber_delta",
-                "gauge_c_ft")
-        return {k: getattr(self, k) for k in keys}
+        """The options every law takes (the rest, max_step and laws, are the fit's own)."""
+        return {k: getattr(self, k) for k in LAW_OPTIONS}
+
+
+FitOptions = make_dataclass(
+    "FitOptions", [(d.name, d.type, field(default=d.default, metadata={"setting": d.setting})) for d in OPTIONS],
+    bases=(_Options,), frozen=True,
+    namespace={"__doc__": "How `fit` fits: Law's settings (less the per-fit ones) plus max_step and laws; every "
+                          "field is recorded in laws.json.", "__module__": __name__},
+)
 
 
 def _needed(names: tuple[str, ...]) -> list[str]:

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError
+from forgetscale.formatting import pct
 from forgetscale.laws.estimators import fitting
 from forgetscale.laws.estimators.base import Law
 from forgetscale.laws.estimators.groups import ALL_LINEAR, GROUP, METHOD_KEY, add_groups, settings
@@ -271,10 +272,6 @@ LAW_NAMES = {"linear": "Eq. 4 (linear in L_ft)", "power_f": "Eq. 6 (power in P, 
              "power_joint": "Eq. 5+6 joint (power in P, N)", "mult_f": "multiplicative in P, N"}
 
 
-def _p(x: Any) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
-
-
 def verdict(block: dict[str, Any]) -> list[str]:
     """The block read in plain sentences (what `fit` prints and the report shows)."""
     if block.get("status") != "compared":
@@ -298,14 +295,14 @@ def verdict(block: dict[str, Any]) -> list[str]:
         for bias, text in (("under", "underestimates L_f for"), ("over", "overestimates L_f for"),
                            ("unclear", "no bias beyond its 95% interval for"),
                            ("no interval", "no interval (law not identified) for")):
-            hit = [f"{v} ({_p(e['signed'])})" if bias != "unclear" else v for v, e in errs.items() if e["bias"] == bias]
+            hit = [f"{v} ({pct(e['signed'])})" if bias != "unclear" else v for v, e in errs.items() if e["bias"] == bias]
             if hit:
                 parts.append(f"{text} {', '.join(hit)}")
         means = [e["mean"] for e in errs.values() if e["mean"] is not None and math.isfinite(e["mean"])]
         r2 = (block.get("r2_other_methods") or {}).get(law)
-        spread = _p(min(means)) if min(means) == max(means) else f"{_p(min(means))}-{_p(max(means))}"
+        spread = pct(min(means)) if min(means) == max(means) else f"{pct(min(means))}-{pct(max(means))}"
         lines.append(f"{LAW_NAMES[law]}: {'; '.join(parts)}. Mean |error| {spread} on "
-                     f"other methods vs {_p(ref_err[law]['mean'])} on the LoRA rows it was fitted on"
+                     f"other methods vs {pct(ref_err[law]['mean'])} on the LoRA rows it was fitted on"
                      + (f"; R^2 {r2:.3f} on the other methods' rows." if r2 is not None and math.isfinite(r2) else "."))
     ho = block.get("heldout", {})
     if not ho.get("summary"):
@@ -315,9 +312,9 @@ def verdict(block: dict[str, Any]) -> list[str]:
             continue
         text = f"Held-out forecast, {LAW_NAMES[law]}: "
         if s["paired_n"]:
-            text += (f"own-method fit better for {s['own_better']} of {s['paired_n']} methods (MARE {_p(s['own_mean'])} "
-                     f"vs pooled {_p(s['pooled_mean_paired'])}); ")
+            text += (f"own-method fit better for {s['own_better']} of {s['paired_n']} methods (MARE {pct(s['own_mean'])} "
+                     f"vs pooled {pct(s['pooled_mean_paired'])}); ")
         if s["all_n"]:
-            text += f"pooled {_p(s['pooled_mean'])} vs LoRA-only {_p(s['lora_mean'])} over {s['all_n']} methods."
+            text += f"pooled {pct(s['pooled_mean'])} vs LoRA-only {pct(s['lora_mean'])} over {s['all_n']} methods."
         lines.append(text.rstrip("; ") + ("" if text.endswith(".") else "."))
     return lines

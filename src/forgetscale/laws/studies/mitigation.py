@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import DataError
+from forgetscale.formatting import ci_suffix, pct
 from forgetscale.laws.estimators import fitting
 from forgetscale.laws.estimators.groups import GROUP, add_groups
 from forgetscale.laws.estimators.linear import LinearLaw
@@ -273,8 +274,7 @@ def summary_lines(cell: dict[str, Any]) -> list[str]:
             out.append(f"{a['arm']}: {a['status']}")
             continue
         p = {k: math.nan if v is None else v for k, v in a["matched"][-1].items()}  # laws.json stores NaN as null
-        lo, hi = (math.nan if v is None else v for v in p["reduction_ci"])
-        ci = f" [{100 * lo:.0f}%, {100 * hi:.0f}%]" if math.isfinite(lo) else ""
+        ci = ci_suffix(*p["reduction_ci"], lambda v: pct(v, 0))
         depth = math.nan if a["depth"] is None else a["depth"]
         out.append(f"{a['arm']}: KL at matched L_ft {p['ft']:.4f} is {100 * p['reduction']:.0f}%{ci} lower than the "
                    f"control's ({p['kl_arm']:.4f} vs {p['kl_none']:.4f}; depth {100 * depth:.0f}% of the control's "
