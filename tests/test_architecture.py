@@ -25,7 +25,7 @@ LAYERS = [
     ["forgetscale.methods"],  # one module per method: its spec and its attach function, one registration
     ["forgetscale.mitigations", "forgetscale.evals"],  # one module per arm / suite: its spec and its torch half
     ["forgetscale.config"],  # every key and spec: pydantic only
-    ["forgetscale.plan", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
+    ["forgetscale.runs", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
     ["forgetscale.metric", "forgetscale.laws", "forgetscale.compatibility"],  # the metric in one package
     ["forgetscale.weights"],  # tuned weights from elsewhere: found, checked and put on the base
     # the loop; the `measure` verb's work; the arms' once-per-sweep inputs
@@ -220,7 +220,7 @@ def test_config_laws_and_report_import_without_torch(tmp_path):
     assert "forgetscale.methods.lora" in registrations and "forgetscale.mitigations.kl" in registrations
     assert "forgetscale.evals.choice" in registrations and "forgetscale.evals.runner" not in registrations
     done = _python("import importlib\n"
-                   "import forgetscale.config, forgetscale.plan, forgetscale.laws, forgetscale.report\n"
+                   "import forgetscale.config, forgetscale.runs, forgetscale.laws, forgetscale.report\n"
                    f"for m in {registrations!r}: importlib.import_module(m)\n"
                    "from forgetscale.methods import METHODS\n"
                    "from forgetscale.mitigations import MITIGATIONS\n"

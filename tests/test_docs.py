@@ -86,7 +86,7 @@ def test_cli_help_names_existing_paths():
 def test_quickstart_config_loads_and_plans():
     from forgetscale.cli.demo import demo_config_path
     from forgetscale.config import load_config, parse_overrides
-    from forgetscale.plan import plan_runs
+    from forgetscale.runs import plan_runs
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     assert cfg.model.name == "smollm2-135m-instruct"

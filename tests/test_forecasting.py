@@ -11,7 +11,7 @@ import pytest
 
 from forgetscale.cli import main
 from forgetscale.laws.estimators import forms
-from forgetscale.laws.pipeline import frontier
+from forgetscale.laws.pipeline import plan
 from forgetscale.laws.pipeline.fitall import FitOptions, fit_group
 from forgetscale.laws.studies import coverage, paper, synthetic
 
@@ -82,8 +82,8 @@ def test_hard_ce_can_be_fitted(tmp_path, capsys):
 
 def test_plan_on_the_paper_constants_is_the_frontier_paper_laws_implies():
     p = paper.constants("openorca")
-    goal = frontier.Goal(ft=0.70)
-    table = frontier.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
+    goal = plan.Goal(ft=0.70)
+    table = plan.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
                              [(r, float(paper.P_PER_RANK * r)) for r in paper.RANKS], goal,
                              min_step=paper.MIN_STEP, max_steps=2000)
     assert table["feasible"].all()
@@ -97,8 +97,8 @@ def test_plan_on_the_paper_constants_is_the_frontier_paper_laws_implies():
     assert list(table["N"]) == sorted(table["N"], reverse=True)
     assert np.ptp(table["f"]) < 0.002
     # with a budget below every option's forgetting, nothing is feasible
-    tight = frontier.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
-                             [(8, 8.0 * paper.P_PER_RANK)], frontier.Goal(ft=0.70, forget=0.5), min_step=50,
+    tight = plan.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
+                             [(8, 8.0 * paper.P_PER_RANK)], plan.Goal(ft=0.70, forget=0.5), min_step=50,
                              max_steps=2000)
     assert not tight["feasible"].any()
 
@@ -109,11 +109,11 @@ def test_plan_on_a_fitted_sweep_recovers_the_paper_plan(tmp_path, capsys):
         noise=0.0005, run_noise=0.0))
     assert main(["fit", str(tmp_path), "--bootstrap", "100", "--laws", "power_ft,power_f"]) == 0
     doc = json.loads((tmp_path / "laws.json").read_text())
-    table, form, warnings = frontier.plan(doc["groups"][0], frontier.Goal(ft=0.70), form="power, separate",
+    table, form, warnings = plan.plan(doc["groups"][0], plan.Goal(ft=0.70), form="power, separate",
                                           ranks=[16, 64, 256])
     p = paper.constants("openorca")
-    want = frontier.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
-                            [(r, float(paper.P_PER_RANK * r)) for r in (16, 64, 256)], frontier.Goal(ft=0.70),
+    want = plan.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
+                            [(r, float(paper.P_PER_RANK * r)) for r in (16, 64, 256)], plan.Goal(ft=0.70),
                             min_step=50, max_steps=1040)
     np.testing.assert_allclose(table["N"], want["N"], rtol=0.05)
     np.testing.assert_allclose(table["f"], want["f"], atol=0.005)

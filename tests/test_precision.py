@@ -22,7 +22,7 @@ from forgetscale.models import (
     load_configured_model,
     weights_dtype,
 )
-from forgetscale.plan import plan_runs
+from forgetscale.runs import plan_runs
 from forgetscale.sweep import build_context, run_sweep
 from forgetscale.train import NoHooks, train_run
 

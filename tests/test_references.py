@@ -20,7 +20,7 @@ from forgetscale.metric import references
 from forgetscale.metric.references import memory_reference
 from forgetscale.metric.sums import score
 from forgetscale.models import EMBEDDED, TINY, load_model
-from forgetscale.plan import plan_runs
+from forgetscale.runs import plan_runs
 from forgetscale.sweep import run_sweep
 
 TOL = 1e-6

@@ -90,7 +90,7 @@ def test_a_crafted_resume_state_runs_no_code(capsys, tmp_path, write_yaml):
     cfg = tiny_config(method={"name": "lora", "ranks": [2]}, train={"threads": 1})
     path = write_yaml(cfg)
     out = tmp_path / "out"
-    from forgetscale.plan import plan_runs
+    from forgetscale.runs import plan_runs
 
     run_id = plan_runs(parse_config(cfg))[0].run_id
     marker = tmp_path / "pwned"

@@ -19,7 +19,7 @@ from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.metric import ForgettingMeter, ForgettingResult
-from forgetscale.plan import run_hash
+from forgetscale.runs import run_hash
 from forgetscale.store import CheckpointRow, RunDirLock, RunRecord, Store
 from forgetscale.weights import (
     Source,

@@ -22,7 +22,7 @@ from forgetscale.executors import EXECUTORS, make_executor
 from forgetscale.metric import references
 from forgetscale.mitigations.runtime import prepare_arms
 from forgetscale.models import load_base_weights, load_configured_base, model_identity, resolve_device
-from forgetscale.plan import (
+from forgetscale.runs import (
     EXTENDABLE,
     RUN_IRRELEVANT_SECTIONS,
     RUN_IRRELEVANT_TRAIN_KEYS,

@@ -25,7 +25,7 @@ from forgetscale.methods.attach import attach, skip_lora_input_casts, trainable_
 from forgetscale.metric.head import LogitsWorkspace, next_token_loss
 from forgetscale.metric.sums import Reference, autocast, score
 from forgetscale.models import enable_gradient_checkpointing
-from forgetscale.plan import RunPlan
+from forgetscale.runs import RunPlan
 from forgetscale.store import CheckpointRow
 
 

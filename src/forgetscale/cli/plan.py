@@ -21,7 +21,7 @@ from rich.table import Table
 from forgetscale.errors import ConfigError
 from forgetscale.formatting import fixed, interval
 from forgetscale.laws.estimators import forms
-from forgetscale.laws.pipeline import forecast, frontier, lawfile
+from forgetscale.laws.pipeline import forecast, lawfile, plan
 from forgetscale.laws.studies import paper
 
 NAME = "plan"
@@ -53,12 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-per-rank", type=int, default=paper.P_PER_RANK, help="with --paper: P per unit rank")
 
 
-def paper_plan(dataset: str, goal: frontier.Goal, ranks: list[int] | None, max_steps: int | None,
+def paper_plan(dataset: str, goal: plan.Goal, ranks: list[int] | None, max_steps: int | None,
                p_per_rank: int) -> pd.DataFrame:
     """The options the paper's constants imply (no intervals: published constants carry none)."""
     p = paper.constants(dataset)
     candidates = [(r, float(p_per_rank * r)) for r in (ranks or paper.RANKS)]
-    table = frontier.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
+    table = plan.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),
                              candidates, goal, min_step=paper.MIN_STEP, max_steps=int(max_steps or 4 * paper.STEPS[-1]))
     for col in ("ft_lo", "ft_hi", "f_lo", "f_hi"):
         table[col] = np.nan
@@ -90,7 +90,7 @@ def sweep_costs(rows: pd.DataFrame | None) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     if (args.run_dir is None) == (args.paper is None):
         raise ConfigError("give RUN_DIR or --paper DATASET (not both)")
-    goal = frontier.Goal(args.ft_goal, args.forget_budget)
+    goal = plan.Goal(args.ft_goal, args.forget_budget)
     warnings: list[str] = []
     tokens = seconds = math.nan
     if args.paper:
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         doc = lawfile.load(args.run_dir)
         group = forecast.choose_group(doc, args.dataset, args.method, args.mitigation)
-        table, form, warnings = frontier.plan(group, goal, form=args.form, ranks=args.ranks,
+        table, form, warnings = plan.plan(group, goal, form=args.form, ranks=args.ranks,
                                               max_steps=args.max_steps)
         rows = group_frame(Path(args.run_dir), group)
         tokens, seconds = sweep_costs(rows)

@@ -15,7 +15,7 @@ from forgetscale.registry import Registry
 
 if TYPE_CHECKING:
     from forgetscale.config import SweepConfig
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.store import Store
 
 

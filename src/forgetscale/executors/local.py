@@ -13,7 +13,7 @@ import torch
 
 from forgetscale.artefacts import RunFolder
 from forgetscale.errors import ConfigError, RunFailed
-from forgetscale.plan import RunPlan
+from forgetscale.runs import RunPlan
 from forgetscale.store import CheckpointRow, Store
 from forgetscale.train import RowSink, RunContext, train_run
 

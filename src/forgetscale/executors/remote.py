@@ -27,7 +27,7 @@ from typing import Any
 from forgetscale.errors import ConfigError, RunFailed
 from forgetscale.executors.local import LocalExecutor, RunLog, failure_reason
 from forgetscale.executors.worker import Attempt, Fault, run_attempt, ship
-from forgetscale.plan import RunPlan
+from forgetscale.runs import RunPlan
 from forgetscale.store import Store
 
 FAULT_ENV = "FORGETSCALE_FAULT"

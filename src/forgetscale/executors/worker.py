@@ -31,7 +31,7 @@ from forgetscale.executors.local import execute_plan
 from forgetscale.host_memory import apply_allocator
 from forgetscale.metric.references import MemoryReference
 from forgetscale.models import compute_dtype, resolve_device
-from forgetscale.plan import RunPlan
+from forgetscale.runs import RunPlan
 from forgetscale.store import CheckpointRow
 
 FILE_CHUNK = 32 << 20  # bytes per streamed artefact message: large adapters never sit whole in one object

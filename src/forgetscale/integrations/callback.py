@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from forgetscale.methods.attach import trainable_parameters
 from forgetscale.metric import ForgettingMeter, ForgettingResult
 from forgetscale.metric.meter import is_peft
-from forgetscale.plan import run_hash
+from forgetscale.runs import run_hash
 from forgetscale.store import CheckpointRow, RunRecord, Store
 from forgetscale.weights import method_of
 

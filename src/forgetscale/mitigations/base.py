@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from forgetscale.mitigations.inputs import ArmInputs
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.train import RunContext, StepHooks
 
 

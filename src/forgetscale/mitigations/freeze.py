@@ -19,7 +19,7 @@ from forgetscale.mitigations.base import Arm, ArmHooks, MitigationSpec, register
 if TYPE_CHECKING:
     import torch
 
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.train import RunContext
 
 

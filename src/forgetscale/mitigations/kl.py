@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from forgetscale.data import Blocks
     from forgetscale.mitigations.inputs import ArmInputs
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.train import RunContext
 
 

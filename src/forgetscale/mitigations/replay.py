@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from forgetscale.data import Blocks
     from forgetscale.mitigations.inputs import ArmInputs
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.train import RunContext
 
 POOL_SEED = 7_919  # added to the run's seed: the pool order is not the fine-tuning data order

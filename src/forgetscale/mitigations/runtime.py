@@ -12,7 +12,7 @@ import torch
 from forgetscale.data import Blocks
 from forgetscale.mitigations import ARMS, MitigationSpec
 from forgetscale.mitigations.inputs import ArmInputs
-from forgetscale.plan import RunPlan
+from forgetscale.runs import RunPlan
 from forgetscale.train import HookSetup, RowSink, RunContext
 
 

@@ -26,7 +26,7 @@ from forgetscale.methods.attach import attach, trainable_parameters, upcast_trai
 from forgetscale.mitigations.base import Arm, MitigationSpec, register_arm
 
 if TYPE_CHECKING:
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.train import RowSink, RunContext
 
 

@@ -13,7 +13,7 @@ from forgetscale.mitigations.replay import ReplayHooks
 if TYPE_CHECKING:
     from forgetscale.data import Blocks
     from forgetscale.mitigations.inputs import ArmInputs
-    from forgetscale.plan import RunPlan
+    from forgetscale.runs import RunPlan
     from forgetscale.train import RunContext
 
 
