@@ -26,7 +26,8 @@ _STEP = re.compile(r"(\d+)$")
 
 @dataclass
 class Source:
-    """One tuned model to measure: a PEFT adapter folder or a full checkpoint, at a training step."""
+    """One set of tuned weights at a training step: a PEFT adapter folder, a full checkpoint, or a sweep's saved
+    trainable weights."""
 
     path: Path
     kind: str  # adapter (PEFT) | model (a full checkpoint) | trainable (a sweep's saved trainable weights)
