@@ -7,7 +7,8 @@ masked. Two snapshots from two versions of the code must be equal.
     python benchmarks/behaviour_snapshot.py --out /tmp/snap-new
     python benchmarks/behaviour_snapshot.py --compare /tmp/snap-old/snapshot.json /tmp/snap-new/snapshot.json
 
-An existing sweep folder (the demo) is snapshotted without running anything: `--existing runs/demo`.
+An existing sweep folder (the demo) is snapshotted as it stands, its own laws.json and report, nothing re-run:
+`--existing runs/demo`.
 """
 
 from __future__ import annotations
@@ -111,6 +112,16 @@ def figures(run_dir: Path) -> dict:
     return found
 
 
+def stored(run_dir: Path) -> dict:
+    """What a finished sweep folder holds (its own fit and report, as the demo wrote them), nothing re-run."""
+    report = (run_dir / "report.html").read_text()
+    report = re.sub(r"data:image/[a-z+]+;base64,[A-Za-z0-9+/=]+",
+                    lambda m: "img:" + hashlib.sha256(m.group(0).encode()).hexdigest()[:16], report)
+    return {"tables": tables(run_dir / "results.sqlite", run_dir),
+            "laws_json": mask_json(json.loads((run_dir / "laws.json").read_text()), run_dir),
+            "report_html": mask_text(report, run_dir), "figures": figures(run_dir)}
+
+
 def snapshot(run_dir: Path, cwd: Path) -> dict:
     fit = cli("fit", str(run_dir), "--bootstrap", "50", cwd=cwd)
     laws = json.loads((run_dir / "laws.json").read_text())
@@ -158,7 +169,7 @@ def compare(a: Path, b: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="folder for the sweeps and snapshot.json")
-    ap.add_argument("--existing", type=Path, help="snapshot this sweep folder instead of running the tiny sweeps")
+    ap.add_argument("--existing", type=Path, help="snapshot this finished sweep folder as it stands (no sweep, fit or report)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
     args = ap.parse_args()
     if args.compare:
@@ -168,7 +179,7 @@ def main() -> int:
     cwd = Path(__file__).resolve().parents[1]
     snap = {}
     if args.existing:
-        snap["existing"] = snapshot(args.existing.resolve(), cwd)
+        snap["existing"] = stored(args.existing.resolve())
     else:
         for name, sections in SWEEPS.items():
             config = out / f"{name}.yaml"
