@@ -271,7 +271,7 @@ def _store(path: Path) -> Store:
     for r in runs:
         store.add_run(RunRecord(run_id=r["run_id"], model="sim", dataset="sim", method="lora",
                                 method_config={"name": "lora"}, rank=8, trainable_params=1000, seed=r["seed"],
-                                mitigation=r["arm"], config=r["config"], status="finished"))
+                                mitigation=r["arm"], config=json.loads(r["config"]), status="finished"))
     for row in rows:
         store.add_checkpoint(CheckpointRow(**{**row, "ft_loss_train": row["ft_loss"], "base_entropy": H,
                                               "tokens_seen": row["step"]}))

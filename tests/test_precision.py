@@ -23,6 +23,7 @@ from forgetscale.models import (
     weights_dtype,
 )
 from forgetscale.runs import plan_runs
+from forgetscale.store import CheckpointRow
 from forgetscale.sweep import build_context, run_sweep
 from forgetscale.train import NoHooks, train_run
 
@@ -45,8 +46,8 @@ class ListSink:
     def delete_checkpoints_after(self, run_id: str, step: int) -> None:
         self.rows = [r for r in self.rows if r["step"] <= step]
 
-    def add_checkpoint(self, row: dict) -> None:
-        self.rows.append(row)
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        self.rows.append(dataclasses.asdict(row))  # as the store reads it back
 
 
 class Stop(Exception):
