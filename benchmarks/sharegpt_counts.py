@@ -23,7 +23,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         start = time.perf_counter()
-        _, counts = sharegpt.load(cache)
+        records, counts = sharegpt.load(cache)
         first = time.perf_counter() - start
         start = time.perf_counter()
         sharegpt.load(cache)
@@ -42,6 +42,9 @@ def main() -> None:
           f"{c.refusal_records:,} records; {c.english_refusal_replies:,} in English records; "
           f"{c.error_apologies:,} of them apologise for an earlier answer ('I apologize for the confusion')")
     print(f"most frequent markers: {c.refusal_markers}")
+    replies = [m["content"].lower() for r in records for m in r["messages"] if m["role"] == "assistant"]
+    print(f"anywhere in a reply: 'as an ai' {sum('as an ai' in t for t in replies)}, 'language model' "
+          f"{sum('language model' in t for t in replies)}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"load: {first:.1f} s parsing the file and writing the cache, {again:.1f} s from the cache; "
           f"peak RSS {peak:.0f} MB")
