@@ -142,6 +142,12 @@ def test_every_assistant_turn_carries_the_loss_and_nothing_else(tokenizer):
     # two spans: each reply with its end-of-turn token, nothing between them
     spans = (labels != IGNORE).int().diff().clamp(min=0).sum() + int(labels[0] != IGNORE)
     assert spans == 2
+    opening = {"messages": [{"role": "assistant", "content": "Opening words."}, *messages]}  # answers nothing
+    for system in (True, False):
+        ahead = render_chat([opening], tokenizer, 128, source="s", fields=(None, None, None), loss_on="response",
+                            template_system_prompt=system)
+        ahead_text = tokenizer.decode(ahead.labels[0][ahead.labels[0] != IGNORE])
+        assert "Opening" not in ahead_text and "Blue is one." in ahead_text and "Green." in ahead_text
     last = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="last_response",
                        template_system_prompt=False)
     assert tokenizer.decode(last.labels[0][last.labels[0] != IGNORE]).startswith("Green.")

@@ -278,13 +278,14 @@ def render_chat(
 def _earlier_replies(tokenizer: Any, messages: list, full_ids: list[int], labels: list[int], within: int) -> bool:
     """Give the loss to every assistant turn before the last one that starts within the first `within` tokens
     (the block; what lies beyond is cut anyway): a reply spans from the end of the rendering of the turns
-    before it with the generation prompt to the end of the rendering up to and including it. A reply that
-    opens the conversation answers nothing and stays context. False (labels untouched) when a rendering is
+    before it with the generation prompt to the end of the rendering up to and including it. A reply before
+    the first user turn answers nothing and stays context. False (labels untouched) when a rendering is
     not the start of the whole conversation's: the template renders a turn differently once more follow,
     so no span can be trusted."""
-    spans = []
+    spans, asked = [], False
     for k, message in enumerate(messages[:-1]):
-        if k == 0 or message.get("role") != "assistant":
+        asked = asked or message.get("role") == "user"
+        if not asked or message.get("role") != "assistant":
             continue
         before = _template_ids(tokenizer, messages[:k], add_generation_prompt=True)
         if len(before) >= within:
