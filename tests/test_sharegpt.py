@@ -132,7 +132,7 @@ def test_every_assistant_turn_carries_the_loss_and_nothing_else(tokenizer):
     messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue is one."},
                 {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green."}]
     record = {"messages": messages, "_id": "x_0"}
-    blocks = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="response",
+    blocks = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="responses",
                          template_system_prompt=False)
     labels = blocks.labels[0]
     kept = labels[labels != IGNORE]
@@ -144,19 +144,19 @@ def test_every_assistant_turn_carries_the_loss_and_nothing_else(tokenizer):
     assert spans == 2
     opening = {"messages": [{"role": "assistant", "content": "Opening words."}, *messages]}  # answers nothing
     for system in (True, False):
-        ahead = render_chat([opening], tokenizer, 128, source="s", fields=(None, None, None), loss_on="response",
+        ahead = render_chat([opening], tokenizer, 128, source="s", fields=(None, None, None), loss_on="responses",
                             template_system_prompt=system)
         ahead_text = tokenizer.decode(ahead.labels[0][ahead.labels[0] != IGNORE])
         assert "Opening" not in ahead_text and "Blue is one." in ahead_text and "Green." in ahead_text
-    last = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="last_response",
+    last = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="response",
                        template_system_prompt=False)
     assert tokenizer.decode(last.labels[0][last.labels[0] != IGNORE]).startswith("Green.")
-    capped = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="response",
+    capped = render_chat([record], tokenizer, 128, source="s", fields=(None, None, None), loss_on="responses",
                          template_system_prompt=False, max_turns=1)
     assert tokenizer.decode(capped.labels[0][capped.labels[0] != IGNORE]).startswith("Blue is one.")
     assert "Green" not in tokenizer.decode(capped.input_ids[0])
     # a block that ends inside the first reply: only that reply's tokens carry a loss
-    short = render_chat([record], tokenizer, 20, source="s", fields=(None, None, None), loss_on="response",
+    short = render_chat([record], tokenizer, 20, source="s", fields=(None, None, None), loss_on="responses",
                         template_system_prompt=False)
     assert "Blue" in tokenizer.decode(short.labels[0][short.labels[0] != IGNORE])
 
@@ -215,8 +215,23 @@ def test_a_template_that_rewrites_earlier_turns_keeps_the_loss_on_the_last_reply
     record = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello there."},
                            {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Goodbye."}]}
     stats = ChatStats()
-    blocks = render_chat([record], counting, 64, source="s", fields=(None, None, None), loss_on="response",
+    blocks = render_chat([record], counting, 64, source="s", fields=(None, None, None), loss_on="responses",
                          stats=stats)
     labels = blocks.labels[0]
     assert "Hello" not in counting.decode(labels[labels != IGNORE]) and stats.last_reply_only == 1
     assert any("only the last reply carries the loss" in n for n in stats.notes("s", 64, None))
+
+
+def test_every_reply_takes_the_loss_by_default_only_for_sharegpt():
+    """`loss_on: response` keeps its meaning (a multi-turn record's last reply) for every existing source, so stored
+    sweeps keep their rows and run ids; embedded:sharegpt's conversations read it as every reply."""
+    from forgetscale.data import chat_loss
+
+    def finetune(**keys):
+        return parse_config(tiny_config(finetune={"dataset": "embedded:news", **keys}), "t.yaml").finetune
+
+    assert chat_loss(finetune()) == "response"
+    assert chat_loss(finetune(dataset="data/chat.jsonl")) == "response"
+    assert chat_loss(finetune(dataset="embedded:sharegpt")) == "responses"
+    assert chat_loss(finetune(dataset="embedded:sharegpt", loss_on="all")) == "all"
+    assert "loss_on" not in parse_config(tiny_config(), "t.yaml").finetune.model_dump(exclude_defaults=True)

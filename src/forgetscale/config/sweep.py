@@ -78,9 +78,9 @@ class FinetuneConfig(SourceSpec):
         "source is read whole before max_examples applies")
     heldout_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="part of the records held out for the held-out loss")
     heldout_max_tokens: int = Field(4096, gt=0, description="token budget of the held-out loss evaluation")
-    loss_on: Literal["response", "last_response", "all"] = Field(
-        "response", description="chat data: loss on response tokens only (every assistant turn of a multi-turn "
-        "`messages` record), last_response (only its last assistant turn, as before multi-turn support), or all")
+    loss_on: Literal["response", "responses", "all"] = Field(
+        "response", description="chat data: response: loss on the reply only (a multi-turn `messages` record: its "
+        "last reply; embedded:sharegpt: every reply, as responses); responses: every assistant turn; all: every token")
     separator: Literal["eos", "blank_line"] = Field(
         "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
         "SmolLM2's im_end), or a blank line as text")

@@ -63,7 +63,7 @@ def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir
                                   separator=cfg.separator)
         return render_chat(
             part, tokenizer, context_length, source=cfg.dataset,
-            fields=(cfg.system_field, cfg.question_field, cfg.response_field), loss_on=cfg.loss_on,
+            fields=(cfg.system_field, cfg.question_field, cfg.response_field), loss_on=chat_loss(cfg),
             template_system_prompt=cfg.template_system_prompt, stats=stats, max_turns=cfg.max_turns,
         )
 
@@ -74,6 +74,13 @@ def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir
     probe_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(2**31 - 1))[: len(heldout)]
     return FinetuneData(train=train, heldout=heldout, train_probe=train.select(probe_index.sort().values), format=fmt,
                         notes=notes)
+
+
+def chat_loss(cfg: Any) -> str:
+    """finetune.loss_on as rendering reads it: embedded:sharegpt's conversations take the loss on every reply
+    (`responses`) unless another choice is made; elsewhere `response` stays the last reply, as it always was,
+    so a sweep's rows and run ids do not change."""
+    return "responses" if cfg.loss_on == "response" and cfg.dataset == "embedded:sharegpt" else cfg.loss_on
 
 
 def build_forgetting_blocks(cfg: Any, tokenizer: Any, block_length: int, cache_dir: Path | None) -> Blocks:

@@ -224,9 +224,9 @@ def render_chat(
     fields: tuple[str | None, str | None, str | None], loss_on: str, template_system_prompt: bool = True,
     stats: ChatStats | None = None, max_turns: int | None = None,
 ) -> Blocks:
-    """One block per record: chat template, truncated/padded to block_length, loss on the responses: every
-    assistant turn of a multi-turn `messages` record (cut after `max_turns` replies when given; loss_on
-    "last_response": its last one only, "all": every token). A record
+    """One block per record: chat template, truncated/padded to block_length, loss on the reply (loss_on
+    "response"; a multi-turn `messages` record: its last reply), on every assistant turn ("responses"; cut
+    after `max_turns` replies when given) or on every token ("all"). A record
     with no system prompt gets the template's default one unless `template_system_prompt` is false (then an
     empty system turn). `stats` counts what was cut, dropped and defaulted."""
     stats = stats if stats is not None else ChatStats()
@@ -256,10 +256,10 @@ def render_chat(
         prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
         full_ids = _template_ids(tokenizer, full, add_generation_prompt=False)
         labels = list(full_ids)
-        if loss_on in ("response", "last_response"):
+        if loss_on in ("response", "responses"):
             n_prompt = min(len(prompt_ids), len(full_ids))
             labels[:n_prompt] = [IGNORE] * n_prompt
-            if loss_on == "response" and not _earlier_replies(tokenizer, full, full_ids, labels, block_length):
+            if loss_on == "responses" and not _earlier_replies(tokenizer, full, full_ids, labels, block_length):
                 stats.last_reply_only += 1
         stats.truncated += len(full_ids) > block_length
         full_ids, labels = full_ids[:block_length], labels[:block_length]
