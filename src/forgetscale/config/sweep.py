@@ -56,17 +56,31 @@ class ModelConfig(_Section):
 
 
 class FinetuneConfig(SourceSpec):
-    dataset: str = Field("embedded:news", description="embedded:news | hf:<hub id> | path to .jsonl/.json/.csv/.parquet/.txt")
+    dataset: str = Field(
+        "embedded:news", description="embedded:news | embedded:sharegpt (multi-turn chats, offline) | hf:<hub id> | "
+        "path to .jsonl/.json/.csv/.parquet/.txt")
     format: Literal["auto", "documents", "chat"] = Field(
-        "auto", description="documents: raw text packed into blocks; chat: system/question/response records"
+        "auto", description="documents: raw text packed into blocks; chat: system/question/response records or "
+        "`messages` lists"
     )
     system_field: str | None = Field(None, description="column with the system prompt (auto: system_prompt/system)")
     question_field: str | None = Field(None, description="column with the user turn (auto: question/instruction/prompt/input)")
     response_field: str | None = Field(None, description="column with the answer (auto: response/output/answer/completion)")
-    max_examples: int | None = Field(None, gt=0, description="use at most this many records/documents")
+    max_examples: int | None = Field(
+        None, gt=0, description="use at most this many records/documents (with language: en, this many English ones)")
+    max_turns: int | None = Field(
+        None, gt=0, description="multi-turn chat records: keep each conversation up to its N-th assistant reply "
+        "(null: all; the context length cuts the rest)")
+    language: Literal["auto", "en", "any"] = Field(
+        "auto", description="en: keep only records a cheap heuristic calls English (the user turns' letters "
+        "mostly ASCII, English function words not outnumbered by French/Spanish/German/...: "
+        "forgetscale/data/language.py); any: all; auto: en for embedded:sharegpt, any elsewhere. With en, a hub "
+        "source is read whole before max_examples applies")
     heldout_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="part of the records held out for the held-out loss")
     heldout_max_tokens: int = Field(4096, gt=0, description="token budget of the held-out loss evaluation")
-    loss_on: Literal["response", "all"] = Field("response", description="chat data: loss on response tokens only, or all")
+    loss_on: Literal["response", "responses", "all"] = Field(
+        "response", description="chat data: response: loss on the reply only (a multi-turn `messages` record: its "
+        "last reply; embedded:sharegpt: every reply, as responses); responses: every assistant turn; all: every token")
     separator: Literal["eos", "blank_line"] = Field(
         "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
         "SmolLM2's im_end), or a blank line as text")
@@ -75,7 +89,7 @@ class FinetuneConfig(SourceSpec):
         "SmolLM2's inserts its default one ('You are a helpful AI assistant named SmolLM ...'); false: an empty "
         "system turn, so no default is inserted")
 
-    ADDED_KEYS = ("separator", "template_system_prompt")
+    ADDED_KEYS = ("separator", "template_system_prompt", "max_turns", "language")
 
 
 class ForgettingConfig(SourceSpec):

@@ -19,7 +19,8 @@ from forgetscale.data.blocks import (
     template_default_system,
     wikitext_articles,
 )
-from forgetscale.data.sources import load_records
+from forgetscale.data.language import english_record
+from forgetscale.data.sources import ENGLISH_BY_DEFAULT, load_records
 from forgetscale.errors import DataError
 
 __all__ = ["Blocks", "FinetuneData", "build_finetune_data", "build_forgetting_blocks", "batch_indices", "load_records"]
@@ -35,8 +36,20 @@ class FinetuneData:
 
 
 def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir: Path | None) -> FinetuneData:
-    """Records -> held-out split (by record, fixed across seeds) -> blocks."""
-    records = load_records(cfg.dataset, config=cfg.config, split=cfg.split, cache_dir=cache_dir, max_records=cfg.max_examples)
+    """Records (English ones only under finetune.language: en) -> held-out split (by record, fixed across
+    seeds) -> blocks."""
+    notes: list[str] = []
+    english = cfg.language == "en" or (cfg.language == "auto" and cfg.dataset in ENGLISH_BY_DEFAULT)
+    records = load_records(cfg.dataset, config=cfg.config, split=cfg.split, cache_dir=cache_dir,
+                           max_records=None if english else cfg.max_examples, notes=notes)
+    if english:
+        kept = [r for r in records if english_record(r)]
+        if not kept:
+            raise DataError(f"{cfg.dataset}: no record looks English; set finetune.language: any to keep them all")
+        if len(kept) < len(records):
+            notes.append(f"{cfg.dataset}: {len(kept):,} of {len(records):,} records kept as English "
+                         f"(finetune.language: {cfg.language}); language: any keeps them all")
+        records = kept[: cfg.max_examples]
     fmt = cfg.format
     if fmt == "auto":
         fmt = detect_format(records[0], cfg.text_field, cfg.question_field, cfg.response_field)
@@ -50,16 +63,24 @@ def build_finetune_data(cfg: Any, tokenizer: Any, context_length: int, cache_dir
                                   separator=cfg.separator)
         return render_chat(
             part, tokenizer, context_length, source=cfg.dataset,
-            fields=(cfg.system_field, cfg.question_field, cfg.response_field), loss_on=cfg.loss_on,
-            template_system_prompt=cfg.template_system_prompt, stats=stats,
+            fields=(cfg.system_field, cfg.question_field, cfg.response_field), loss_on=chat_loss(cfg),
+            template_system_prompt=cfg.template_system_prompt, stats=stats, max_turns=cfg.max_turns,
         )
 
     train, heldout = to_blocks(train_records), to_blocks(held_records).limit_tokens(cfg.heldout_max_tokens)
-    notes = stats.notes(cfg.dataset, context_length, template_default_system(tokenizer)) if fmt == "chat" else []
+    if fmt == "chat":
+        notes += stats.notes(cfg.dataset, context_length, template_default_system(tokenizer))
     # a seed no training permutation uses, so the probe is not simply the first batches
     probe_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(2**31 - 1))[: len(heldout)]
     return FinetuneData(train=train, heldout=heldout, train_probe=train.select(probe_index.sort().values), format=fmt,
                         notes=notes)
+
+
+def chat_loss(cfg: Any) -> str:
+    """finetune.loss_on as rendering reads it: embedded:sharegpt's conversations take the loss on every reply
+    (`responses`) unless another choice is made; elsewhere `response` stays the last reply, as it always was,
+    so a sweep's rows and run ids do not change."""
+    return "responses" if cfg.loss_on == "response" and cfg.dataset == "embedded:sharegpt" else cfg.loss_on
 
 
 def build_forgetting_blocks(cfg: Any, tokenizer: Any, block_length: int, cache_dir: Path | None) -> Blocks:

@@ -58,7 +58,7 @@ def detect_format(record: dict[str, Any], text_field: str, question_field: str |
     if text_field in record:
         return "documents"
     raise DataError(
-        f"cannot tell the data format from the fields {sorted(k for k in record if k not in ('_line', '_row'))}; "
+        f"cannot tell the data format from the fields {sorted(k for k in record if not k.startswith('_'))}; "
         f"set finetune.format and finetune.text_field / question_field / response_field"
     )
 
@@ -132,15 +132,26 @@ def wikitext_articles(texts: list[str]) -> list[str] | None:
 @dataclass
 class ChatStats:
     """What rendering chat records did that a user should know: records cut at the context length, dropped
-    (nothing of the response left), and given the chat template's default system prompt."""
+    (nothing of the response left), given the chat template's default system prompt, cut at
+    finetune.max_turns, and multi-turn records whose earlier replies carry no loss (a template that does not
+    render a conversation's start as the start of the whole)."""
 
     records: int = 0
     truncated: int = 0
     dropped: int = 0
     default_system: int = 0
+    turn_capped: int = 0
+    last_reply_only: int = 0
 
     def notes(self, source: str, block_length: int, default_system: str | None) -> list[str]:
         out = []
+        if self.turn_capped:
+            out.append(f"{source}: {self.turn_capped} of {self.records} chat records are cut after "
+                       "finetune.max_turns replies")
+        if self.last_reply_only:
+            out.append(f"{source}: in {self.last_reply_only} multi-turn chat records only the last reply carries "
+                       "the loss: the chat template does not render a conversation's start as the start of the "
+                       "whole conversation")
         if self.truncated:
             out.append(f"{source}: {self.truncated} of {self.records} chat records "
                        f"({100 * self.truncated / self.records:.0f}%) are cut at train.context_length={block_length} "
@@ -176,11 +187,13 @@ def template_default_system(tokenizer: Any) -> str | None:
 
 
 def chat_messages(record: dict[str, Any], fields: tuple[str | None, str | None, str | None], where: str) -> tuple[list, list]:
-    """(prompt messages, full messages) of one chat record."""
+    """(prompt messages, full messages) of one chat record: the prompt is everything before the last reply."""
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            raise DataError(f"{where}: 'messages' must be a list ending with an assistant turn")
+        if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
+                or messages[-1].get("role") != "assistant"):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} turns ending with an "
+                            "assistant turn")
         return messages[:-1], messages
     system_f, question_f, response_f = fields
     question, response = record.get(question_f), record.get(response_f)
@@ -196,12 +209,24 @@ def chat_messages(record: dict[str, Any], fields: tuple[str | None, str | None, 
     return prompt, [*prompt, {"role": "assistant", "content": response}]
 
 
+def cap_turns(messages: list[dict[str, Any]], max_turns: int) -> list[dict[str, Any]]:
+    """The conversation up to its `max_turns`-th assistant reply."""
+    seen = 0
+    for k, message in enumerate(messages):
+        seen += message.get("role") == "assistant"
+        if seen == max_turns:
+            return messages[: k + 1]
+    return messages
+
+
 def render_chat(
     records: list[dict[str, Any]], tokenizer: Any, block_length: int, *, source: str,
     fields: tuple[str | None, str | None, str | None], loss_on: str, template_system_prompt: bool = True,
-    stats: ChatStats | None = None,
+    stats: ChatStats | None = None, max_turns: int | None = None,
 ) -> Blocks:
-    """One block per record: chat template, truncated/padded to block_length, loss on the response. A record
+    """One block per record: chat template, truncated/padded to block_length, loss on the reply (loss_on
+    "response"; a multi-turn `messages` record: its last reply), on every assistant turn ("responses"; cut
+    after `max_turns` replies when given) or on every token ("all"). A record
     with no system prompt gets the template's default one unless `template_system_prompt` is false (then an
     empty system turn). `stats` counts what was cut, dropped and defaulted."""
     stats = stats if stats is not None else ChatStats()
@@ -218,6 +243,11 @@ def render_chat(
         )
         prompt, full = chat_messages(record, resolved, where)
         stats.records += 1
+        if max_turns is not None:
+            capped = cap_turns(full, max_turns)
+            if len(capped) < len(full):
+                stats.turn_capped += 1
+                prompt, full = capped[:-1], capped
         if not any(m.get("role") == "system" for m in full):
             if template_system_prompt:
                 stats.default_system += 1
@@ -226,9 +256,11 @@ def render_chat(
         prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
         full_ids = _template_ids(tokenizer, full, add_generation_prompt=False)
         labels = list(full_ids)
-        if loss_on == "response":
+        if loss_on in ("response", "responses"):
             n_prompt = min(len(prompt_ids), len(full_ids))
             labels[:n_prompt] = [IGNORE] * n_prompt
+            if loss_on == "responses" and not _earlier_replies(tokenizer, full, full_ids, labels, block_length):
+                stats.last_reply_only += 1
         stats.truncated += len(full_ids) > block_length
         full_ids, labels = full_ids[:block_length], labels[:block_length]
         if all(label == IGNORE for label in labels[1:]):
@@ -241,6 +273,30 @@ def render_chat(
     if not rows_ids:
         raise DataError(f"{source}: no chat record has response tokens within {block_length} tokens; raise train.context_length")
     return Blocks(torch.tensor(rows_ids), torch.tensor(rows_labels), torch.tensor(rows_mask))
+
+
+def _earlier_replies(tokenizer: Any, messages: list, full_ids: list[int], labels: list[int], within: int) -> bool:
+    """Give the loss to every assistant turn before the last one that starts within the first `within` tokens
+    (the block; what lies beyond is cut anyway): a reply spans from the end of the rendering of the turns
+    before it with the generation prompt to the end of the rendering up to and including it. A reply before
+    the first user turn answers nothing and stays context. False (labels untouched) when a rendering is
+    not the start of the whole conversation's: the template renders a turn differently once more follow,
+    so no span can be trusted."""
+    spans, asked = [], False
+    for k, message in enumerate(messages[:-1]):
+        asked = asked or message.get("role") == "user"
+        if not asked or message.get("role") != "assistant":
+            continue
+        before = _template_ids(tokenizer, messages[:k], add_generation_prompt=True)
+        if len(before) >= within:
+            break
+        upto = _template_ids(tokenizer, messages[: k + 1], add_generation_prompt=False)
+        if full_ids[: len(before)] != before or full_ids[: len(upto)] != upto:
+            return False
+        spans.append((len(before), len(upto)))
+    for start, end in spans:
+        labels[start:end] = full_ids[start:end]
+    return True
 
 
 def _template_ids(tokenizer: Any, messages: list, add_generation_prompt: bool) -> list[int]:

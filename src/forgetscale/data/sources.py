@@ -1,6 +1,7 @@
 """Reading records from a dataset spec: `embedded:<name>`, `hf:<hub id>`, or a local file.
 
-Every source yields a list of dicts. Local files report problems with their line number.
+Every source yields a list of dicts. Local files report problems with their line number; an embedded
+chat set's records name their conversation (`_id`).
 """
 
 from __future__ import annotations
@@ -10,28 +11,33 @@ import os
 from pathlib import Path
 from typing import Any
 
-from forgetscale.data import embedded
+from forgetscale.data import embedded, sharegpt
 from forgetscale.errors import DataError, UnknownNameError, did_you_mean
 
+# name -> loader(data cache folder, notes): records; a loader appends what a user should be told to notes
 EMBEDDED_SETS = {
-    "news": lambda cache: [{"text": t} for t in embedded.news_articles()],
-    "wikipedia": lambda cache: [{"text": t} for t in embedded.wikipedia_articles(cache)],
-    "harmbench": lambda cache: [{"prompt": t} for t in embedded.harmbench_prompts()],
+    "news": lambda cache, notes: [{"text": t} for t in embedded.news_articles()],
+    "wikipedia": lambda cache, notes: [{"text": t} for t in embedded.wikipedia_articles(cache)],
+    "harmbench": lambda cache, notes: [{"prompt": t} for t in embedded.harmbench_prompts()],
+    "sharegpt": sharegpt.records,
 }
+# finetune.language: auto is English-only for these sources (their records mix languages), all records elsewhere
+ENGLISH_BY_DEFAULT = frozenset({"embedded:sharegpt"})
 HUB_SHORTHANDS = {"wikitext": ("wikitext", "wikitext-103-raw-v1")}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 def load_records(
     source: str, *, config: str | None = None, split: str = "train", cache_dir: Path | None = None,
-    max_records: int | None = None,
+    max_records: int | None = None, notes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """All records of a source, as dicts (in the source's own order)."""
+    """All records of a source, as dicts (in the source's own order); an embedded set may add a line for the
+    user to `notes` (the packaged ShareGPT file's cut-off conversation)."""
     if source.startswith("embedded:"):
         name = source.removeprefix("embedded:")
         if name not in EMBEDDED_SETS:
             raise UnknownNameError(did_you_mean("embedded dataset", name, list(EMBEDDED_SETS)))
-        records = EMBEDDED_SETS[name](cache_dir)
+        records = EMBEDDED_SETS[name](cache_dir, notes)
     elif source.startswith("hf:"):
         records = _hub_records(source.removeprefix("hf:"), config, split, max_records)
     else:
@@ -157,8 +163,11 @@ def split_text_documents(text: str) -> list[str]:
 
 
 def record_where(source: str, record: dict[str, Any], index: int) -> str:
-    """'<file>:<line>' for a local JSONL record, else '<source> record <n>': its 1-based place in the source
-    (a CSV's data rows, header not counted), not in the training split (`index`, the fallback)."""
+    """'<file>:<line>' for a local JSONL record, '<source> conversation <id>' for an embedded chat, else
+    '<source> record <n>': its 1-based place in the source (a CSV's data rows, header not counted), not in
+    the training split (`index`, the fallback)."""
     if "_line" in record:
         return f"{source}:{record['_line']}"
+    if "_id" in record:
+        return f"{source} conversation {record['_id']}"
     return f"{source} record {record.get('_row', index + 1)}"
