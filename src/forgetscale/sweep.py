@@ -37,7 +37,7 @@ def keep_adapter_steps(cfg: SweepConfig) -> frozenset[int]:
     """Checkpoint steps whose weights a run saves: train.save_adapters, plus the steps evals will read."""
     tcfg = cfg.train
     keep = {"all": set(tcfg.checkpoint_steps), "last": {tcfg.steps}, "none": set()}[tcfg.save_adapters]
-    return frozenset(keep | cfg.evals.adapter_steps(tcfg.steps))
+    return frozenset(keep | cfg.evals.adapter_steps(tcfg.checkpoint_steps, tcfg.steps))
 
 
 def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] | None = None) -> RunContext:

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="sweep output folder (holds results.sqlite)")
     parser.add_argument("--suite", default=None, help="comma-separated suites (default: the config's evals.suites)")
     parser.add_argument("--runs", default=None, help="comma-separated run labels or run_id prefixes (default: all)")
-    parser.add_argument("--steps", default=None, help="'last' or comma-separated checkpoint steps (default: the config's)")
+    parser.add_argument("--steps", default=None, help="'last', 'checkpoints' (every stored checkpoint step) or comma-separated checkpoint steps "
+                        "(default: the config's evals.steps)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an evals key (e.g. safety.limit=20, batch_size=8), value parsed as YAML")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the sweep's train.device)")
@@ -43,12 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _steps(text: str | None):
     from forgetscale.errors import ConfigError
 
-    if text is None or text == "last":
+    if text is None or text in ("last", "checkpoints"):
         return text
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--steps: must be 'last' or comma-separated integers; got {text!r}") from None
+        raise ConfigError(f"--steps: must be 'last', 'checkpoints' or comma-separated integers; got {text!r}") from None
 
 
 def evals_settings(run_dir: Path, overrides: list[str]):

@@ -53,8 +53,10 @@ class _Shared(SuiteSettings):
         [], description="capability suites run after the sweep (also `forgetscale eval RUN_DIR`): "
         + ", ".join([*suite_names(), *(f"{n}[,{n.partition(':')[2]}...]" for n in _family_names())])
     )
-    steps: list[int] | Literal["last"] = Field(
-        "last", description="checkpoint steps to evaluate ('last' or a list; adapters are saved at these steps)"
+    steps: list[int] | Literal["last", "checkpoints"] = Field(
+        "last", description="checkpoint steps to evaluate: 'last', 'checkpoints' (every checkpoint step, e.g. for "
+        "refusal against step; a measured trainer output: every kept checkpoint) or a list; adapters are saved at "
+        "these steps"
     )
     batch_size: int = Field(16, gt=0, description="prompts per generation / scoring batch")
     seed: int = Field(0, ge=0, description="seed for sampled generations")
@@ -75,11 +77,14 @@ class _Shared(SuiteSettings):
     @classmethod
     def _steps(cls, v: list[int] | str) -> list[int] | str:
         if isinstance(v, list) and (not v or any(s < 0 for s in v)):
-            raise ValueError("must be 'last' or a non-empty list of steps >= 0")
+            raise ValueError("must be 'last', 'checkpoints' or a non-empty list of steps >= 0")
         return v
 
-    def adapter_steps(self, last: int) -> set[int]:
-        """Steps whose adapters the sweep keeps for evals (also when the suites run later, from the CLI)."""
+    def adapter_steps(self, checkpoint_steps: list[int], last: int) -> set[int]:
+        """Steps whose adapters the sweep keeps for evals (also when the suites run later, from the CLI):
+        'checkpoints' keeps every one, so the user never lists them to get refusal against step."""
+        if self.steps == "checkpoints":
+            return set(checkpoint_steps)
         return {last} if self.steps == "last" else set(self.steps)
 
 

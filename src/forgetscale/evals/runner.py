@@ -42,7 +42,11 @@ class Checkpoint:
 
 
 def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, steps: list[int] | str) -> tuple[list[Checkpoint], list[str]]:
-    """The (run, step) pairs to evaluate, and notes about runs skipped for lack of a saved adapter."""
+    """The (run, step) pairs to evaluate, and notes about runs skipped for lack of a saved adapter.
+
+    steps: 'last', 'checkpoints' (every step with a stored checkpoint row: a missing adapter is a note, as
+    for 'last', since a measured full checkpoint may not have been kept) or a list (a missing one is an error).
+    """
     labels = run_labels(store)
     rows = store.runs()
     if runs:
@@ -59,13 +63,19 @@ def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, step
         last = int(config["train"]["steps"])
         folder = RunFolder(run_dir, r["run_id"])
         saved = folder.saved_steps()
-        wanted_steps = [last] if steps == "last" else list(steps)
+        if steps == "checkpoints":  # every stored checkpoint step (a sweep's or a measured trainer output's)
+            wanted_steps = sorted({int(c["step"]) for c in store.checkpoints(r["run_id"])})
+        else:
+            wanted_steps = [last] if steps == "last" else list(steps)
         for step in wanted_steps:
+            if step not in saved and steps == "checkpoints" and step == 0:
+                continue  # a measured run's step 0 is the base model itself, evaluated as 'base'
             if step not in saved:
                 why = (f"run {labels[r['run_id']]} step {step}: no saved adapter "
                        f"({'saved steps: ' + ', '.join(map(str, saved)) if saved else 'none saved'}; status {r['status']})")
-                if steps != "last" or runs:
-                    raise StoreError(f"{why}; re-run the sweep with train.save_adapters: all or evals.steps listing it")
+                if isinstance(steps, list) or runs:
+                    raise StoreError(f"{why}; re-run the sweep with train.save_adapters: all or evals.steps listing it "
+                                     "(or evals.steps: checkpoints)")
                 notes.append(why)
                 continue
             out.append(Checkpoint(r["run_id"], step, labels[r["run_id"]], folder.adapter(step)))

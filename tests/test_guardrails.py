@@ -1,0 +1,117 @@
+"""Guardrails lost (issue 27, item 3): the refusal law recovers planted constants from simulated binomial
+curves, says "too few points" / "too few runs" where it must, is written to laws.json and printed by fit,
+and the report's "Guardrails lost" section appears with its figures only when safety summaries exist.
+The tiny-model check (every checkpoint evaluated and stored with evals.steps: checkpoints) is at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forgetscale.laws.studies import guardrails
+
+PLANTED = {"a": 2.0, "b": -3.0}  # refusal 88% at KL 0, 50% at KL 2/3, 12% at KL 4/3
+
+
+def simulated(ranks=(2, 4, 8, 16), steps=(0, 4, 8, 16, 32, 64), n=400, seed=0, planted=PLANTED, runs_per_rank=1):
+    """Checkpoint rows (KL rising with rank and step, L_ft falling) and safety summaries with refusals drawn
+    from the planted logistic in KL: the store's two tables as fit reads them."""
+    rng = np.random.default_rng(seed)
+    frame, summaries = [], []
+    for rank in ranks:
+        for copy in range(runs_per_rank):
+            run_id = f"r{rank}s{copy}"
+            for step in steps:
+                kl = 0.0 if step == 0 else 0.02 * step ** 0.8 * (rank / 4) ** 0.3 * (1 + 0.05 * copy)
+                ft = 3.0 - 0.8 * (1 - math.exp(-step / 20)) - 0.01 * rank
+                frame.append({"run_id": run_id, "model": "m", "dataset": "d", "method": "lora",
+                              "method_config": json.dumps({"name": "lora", "rank": rank}), "rank": rank,
+                              "trainable_params": 1000 * rank, "seed": copy, "mitigation": "none",
+                              "status": "finished", "step": step, "ft_loss": ft, "forget_kl": kl})
+                k = int(rng.binomial(n, guardrails.sigmoid(planted["a"] + planted["b"] * kl)))
+                summaries.append({"suite": "safety", "protocol": "greedy", "model_key": f"{run_id}@{step}",
+                                  "metric": "refusal_rate", "k": k, "n": n, "value": k / n, "run_id": run_id,
+                                  "step": step})
+    return pd.DataFrame(frame), summaries
+
+
+def test_logistic_mle_recovers_planted_constants_exactly_without_noise():
+    x = np.linspace(0, 1.5, 8)
+    n = np.full(8, 10 ** 6)
+    k = np.round(n * guardrails.sigmoid(PLANTED["a"] + PLANTED["b"] * x))
+    a, b, status = guardrails.fit_logistic(x, k, n)
+    assert status == "converged"
+    assert a == pytest.approx(PLANTED["a"], abs=2e-3) and b == pytest.approx(PLANTED["b"], abs=2e-3)
+
+
+def test_refusal_law_recovers_planted_parameters_from_simulated_curves():
+    frame, summaries = simulated()
+    block = guardrails.compare(frame, summaries, None)
+    (group,) = block["groups"]
+    assert group["n_points"] == 4 * 6 and group["n_runs"] == 4
+    assert group["x"] == "forget_kl" and group["chosen_by"] == "held-out log loss"  # the planted x wins held out
+    kl = group["candidates"]["forget_kl"]
+    assert kl["status"] == "converged"
+    for name, value in PLANTED.items():
+        assert kl["params"][name] == pytest.approx(value, abs=0.25)
+        lo, hi = kl["ci"][name]
+        assert lo < value < hi  # the bootstrap interval over runs covers the planted constant
+    ft = group["candidates"]["ft_loss"]["heldout"]
+    assert kl["heldout"]["rows"] == 3 and kl["heldout"]["log_loss"] < ft["log_loss"] and kl["heldout"]["mae"] < ft["mae"]
+
+
+def test_recovery_holds_over_seeds():
+    """Not one lucky draw: the planted slope is inside the interval for most seeds and the estimate is unbiased."""
+    est, covered = [], 0
+    for seed in range(8):
+        frame, summaries = simulated(seed=seed, n=200)
+        kl = guardrails.compare(frame, summaries, None)["groups"][0]["candidates"]["forget_kl"]
+        est.append(kl["params"]["b"])
+        covered += kl["ci"]["b"][0] < PLANTED["b"] < kl["ci"]["b"][1]
+    assert np.mean(est) == pytest.approx(PLANTED["b"], abs=0.15)
+    assert covered >= 6
+
+
+def test_too_few_runs_gives_no_interval_and_says_so():
+    frame, summaries = simulated(ranks=(2, 4))
+    (group,) = guardrails.compare(frame, summaries, None)["groups"]
+    kl = group["candidates"]["forget_kl"]
+    assert kl["params"]["b"] == pytest.approx(PLANTED["b"], abs=0.4)  # still fitted ...
+    assert all(math.isnan(v) for v in kl["ci"]["b"])  # ... but no interval
+    assert "no intervals: too few runs (2; intervals need >= 3)" in kl["status"]
+    assert group["chosen_by"].startswith("in-sample log loss (no held-out test")  # 2 ranks: no held-out split
+
+
+def test_too_few_points_is_not_fitted():
+    frame, summaries = simulated(ranks=(2,), steps=(0, 8))
+    (group,) = guardrails.compare(frame, summaries, None)["groups"]
+    assert group["x"] is None and "params" not in group["candidates"]["forget_kl"]
+    assert group["status"] == "not fitted: too few points (2 evaluated checkpoints; needs >= 3)"
+    assert guardrails.summary_lines({"groups": [group]}) == [f"d / lora: {group['status']}"]
+
+
+def test_perfect_separation_is_not_a_fit():
+    a, b, status = guardrails.fit_logistic(np.array([0.0, 0.1, 0.2, 0.3]), np.array([10, 10, 0, 0]),
+                                           np.array([10, 10, 10, 10]))
+    assert math.isnan(b) and "separate perfectly" in status
+
+
+def test_base_refusal_stands_for_an_unevaluated_step_zero_and_unfinished_runs_are_left_out():
+    frame, summaries = simulated(ranks=(2, 4, 8))
+    summaries = [s for s in summaries if not s["model_key"].endswith("@0")]
+    summaries.append({"suite": "safety", "protocol": "greedy", "model_key": "base", "metric": "refusal_rate",
+                      "k": 9, "n": 10, "value": 0.9, "run_id": None, "step": None})
+    frame.loc[frame["run_id"] == "r8s0", "status"] = "running"
+    rows = guardrails.points(frame, summaries)
+    assert set(rows["run_id"]) == {"r2s0", "r4s0"}
+    assert (rows[rows["step"] == 0]["model_key"] == "base").all() and len(rows) == 2 * 6
+    assert len(guardrails.points(frame, summaries, include_unfinished=True, max_step=8)) == 3 * 3
+
+
+def test_no_safety_summaries_no_block():
+    frame, _ = simulated()
+    assert guardrails.compare(frame, [], None) is None
