@@ -115,3 +115,79 @@ def test_base_refusal_stands_for_an_unevaluated_step_zero_and_unfinished_runs_ar
 def test_no_safety_summaries_no_block():
     frame, _ = simulated()
     assert guardrails.compare(frame, [], None) is None
+
+
+# -- laws.json, fit's table and the report section on a planted store ----------------------------------
+
+def _planted_store(path, with_safety=True):
+    """A store holding the simulated sweep's rows, the base's and each checkpoint's safety refusals and
+    choice agreements (what `forgetscale sweep` + `forgetscale eval --steps checkpoints` leave)."""
+    from forgetscale.evals.stats import wilson
+    from forgetscale.store import CheckpointRow, RunRecord, Store
+
+    frame, summaries = simulated()
+    store = Store(path)
+    store.set_meta("sweep_config", json.dumps({"name": "sim"}))
+    for run_id, run in frame.groupby("run_id"):
+        first = run.iloc[0]
+        store.add_run(RunRecord(run_id=run_id, model="m", dataset="d", method="lora",
+                                method_config={"name": "lora", "rank": int(first["rank"])}, rank=int(first["rank"]),
+                                trainable_params=int(first["trainable_params"]), seed=0,
+                                config={"train": {"steps": 64}}, status="finished"))
+        for r in run.itertuples():
+            store.add_checkpoint(CheckpointRow(run_id=run_id, step=int(r.step), ft_loss=r.ft_loss,
+                                               ft_loss_train=r.ft_loss, forget_ce=2.0 + r.forget_kl,
+                                               base_entropy=2.0, forget_kl=r.forget_kl, tokens_seen=int(r.step)))
+    for suite, metric, rows in (("safety", "refusal_rate", summaries),
+                                ("choice", "agreement_with_base", [{**s, "suite": "choice", "protocol": "loglik",
+                                                                    "k": s["n"] - s["k"] // 4} for s in summaries])):
+        if suite == "safety" and not with_safety:
+            continue
+        out = [{**s, "metric": metric, "value": s["k"] / s["n"], "settings": "{}",
+                **dict(zip(("lo", "hi"), wilson(s["k"], s["n"]), strict=True))} for s in rows]
+        if suite == "safety":
+            out.append({"protocol": "greedy", "model_key": "base", "metric": metric, "k": 360, "n": 400,
+                        "value": 0.9, "lo": 0.87, "hi": 0.92, "settings": "{}", "run_id": None, "step": None})
+        store.replace_eval_summaries(suite, out)
+    store.close()
+
+
+def test_fit_writes_the_guardrails_block_and_prints_its_table(tmp_path, capsys):
+    from forgetscale.cli import main
+
+    run_dir = tmp_path / "sim"
+    _planted_store(run_dir)
+    assert main(["fit", str(run_dir), "--bootstrap", "50", "--laws", "linear"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((run_dir / "laws.json").read_text())
+    block = doc["guardrails"]
+    (group,) = block["groups"]
+    assert group["x"] == "forget_kl" and group["candidates"]["forget_kl"]["bootstrap"]["n"] == 50
+    assert block["base"]["k"] == 360 and len(group["rows"]) == 24
+    assert "Guardrails lost" in printed and "KL (chosen)" in printed and "held-out log loss" in printed
+
+
+def test_report_shows_guardrails_lost_with_its_figures(tmp_path):
+    from forgetscale.cli import main
+    from forgetscale.report import build_report
+
+    run_dir = tmp_path / "sim"
+    _planted_store(run_dir)
+    assert main(["fit", str(run_dir), "--bootstrap", "50", "--laws", "linear"]) == 0
+    page, _notes = build_report(run_dir)
+    text = page.read_text()
+    assert ">Guardrails lost</h2>" in text and 'data-figure="guardrails"' in text
+    assert (run_dir / "figures" / "guardrails.png").stat().st_size > 10_000
+    assert "refusal against KL" in text or "(chosen)" in text
+
+
+def test_no_guardrails_section_without_safety_data(tmp_path):
+    from forgetscale.cli import main
+    from forgetscale.report import build_report
+
+    run_dir = tmp_path / "sim"
+    _planted_store(run_dir, with_safety=False)
+    assert main(["fit", str(run_dir), "--bootstrap", "50", "--laws", "linear"]) == 0
+    assert "guardrails" not in json.loads((run_dir / "laws.json").read_text())
+    page, _notes = build_report(run_dir)
+    assert "Guardrails lost" not in page.read_text() and not (run_dir / "figures" / "guardrails.png").exists()

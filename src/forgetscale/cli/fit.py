@@ -20,7 +20,7 @@ from rich.table import Table
 from forgetscale.formatting import bracket, ci_suffix, num, pct
 from forgetscale.laws.fit import fit_run_dir
 from forgetscale.laws.pipeline.fitall import FitOptions
-from forgetscale.laws.studies import crossmethod
+from forgetscale.laws.studies import crossmethod, guardrails
 from forgetscale.laws.studies.mitigation import summary_lines
 from forgetscale.report import mitigations as arms_report
 
@@ -230,6 +230,21 @@ def mitigation_tables(cells: list[dict[str, Any]]) -> list[Any]:
     return items
 
 
+def guardrail_tables(block: dict[str, Any] | None) -> list[Any]:
+    """Laws.json's 'guardrails' block: the refusal law per group and x, then one line per group."""
+    if not block:
+        return []
+    base = block.get("base")
+    where = f"; base {base['k']}/{base['n']} refused" if base else ""
+    t = Table(title=escape(f"Guardrails lost: {block['form']}, binomial ML{where}; x chosen by "
+                           "held-out log loss"), title_justify="left")
+    for col in guardrails.TABLE_HEADER:
+        t.add_column(col, overflow="fold")
+    for row in guardrails.table_rows(block):
+        t.add_row(*(escape(c) for c in row))
+    return [t, *(f"- {escape(s)}" for s in guardrails.summary_lines(block)), ""]
+
+
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     console = Console()
@@ -251,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"- {escape(line)}", highlight=False)
         console.print()
     for item in mitigation_tables(doc.get("mitigation", [])):  # arms vs the control (docs/mitigations.md)
+        console.print(item)
+    for item in guardrail_tables(doc.get("guardrails")):  # refusal against forgetting (docs/evals.md)
         console.print(item)
     console.print(f"wrote {path}")
     return 0

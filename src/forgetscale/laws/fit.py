@@ -1,5 +1,5 @@
 """`forgetscale fit` on a run folder: every group's laws (pipeline/fitall), then the studies on them
-(cross_method, mitigation), written as one laws.json.
+(cross_method, mitigation, guardrails), written as one laws.json.
 
 The one module that calls both the pipeline and the studies, so that neither imports the other back.
 """
@@ -14,7 +14,7 @@ import pandas as pd
 from forgetscale.errors import DataError
 from forgetscale.laws.pipeline import lawfile
 from forgetscale.laws.pipeline.fitall import FitOptions, Progress, fit_groups, within_budget
-from forgetscale.laws.studies import crossmethod, mitigation
+from forgetscale.laws.studies import crossmethod, guardrails, mitigation
 
 
 def fit_frame(frame: pd.DataFrame, options: FitOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -36,4 +36,5 @@ def fit_run_dir(run_dir: str | Path, options: FitOptions, progress: Progress | N
     doc = fit_frame(frame, options, progress)
     doc["run_dir"] = str(run_dir)
     mitigation.add_to_doc(doc, run_dir, options)  # mitigation arms vs the control at matched L_ft
+    guardrails.add_to_doc(doc, run_dir, options)  # refusal rate against forgetting, when safety was evaluated
     return doc, lawfile.save(run_dir, doc)

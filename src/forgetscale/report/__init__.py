@@ -15,7 +15,7 @@ from forgetscale.errors import NotFittedError, StoreError
 from forgetscale.laws.fit import fit_run_dir
 from forgetscale.laws.pipeline import lawfile
 from forgetscale.laws.pipeline.fitall import FitOptions, stale_groups
-from forgetscale.report import builtin, evals, mitigations  # noqa: F401  (register their sections)
+from forgetscale.report import builtin, evals, guardrails, mitigations  # noqa: F401  (register their sections)
 from forgetscale.report.sections import (
     SECTIONS,
     Markup,
