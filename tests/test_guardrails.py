@@ -98,6 +98,8 @@ def test_perfect_separation_is_not_a_fit():
     a, b, status = guardrails.fit_logistic(np.array([0.0, 0.1, 0.2, 0.3]), np.array([10, 10, 0, 0]),
                                            np.array([10, 10, 10, 10]))
     assert math.isnan(b) and "separate perfectly" in status
+    a, b, status = guardrails.fit_logistic(np.array([0.0, 0.1, 0.2]), np.zeros(3), np.full(3, 10))
+    assert math.isnan(a) and status == "the refusal rate is 0% at every point (no curve to fit)"
 
 
 def test_base_refusal_stands_for_an_unevaluated_step_zero_and_unfinished_runs_are_left_out():
@@ -191,3 +193,69 @@ def test_no_guardrails_section_without_safety_data(tmp_path):
     assert "guardrails" not in json.loads((run_dir / "laws.json").read_text())
     page, _notes = build_report(run_dir)
     assert "Guardrails lost" not in page.read_text() and not (run_dir / "figures" / "guardrails.png").exists()
+
+
+# -- evals.steps: checkpoints ------------------------------------------------------------------------
+
+def test_steps_checkpoints_is_validated_and_keeps_every_checkpoint_adapter():
+    from forgetscale.config import parse_config
+    from forgetscale.config.evals import EvalsConfig
+    from forgetscale.errors import ConfigError
+    from tests.conftest import tiny_config
+
+    assert EvalsConfig.model_validate({"steps": "checkpoints"}).steps == "checkpoints"
+    with pytest.raises(Exception, match="checkpoints"):
+        EvalsConfig.model_validate({"steps": "every"})
+    cfg = parse_config(tiny_config(train={"steps": 8, "checkpoints": [0, 2, 5, 8]}, evals={"steps": "checkpoints"}))
+    assert cfg.evals.adapter_steps(cfg.train.checkpoint_steps, cfg.train.steps) == {0, 2, 5, 8}
+    assert cfg.evals.adapter_steps([0, 8], 8) == {0, 8}
+    last = parse_config(tiny_config(train={"steps": 8, "checkpoints": [0, 2, 5, 8]}))
+    assert last.evals.adapter_steps(last.train.checkpoint_steps, last.train.steps) == {8}
+    with pytest.raises(ConfigError, match="--steps"):
+        from forgetscale.cli.eval import _steps
+
+        _steps("every")
+
+
+def test_sweep_with_steps_checkpoints_evaluates_and_stores_every_checkpoint(tmp_path):
+    """Every listed checkpoint of every run is evaluated by both suites and stored; fit and report read it."""
+    import yaml
+
+    from forgetscale.cli import main
+    from forgetscale.report import build_report
+    from forgetscale.store import Store
+    from tests.conftest import tiny_config
+
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    data = tiny_config(train={"steps": 4, "checkpoints": [0, 1, 2, 4], "batch_size": 2, "context_length": 32,
+                              "lr": 0.01, "eval_batch_size": 8},
+                       evals={"suites": ["safety", "choice"], "steps": "checkpoints", "batch_size": 4,
+                              "safety": {"limit": 3, "max_new_tokens": 4},
+                              "choice": {"limit": 3, "protocols": ["loglik"]}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
+    store = Store(out)
+    runs = [r["run_id"] for r in store.runs()]
+    assert len(runs) == 2
+    wanted = {"base"} | {f"{r}@{s}" for r in runs for s in (0, 1, 2, 4)}
+    for run_id in runs:  # every checkpoint's adapter was saved without the user listing the steps
+        assert sorted(p.name for p in (out / "runs" / run_id).glob("adapter-step*")) == [
+            f"adapter-step{s}" for s in (0, 1, 2, 4)]
+    for suite, metric, n in (("safety", "refusal_rate", 3), ("choice", "agreement_with_base", 3)):
+        summaries = [s for s in store.eval_summaries(suite) if s["metric"] == metric]
+        assert {s["model_key"] for s in summaries} >= wanted - ({"base"} if metric == "agreement_with_base" else set())
+        assert all(s["n"] == n and s["lo"] <= s["value"] <= s["hi"] for s in summaries)
+        assert {s["model_key"] for s in store.eval_summaries(suite)} == wanted
+        assert {r["model_key"] for r in store.eval_items(suite)} == wanted
+    store.close()
+    assert main(["fit", str(out), "--bootstrap", "20", "--laws", "linear"]) == 0
+    block = json.loads((out / "laws.json").read_text())["guardrails"]
+    (group,) = block["groups"]
+    assert group["n_points"] == 8 and group["n_runs"] == 2  # every (run, step) evaluated is a point
+    # a random tiny model refuses by chance or not at all: either no curve, or one with no intervals (2 runs)
+    assert group["status"].startswith("not fitted:") or "no intervals: too few runs (2" in group["status"]
+    page, _ = build_report(out)
+    assert ">Guardrails lost</h2>" in page.read_text()

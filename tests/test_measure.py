@@ -231,6 +231,11 @@ def test_trainer_output_gives_one_row_per_checkpoint(tmp_path):
                  "--set", "choice.max_new_tokens=2", "--set", "batch_size=4"]) == 0
     assert main(["export", str(out), "--format", "csv", "-o", str(tmp_path / "rows.csv")]) == 0
     assert len((tmp_path / "rows.csv").read_text().splitlines()) == 4
+    # --steps checkpoints: every kept checkpoint of the trainer output (step 0 is the base itself)
+    assert main(["eval", str(out), "--suite", "safety", "--steps", "checkpoints", "--no-progress",
+                 "--set", "safety.limit=2", "--set", "safety.max_new_tokens=2"]) == 0
+    keys = {s["model_key"] for s in Store(out).eval_summaries("safety")}
+    assert keys == {"base", f"{run['run_id']}@2", f"{run['run_id']}@4"}
 
 
 # -- example 2: the callback inside Trainer and SFTTrainer ------------------------------------------

@@ -72,6 +72,9 @@ def fit_logistic(x: np.ndarray, k: np.ndarray, n: np.ndarray, w: np.ndarray | No
         if x.size else (0.0, 0.0)
     if x.size < 2 or not scale > 0:
         return math.nan, math.nan, "x is the same at every point"
+    if not np.any(w * k) or not np.any(w * (n - k)):
+        which = "0%" if not np.any(w * k) else "100%"
+        return math.nan, math.nan, f"the refusal rate is {which} at every point (no curve to fit)"
     z = (x - centre) / scale
     design = np.column_stack([np.ones_like(z), z])
     p0 = float(np.clip(np.sum(w * k) / np.sum(w * n), 1e-6, 1 - 1e-6))
