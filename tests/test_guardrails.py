@@ -183,6 +183,19 @@ def test_report_shows_guardrails_lost_with_its_figures(tmp_path):
     assert "refusal against KL" in text or "(chosen)" in text
 
 
+def test_fit_and_report_of_the_guardrails_run_without_torch(tmp_path):
+    from tests.test_architecture import _python
+
+    run_dir = tmp_path / "sim"
+    _planted_store(run_dir)
+    done = _python("import sys\nfrom forgetscale.cli import main\n"
+                   f"assert main(['fit', {str(run_dir)!r}, '--bootstrap', '20', '--laws', 'linear']) == 0\n"
+                   f"sys.exit(main(['report', {str(run_dir)!r}]))", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "guardrails" in json.loads((run_dir / "laws.json").read_text())
+    assert (run_dir / "figures" / "guardrails.png").is_file()
+
+
 def test_no_guardrails_section_without_safety_data(tmp_path):
     from forgetscale.cli import main
     from forgetscale.report import build_report
