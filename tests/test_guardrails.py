@@ -17,9 +17,10 @@ from forgetscale.laws.studies import guardrails
 PLANTED = {"a": 2.0, "b": -3.0}  # refusal 88% at KL 0, 50% at KL 2/3, 12% at KL 4/3
 
 
-def simulated(ranks=(2, 4, 8, 16), steps=(0, 4, 8, 16, 32, 64), n=400, seed=0, planted=PLANTED, runs_per_rank=1):
+def simulated(ranks=(2, 4, 8, 16), steps=(0, 4, 8, 16, 32, 64), n=400, seed=0, planted=PLANTED, runs_per_rank=1,
+              x="forget_kl"):
     """Checkpoint rows (KL rising with rank and step, L_ft falling) and safety summaries with refusals drawn
-    from the planted logistic in KL: the store's two tables as fit reads them."""
+    from the planted logistic in x: the store's two tables as fit reads them."""
     rng = np.random.default_rng(seed)
     frame, summaries = [], []
     for rank in ranks:
@@ -32,7 +33,7 @@ def simulated(ranks=(2, 4, 8, 16), steps=(0, 4, 8, 16, 32, 64), n=400, seed=0, p
                               "method_config": json.dumps({"name": "lora", "rank": rank}), "rank": rank,
                               "trainable_params": 1000 * rank, "seed": copy, "mitigation": "none",
                               "status": "finished", "step": step, "ft_loss": ft, "forget_kl": kl})
-                k = int(rng.binomial(n, guardrails.sigmoid(planted["a"] + planted["b"] * kl)))
+                k = int(rng.binomial(n, guardrails.sigmoid(planted["a"] + planted["b"] * (kl if x == "forget_kl" else ft))))
                 summaries.append({"suite": "safety", "protocol": "greedy", "model_key": f"{run_id}@{step}",
                                   "metric": "refusal_rate", "k": k, "n": n, "value": k / n, "run_id": run_id,
                                   "step": step})
@@ -62,6 +63,17 @@ def test_refusal_law_recovers_planted_parameters_from_simulated_curves():
         assert lo < value < hi  # the bootstrap interval over runs covers the planted constant
     ft = group["candidates"]["ft_loss"]["heldout"]
     assert kl["heldout"]["rows"] == 3 and kl["heldout"]["log_loss"] < ft["log_loss"] and kl["heldout"]["mae"] < ft["mae"]
+
+
+def test_the_choice_follows_the_planted_x():
+    """Refusals planted as a logistic in L_ft: the held-out log loss picks L_ft and recovers its constants."""
+    planted = {"a": -10.0, "b": 4.0}
+    frame, summaries = simulated(planted=planted, x="ft_loss")
+    (group,) = guardrails.compare(frame, summaries, None)["groups"]
+    assert group["x"] == "ft_loss" and group["chosen_by"] == "held-out log loss"
+    ft = group["candidates"]["ft_loss"]
+    assert ft["params"]["a"] == pytest.approx(planted["a"], abs=1.0)
+    assert ft["params"]["b"] == pytest.approx(planted["b"], abs=0.4)
 
 
 def test_recovery_holds_over_seeds():
@@ -121,13 +133,13 @@ def test_no_safety_summaries_no_block():
 
 # -- laws.json, fit's table and the report section on a planted store ----------------------------------
 
-def _planted_store(path, with_safety=True):
+def _planted_store(path, with_safety=True, **simulation):
     """A store holding the simulated sweep's rows, the base's and each checkpoint's safety refusals and
     choice agreements (what `forgetscale sweep` + `forgetscale eval --steps checkpoints` leave)."""
     from forgetscale.evals.stats import wilson
     from forgetscale.store import CheckpointRow, RunRecord, Store
 
-    frame, summaries = simulated()
+    frame, summaries = simulated(**simulation)
     store = Store(path)
     store.set_meta("sweep_config", json.dumps({"name": "sim"}))
     for run_id, run in frame.groupby("run_id"):
@@ -181,6 +193,18 @@ def test_report_shows_guardrails_lost_with_its_figures(tmp_path):
     assert ">Guardrails lost</h2>" in text and 'data-figure="guardrails"' in text
     assert (run_dir / "figures" / "guardrails.png").stat().st_size > 10_000
     assert "refusal against KL" in text or "(chosen)" in text
+
+
+def test_report_shows_the_ft_loss_fit_when_the_law_chose_it(tmp_path):
+    from forgetscale.cli import main
+    from forgetscale.report import build_report
+
+    run_dir = tmp_path / "sim"
+    _planted_store(run_dir, planted={"a": -10.0, "b": 4.0}, x="ft_loss")
+    assert main(["fit", str(run_dir), "--bootstrap", "50", "--laws", "linear"]) == 0
+    assert json.loads((run_dir / "laws.json").read_text())["guardrails"]["groups"][0]["x"] == "ft_loss"
+    text = build_report(run_dir)[0].read_text()
+    assert 'data-figure="guardrails_ft"' in text and "L_ft (chosen)" in text
 
 
 def test_fit_and_report_of_the_guardrails_run_without_torch(tmp_path):

@@ -45,7 +45,11 @@ read '|error| / change' (share of the KL rise), not the error relative to L_f, w
 base entropy; 'Eq. 4 given measured L_ft' is not a forecast (it needs the run's measured L_ft).
 A status 'not identifiable: X' means the data do not pin X down (its interval spans >10x or it ran
 to its bound): do not quote X, use the law's predictions (forgetscale predict), which stay usable.
-c_ft is fixed (gauge): c_ft, a and b trade off exactly, so only their combination is fitted."""
+c_ft is fixed (gauge): c_ft, a and b trade off exactly, so only their combination is fitted.
+
+guardrails (when `forgetscale eval` stored safety refusals at tuned checkpoints): refusal = sigmoid(a + b x)
+by binomial maximum likelihood, x = forgetting KL or L_ft, whichever forecasts held-out checkpoints better
+(lower log loss); 'too few points' (< 3 evaluated checkpoints): no fit; < 3 runs: no intervals (docs/evals.md)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

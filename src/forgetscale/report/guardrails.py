@@ -66,10 +66,16 @@ def _against_step(ax: Any, rows: pd.DataFrame, base: dict[str, Any] | None, ylab
 
 def _against_x(ax: Any, rows: pd.DataFrame, block: dict[str, Any] | None, x: str) -> None:
     """Refusal against x with Wilson error bars; each group's fitted logistic in x (and its band) on top."""
+    import matplotlib.pyplot as plt
+
     xs = rows[x].to_numpy(float)
-    err = [100 * (rows["value"] - rows["lo"]), 100 * (rows["hi"] - rows["value"])]
-    ax.errorbar(xs, 100 * rows["value"], yerr=err, fmt="o", color="tab:red", ms=4, capsize=2, alpha=0.8,
-                label="evaluated checkpoints")
+    colours = plt.get_cmap("viridis")
+    runs = list(dict.fromkeys(rows["label"]))
+    for i, label in enumerate(runs):  # the same colour per run as in the panel against step
+        run = rows[rows["label"] == label]
+        err = [100 * (run["value"] - run["lo"]), 100 * (run["hi"] - run["value"])]
+        ax.errorbar(run[x], 100 * run["value"], yerr=err, fmt="o", color=colours(i / max(1, len(runs) - 1)), ms=4,
+                    capsize=2, alpha=0.8)
     for g in (block or {}).get("groups", []):
         c = g["candidates"].get(x, {})
         if "params" not in c:
@@ -78,9 +84,9 @@ def _against_x(ax: Any, rows: pd.DataFrame, block: dict[str, Any] | None, x: str
         grid = np.linspace(min(finite.min(), 0.0 if x == "forget_kl" else finite.min()), finite.max(), 100)
         rate, lo, hi = guardrails.predict(c, grid)
         chosen = " (chosen)" if g.get("x") == x else ""
-        ax.plot(grid, 100 * rate, "-", lw=1.5, label=f"{g['label']}: fit{chosen}")
+        ax.plot(grid, 100 * rate, "-", color="tab:red", lw=1.5, label=f"{g['label']}: fit{chosen}")
         if np.isfinite(lo).all():
-            ax.fill_between(grid, 100 * lo, 100 * hi, alpha=0.15, lw=0)
+            ax.fill_between(grid, 100 * lo, 100 * hi, color="tab:red", alpha=0.15, lw=0)
     ax.set_xlabel({"forget_kl": "forgetting KL(p_base || p_tuned) [nats/token]",
                    "ft_loss": "held-out fine-tuning loss L_ft [nats/token]"}[x])
     ax.set_ylabel("refusal rate [%]")
