@@ -18,6 +18,7 @@ HELP = "run capability suites (safety, choice, samples, lm-eval:TASK) on the bas
 EPILOG = """examples:
   forgetscale eval runs/demo --suite safety,choice,samples       # embedded sets, offline
   forgetscale eval runs/demo --suite choice --runs lora-r32 --steps 8,48
+  forgetscale eval runs/demo --suite safety,choice --steps checkpoints  # every kept checkpoint (then fit: refusal law)
   forgetscale eval runs/x --suite safety --set safety.source=hf:walledai/AdvBench --set safety.limit=50
   forgetscale eval runs/x --suite choice --set choice.source=hf:allenai/ai2_arc    # ARC-Challenge test
   forgetscale eval runs/x --suite lm-eval:arc_easy,hellaswag                       # lm-evaluation-harness tasks

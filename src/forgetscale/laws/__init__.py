@@ -15,7 +15,8 @@ Layout, by kind; imports point down this list only (fit -> studies -> pipeline -
 fit.py        `forgetscale fit` on a run folder: the pipeline's per-group fits, then the studies on them,
               written as one laws.json (the only module that calls both)
 studies/      what is computed from fits: laws across methods (crossmethod), mitigation arms at matched
-              loss (mitigation), the paper's published constants (paper), simulated sweeps (synthetic)
+              loss (mitigation), the paper's published constants (paper), simulated sweeps (synthetic),
+              refusal rate against forgetting from the stored safety evals (guardrails)
 pipeline/     from stored rows to laws.json and back: fit every group (fitall), the file (lawfile),
               forecasts from it (forecast)
 estimators/   the law classes and their machinery: the rows a law accepts (select, groups), the forms,

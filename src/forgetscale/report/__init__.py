@@ -2,8 +2,9 @@
 
 The report reads RUN_DIR/laws.json and the stored rows; it fits only when laws.json is missing
 (with `fit`'s defaults), and its figures evaluate the stored laws, never refit them. Sections come
-from the SECTIONS registry (report/sections.py): the built-in ones, the capability suites' (evals.py)
-and the mitigation arms' (mitigations.py) register on import here; a plug-in registers its own.
+from the SECTIONS registry (report/sections.py): the built-in ones, the capability suites' (evals.py),
+refusals through training (guardrails.py) and the mitigation arms' (mitigations.py) register on import
+here; a plug-in registers its own.
 """
 
 from __future__ import annotations
