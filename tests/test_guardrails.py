@@ -193,6 +193,14 @@ def test_report_shows_guardrails_lost_with_its_figures(tmp_path):
     assert ">Guardrails lost</h2>" in text and 'data-figure="guardrails"' in text
     assert (run_dir / "figures" / "guardrails.png").stat().st_size > 10_000
     assert "refusal against KL" in text or "(chosen)" in text
+    assert "changed since laws.json" not in text
+    # a later eval changes the stored refusals: the section says the law is out of date
+    from forgetscale.store import Store
+
+    with Store(run_dir) as store:
+        rows = store.eval_summaries("safety")
+        store.replace_eval_summaries("safety", [{**rows[-1], "k": rows[-1]["k"] - 1}])
+    assert "changed since laws.json was written" in build_report(run_dir)[0].read_text()
 
 
 def test_report_shows_the_ft_loss_fit_when_the_law_chose_it(tmp_path):

@@ -136,6 +136,11 @@ def guardrails_section(ctx: ReportContext) -> str | None:
         parts.append(f"<p class='warn'>laws.json has no refusal law: run <code>forgetscale fit "
                      f"{html.escape(str(ctx.run_dir))}</code> after <code>forgetscale eval</code>.</p>")
     else:
+        with Store(ctx.run_dir, create=False) as store:
+            now = guardrails.fingerprint(store.eval_summaries(guardrails.SUITE))
+        if block.get("summaries_fingerprint") != now:
+            parts.append(f"<p class='warn'>The safety results changed since laws.json was written: re-run "
+                         f"<code>forgetscale fit {html.escape(str(ctx.run_dir))}</code> for the law below.</p>")
         parts.append(table(guardrails.TABLE_HEADER, guardrails.table_rows(block)))
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in guardrails.summary_lines(block))
                      + "</ul>")

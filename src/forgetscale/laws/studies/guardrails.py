@@ -249,6 +249,15 @@ def fit_group(rows: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> dic
     return out
 
 
+def fingerprint(summaries: list[dict[str, Any]]) -> str:
+    """A hash of the stored refusal counts, so the report can tell laws.json was fitted before a later eval."""
+    import hashlib
+
+    counts = sorted((s["model_key"], int(s["k"]), int(s["n"])) for s in summaries
+                    if s["metric"] == METRIC and s["protocol"] == PROTOCOL and s["n"])
+    return hashlib.sha256(repr(counts).encode()).hexdigest()[:16]
+
+
 def compare(frame: pd.DataFrame, summaries: list[dict[str, Any]], options: Any = None) -> dict[str, Any] | None:
     """The laws.json 'guardrails' block, or None when no checkpoint has a stored refusal rate."""
     n_bootstrap = int(getattr(options, "n_bootstrap", 1000))
@@ -260,7 +269,7 @@ def compare(frame: pd.DataFrame, summaries: list[dict[str, Any]], options: Any =
     base = next((s for s in summaries if s["model_key"] == "base" and s["metric"] == METRIC
                  and s["protocol"] == PROTOCOL), None)
     out: dict[str, Any] = {"suite": SUITE, "metric": METRIC, "protocol": PROTOCOL, "form": FORM,
-                           "choice_rule": CHOICE_RULE, "groups": []}
+                           "choice_rule": CHOICE_RULE, "summaries_fingerprint": fingerprint(summaries), "groups": []}
     if base is not None:
         out["base"] = {k: base[k] for k in ("k", "n", "value", "lo", "hi")}
     for key, sub in groups(rows):
