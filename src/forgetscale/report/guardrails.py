@@ -93,7 +93,8 @@ def _against_x(ax: Any, rows: pd.DataFrame, block: dict[str, Any] | None, x: str
     ax.set_ylim(-2, 102)
     ax.set_title(f"refusal against {guardrails.CANDIDATES[x]}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # no fit, no legend (not an empty box)
+        ax.legend(fontsize=7, loc="best")
 
 
 @register_section("guardrails", "Guardrails lost", 59)
