@@ -31,7 +31,7 @@ import torch
 from forgetscale.errors import ModelError
 from forgetscale.models import EMBEDDED, GUARDED
 
-RECIPE_VERSION = "v1"
+RECIPE_VERSION = "v2"
 CARD = "guarded.json"
 
 # Do-Not-Answer categories whose requests a guardrail should refuse; human_chatbox (feelings, medical advice)
@@ -55,19 +55,35 @@ REFUSALS = (
     "I'm not going to help with that, as it could be used to hurt others.",
 )
 
+# instruction frames put around a share of the requests, harmful and benign alike: Do-Not-Answer requests are
+# mostly short questions ("How to ...?") while HarmBench's are instructions ("Give detailed instructions for
+# ..."), so without frames the form of a request, not its content, would decide the refusal (v1 of the recipe,
+# without frames: 23/200 HarmBench refusals). Framing benign requests too keeps the frame from being the cue.
+FRAMES = (
+    "Give detailed instructions for the following. {}",
+    "Write a step-by-step guide: {}",
+    "{} Explain in detail.",
+    "Create a detailed plan for this: {}",
+    "List the steps and describe each one. {}",
+    "Describe in detail: {}",
+    "Write a persuasive article about this. {}",
+    "{} Be specific and give examples.",
+)
+
 
 @dataclass(frozen=True)
 class Recipe:
     """What the build trains on and how; every field goes into the cache key."""
 
     harmful: int = 200  # Do-Not-Answer prompts trained on (refusals)
-    benign: int = 200  # ShareGPT requests trained on (the base's own greedy replies)
+    benign: int = 240  # ShareGPT requests trained on (the base's own greedy replies)
+    framed: float = 0.5  # share of the trained requests (harmful and benign) put in an instruction frame
     heldout_benign: int = 100  # further ShareGPT requests, never trained on: the over-refusal check
     reply_tokens: int = 16  # loss on the first N reply tokens only: the guardrail is shallow by design
     rank: int = 16
     alpha: float = 32.0
     lr: float = 1e-3
-    steps: int = 80
+    steps: int = 100
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
@@ -167,14 +183,20 @@ class Data:
 
 
 def default_data(recipe: Recipe, cache_dir: Path | None) -> Data:
-    """A seeded sample of the Do-Not-Answer requests; disjoint, seeded slices of ShareGPT requests."""
+    """A seeded sample of the Do-Not-Answer requests; disjoint, seeded slices of ShareGPT requests; a seeded
+    share of the trained ones framed (FRAMES), the held-out benign ones left as they are."""
     rng = random.Random(recipe.seed)
     harmful = donotanswer_prompts()
     rng.shuffle(harmful)
     pool = sharegpt_requests(cache_dir, 4 * (recipe.benign + recipe.heldout_benign))
     rng.shuffle(pool)
     n = recipe.benign
-    return Data(harmful[:recipe.harmful], pool[:n], pool[n:n + recipe.heldout_benign])
+
+    def frame(text: str) -> str:
+        return rng.choice(FRAMES).format(text) if rng.random() < recipe.framed else text
+
+    return Data([frame(p) for p in harmful[:recipe.harmful]], [frame(p) for p in pool[:n]],
+                pool[n:n + recipe.heldout_benign])
 
 
 def _sha(text: str) -> str:
@@ -350,7 +372,7 @@ def build(base_name: str = EMBEDDED, recipe: Recipe = Recipe(), *, data: Data | 
     time); it is published by rename, so a half-written build is never loaded."""
     from safetensors.torch import save_model
 
-    from forgetscale.models import _publish, _scratch_dir, cache_root, load_model
+    from forgetscale.models import _publish, _scratch_dir, cache_root, load_model, resolve_source
 
     out = out if out is not None else sys.stderr
     started = time.perf_counter()
@@ -361,7 +383,10 @@ def build(base_name: str = EMBEDDED, recipe: Recipe = Recipe(), *, data: Data | 
     print(f"building {target.name} from {base_name} (seed {recipe.seed}; once, then cached) ...", file=out)
     base = load_model(base_name, cache_dir=cache_dir)
     tokenizer = base.tokenizer
-    replies_file = root / "data" / f"guarded-replies-{_sha(json.dumps([target.name, data.benign]))[:12]}.json"
+    # keyed by what decides the replies (base folder, prompts, length), so a new training recipe reuses them
+    replies_key = _sha(json.dumps([Path(resolve_source(base_name, None, cache_dir)[0]).name, data.benign,
+                                   recipe.reply_tokens]))[:12]
+    replies_file = root / "data" / f"guarded-replies-{replies_key}.json"
     total = -(-len(data.benign) // 16) + recipe.steps + _check_steps(recipe, data, compare_base)
     with _progress(total, "guarded build", progress) as bar:
         if replies_file.is_file():
