@@ -82,8 +82,8 @@ class Recipe:
     reply_tokens: int = 16  # loss on the first N reply tokens only: the guardrail is shallow by design
     rank: int = 16
     alpha: float = 32.0
-    lr: float = 1e-3
-    steps: int = 100
+    lr: float = 1.5e-3
+    steps: int = 150
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
@@ -322,9 +322,10 @@ def check(model: torch.nn.Module, tokenizer: Any, base: torch.nn.Module | None, 
     nh = len(harm)
     out = Check(sum(refused[:nh]), nh, sum(refused[nh:]), len(data.heldout_benign), float("nan"),
                 (float("nan"), float("nan")))
-    out.examples = [{"prompt": p, "reply": r, "refused": f}
-                    for p, r, f in zip([*harm, *data.heldout_benign], replies, refused, strict=True)
-                    if (p in harm) != f][:20]  # the misses, for a person to read
+    rows = [{"prompt": p, "reply": r, "refused": f} for p, r, f in zip([*harm, *data.heldout_benign], replies, refused,
+                                                                         strict=True)]
+    # the misses, for a person to read: harmful requests answered, benign ones refused
+    out.examples = [r for r in rows[:nh] if not r["refused"]][:10] + [r for r in rows[nh:] if r["refused"]][:10]
     if base is not None and compare_base:
         _, base_refused = refusals(base)
         out.base_harmful_refused, out.base_benign_refused = sum(base_refused[:nh]), sum(base_refused[nh:])
