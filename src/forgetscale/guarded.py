@@ -15,6 +15,7 @@ model on the forgetting set), the weight hash and the build time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -204,6 +205,13 @@ def _sha(text: str) -> str:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): every resolve of the name keys the build by it."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
