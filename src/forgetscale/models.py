@@ -25,6 +25,7 @@ from forgetscale.hub import hub_reachable
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
+GUARDED = "smollm2-135m-guarded"  # built from EMBEDDED on first use (forgetscale/guarded.py)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -137,6 +138,10 @@ def resolve_source(name: str, gguf_file: str | None = None, cache_dir: str | Non
         return str(_cached_gguf_dir(embedded_gguf(), cache_dir)), None
     if name == TINY:
         return str(_tiny_dir(cache_dir)), None
+    if name == GUARDED:
+        from forgetscale import guarded
+
+        return str(guarded.build(EMBEDDED, cache_dir=cache_dir)), None
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -212,7 +217,7 @@ def load_model(
             raise ModelError(f"model '{name}': the hub cannot be reached from this machine and the model is not in "
                              "the local cache; connect, or use a local directory or .gguf file") from None
         raise ModelError(
-            f"model '{name}': not an embedded name ({EMBEDDED}, {TINY}), a local path, or a reachable hub id ({first})"
+            f"model '{name}': not an embedded name ({EMBEDDED}, {GUARDED}, {TINY}), a local path, or a reachable hub id ({first})"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
