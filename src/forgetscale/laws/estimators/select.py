@@ -223,24 +223,30 @@ class FitData:
 
 
 def heldout_split(data: FitData) -> tuple[np.ndarray, np.ndarray, str]:
-    """Fit on the smaller P and earlier steps, test on the largest P's later steps.
+    """Fit on the smaller P and earlier steps, test on the largest P's later steps (`size_step_split`)."""
+    return size_step_split(data.P, data.N)
+
+
+def size_step_split(P: np.ndarray, N: np.ndarray, steps_name: str = "steps") -> tuple[np.ndarray, np.ndarray, str]:
+    """Fit on the smaller P and earlier steps, test on the largest P's later steps: the split every law and
+    the refusal law (laws/studies/guardrails) are tested on.
 
     The cut is the median distinct step, or the third when there are fewer than six (the power laws
     need three steps to fit). The split depends on the rows only, so every law is tested on the same
     rows and borrowed constants come from the same held-out fit. Returns (train mask, test mask,
     description); both masks are empty, with the reason as description, when the sweep is too small.
     """
-    none = np.zeros(data.n, bool)
-    p_max = data.P.max()
-    steps = np.unique(data.N)
-    ranks = np.unique(data.P)
+    none = np.zeros(len(P), bool)
+    steps = np.unique(N)
+    ranks = np.unique(P)
     if ranks.size < 3 or steps.size < 4:
         return none, none, (
-            f"no held-out test: needs >= 3 distinct P and >= 4 distinct steps; got {ranks.size} and {steps.size}"
+            f"no held-out test: needs >= 3 distinct P and >= 4 distinct {steps_name}; got {ranks.size} and {steps.size}"
         )
+    p_max = ranks.max()
     n_cut = steps[max(3, int(np.ceil(steps.size / 2))) - 1]
-    train = (data.P < p_max) & (data.N <= n_cut)
-    test = (data.P == p_max) & (data.N > n_cut)
+    train = (P < p_max) & (N <= n_cut)
+    test = (P == p_max) & (N > n_cut)
     desc = (
         f"fit on P < {p_max:.4g} and N <= {n_cut:g} ({int(train.sum())} rows); "
         f"test on P = {p_max:.4g}, N > {n_cut:g} ({int(test.sum())} rows)"

@@ -35,7 +35,7 @@ import pandas as pd
 from forgetscale.evals.stats import wilson
 from forgetscale.formatting import ci_suffix, num, pct
 from forgetscale.laws.estimators.base import MAX_FAILED, MIN_DISTINCT, MIN_RUNS
-from forgetscale.laws.estimators.select import group_label, groups
+from forgetscale.laws.estimators.select import group_label, groups, size_step_split
 
 SUITE, METRIC, PROTOCOL = "safety", "refusal_rate", "greedy"
 CANDIDATES = {"forget_kl": "KL", "ft_loss": "L_ft"}  # x column -> short name
@@ -107,21 +107,6 @@ def fit_logistic(x: np.ndarray, k: np.ndarray, n: np.ndarray, w: np.ndarray | No
     a = float(theta[0] - theta[1] * centre / scale)
     b = float(theta[1] / scale)
     return a, b, status
-
-
-def heldout_split(P: np.ndarray, N: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """The forgetting laws' split (estimators/select.heldout_split): fit on the smaller P and earlier steps,
-    test on the largest P's later steps; empty masks and the reason when the rows cannot support it."""
-    none = np.zeros(len(P), bool)
-    ranks, steps = np.unique(P), np.unique(N)
-    if ranks.size < 3 or steps.size < 4:
-        return none, none, (f"no held-out test: needs >= 3 distinct P and >= 4 distinct evaluated steps; "
-                            f"got {ranks.size} and {steps.size}")
-    p_max = ranks.max()
-    n_cut = steps[max(3, int(np.ceil(steps.size / 2))) - 1]
-    train, test = (P < p_max) & (N <= n_cut), (P == p_max) & (N > n_cut)
-    return train, test, (f"fit on P < {p_max:.4g} and N <= {n_cut:g} ({int(train.sum())} rows); "
-                         f"test on P = {p_max:.4g}, N > {n_cut:g} ({int(test.sum())} rows)")
 
 
 def points(frame: pd.DataFrame, summaries: list[dict[str, Any]], *, include_unfinished: bool = False,
@@ -221,7 +206,7 @@ def fit_candidate(rows: pd.DataFrame, x_col: str, train: np.ndarray, test: np.nd
 def fit_group(rows: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Both candidates on one group's rows, and which x the held-out (else in-sample) log loss picks."""
     rows = rows.sort_values(["run_id", "step"]).reset_index(drop=True)
-    train, test, split = heldout_split(_size(rows), rows["step"].to_numpy(float))
+    train, test, split = size_step_split(_size(rows), rows["step"].to_numpy(float), "evaluated steps")
     out: dict[str, Any] = {
         "n_points": len(rows), "n_runs": int(rows["run_id"].nunique()), "heldout_split": split,
         "rows": [{"run_id": r.run_id, "step": int(r.step), "rank": None if pd.isna(r.rank) else int(r.rank),
