@@ -274,15 +274,14 @@ def training_blocks(tokenizer: Any, data: Data, replies: Sequence[str], recipe: 
 
 def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe,
                 on_step: Callable[[int], None] | None = None) -> torch.nn.Module:
-    """LoRA on every linear layer, seeded AdamW on shuffled batches, merged back into plain weights."""
-    from peft import LoraConfig, get_peft_model
-
-    from forgetscale.methods.base import ALL_LINEAR
+    """LoRA on every linear layer (the project's own `lora` method, alpha / r scaling), seeded AdamW on
+    shuffled batches, merged back into plain weights."""
+    from forgetscale.methods.attach import attach
+    from forgetscale.methods.lora import LoraSpec
 
     torch.manual_seed(recipe.seed)
-    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, target_modules=list(ALL_LINEAR),
-                        bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    spec = LoraSpec(ranks=[recipe.rank], alpha=recipe.alpha, scaling="standard")
+    peft_model = attach(model, spec, recipe.rank)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -358,11 +357,17 @@ def planned(base_name: str = EMBEDDED, recipe: Recipe = Recipe(), *, data: Data 
     from forgetscale.models import cache_root, resolve_source
 
     root = cache_root(cache_dir)
-    data = data or default_data(recipe, root / "data")
+    data = data or _default_data(recipe, root / "data")
     source = Path(resolve_source(base_name, None, cache_dir)[0])
     key = build_key(source, recipe, data)
     name = GUARDED if base_name == EMBEDDED else f"guarded-{base_name}"
     return Path(target_dir or root / "converted") / f"{name}-{key}", data
+
+
+@functools.lru_cache(maxsize=4)
+def _default_data(recipe: Recipe, data_dir: Path) -> Data:
+    """default_data, once per process: every load of the model name resolves it (each run of a sweep)."""
+    return default_data(recipe, data_dir)
 
 
 def cached(cache_dir: str | None = None) -> Path | None:
