@@ -397,13 +397,14 @@ class Store:
         return [dict(r) for r in self.conn.execute(query + " ORDER BY suite, protocol, model_key, metric", args)]
 
     # -- who holds the folder ---------------------------------------------------------------------
-    def check_claim(self, kind: str, difference: Callable[[dict[str, Any]], str | None]) -> None:
-        """Refuse a RUN_DIR held by the other kind of writer, or by this kind with other settings (reads only).
+    def check_claim(self, kind: str, difference: Callable[[dict[str, Any]], str | None]) -> bool:
+        """Refuse a RUN_DIR held by the other kind of writer, or by this kind with other settings (reads only);
+        returns whether the folder is held.
 
         A folder is held once it stores a checkpoint row: a start that failed before measuring anything leaves
         it free. `difference(stored settings)` names the first key that differs (None: compatible)."""
-        if not self.checkpoints():
-            return
+        if self.conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchone() is None:
+            return False
         owner = next((k for k in ("measure", "sweep") if self.get_meta(CLAIMS[k]) is not None), kind)
         if owner != kind:  # measurements also record a sweep_config (for eval and report): measure_settings decides
             what = "a sweep" if owner == "sweep" else "measurements"
@@ -414,11 +415,11 @@ class Store:
             what = "sweep" if kind == "sweep" else "measurements"
             raise ConfigError(f"{key}: differs from the {what} already stored in {self.path.parent}; "
                               f"use a new --out {'directory' if kind == 'sweep' else 'folder'}")
+        return True
 
     def claim(self, kind: str, settings: dict[str, Any], difference: Callable[[dict[str, Any]], str | None]) -> None:
         """check_claim, then record `settings` as the folder's (once every input has been checked)."""
-        self.check_claim(kind, difference)
-        if not self.checkpoints():
+        if not self.check_claim(kind, difference):
             self.drop_runs_without_rows()  # nothing measured yet (a start that failed): the folder was not held
         self.set_meta(CLAIMS[kind], json.dumps(settings, sort_keys=True))
 
