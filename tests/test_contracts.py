@@ -58,3 +58,19 @@ def test_method_errors_name_the_key():
     spec = parse_config({"method": {"name": "top_layers", "k": 5}}).methods[0]
     with pytest.raises(ConfigError, match="method.k: must be <= the model's 2 layers"):
         attach(base, spec, None)
+
+
+def test_a_name_registered_twice_is_refused_and_leaves_the_first():
+    """Registry.add refuses a second registration; the first (spec and torch half) stays whole."""
+    from forgetscale.errors import ConfigError
+    from forgetscale.methods.base import ATTACH, METHODS, register_method
+    from forgetscale.methods.lora import LoraSpec
+    from forgetscale.mitigations.base import ARMS, MITIGATIONS, Arm, register_arm
+    from forgetscale.mitigations.replay import ReplaySpec
+
+    before = (METHODS.get("lora"), ATTACH.get("lora"), MITIGATIONS.get("replay"), ARMS.get("replay"))
+    with pytest.raises(ConfigError, match="^method 'lora' is registered twice$"):
+        register_method(LoraSpec, attach=lambda model, spec, rank: model)
+    with pytest.raises(ConfigError, match="^mitigation 'replay' is registered twice$"):
+        register_arm(ReplaySpec, Arm())
+    assert (METHODS.get("lora"), ATTACH.get("lora"), MITIGATIONS.get("replay"), ARMS.get("replay")) == before

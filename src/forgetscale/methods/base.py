@@ -60,8 +60,6 @@ def register_method(spec: type[MethodSpec], attach: AttachFn) -> type[MethodSpec
     """Register a method: its spec (what config validates) and its attach function (what training calls),
     under the spec's `name` default, in one call."""
     name = spec.model_fields["name"].default
-    if name in METHODS or name in ATTACH:
-        raise ConfigError(f"method '{name}' is registered twice")
     METHODS.add(name, spec)
     ATTACH.add(name, attach)
     return spec

@@ -93,8 +93,6 @@ def register_arm(spec: type[MitigationSpec], arm: Arm) -> type[MitigationSpec]:
     """Register an arm: its spec (what config validates) and its torch half (what the executor runs), under
     the spec's `name` default, in one call."""
     name = spec.model_fields["name"].default
-    if name in MITIGATIONS or name in ARMS:
-        raise ConfigError(f"mitigation '{name}' is registered twice")
     MITIGATIONS.add(name, spec)
     ARMS.add(name, arm)
     return spec
