@@ -28,6 +28,7 @@ EPILOG = """examples:
   forgetscale demo                 # writes runs/demo/results.sqlite, laws.json, report.html
   forgetscale demo --out /tmp/d --set train.steps=16 --bootstrap 100
   forgetscale demo --verbose       # every table of `forgetscale fit`, and the laws beside the paper's
+  forgetscale demo --study safety  # the guarded model on instruction data and on news: refusals and KL per step
 Re-running the same command resumes the sweep (finished runs are skipped), then fits and reports again."""
 
 # the fitted laws shown beside the paper's Table 1, with the paper's equation numbers
@@ -36,7 +37,12 @@ PAPER_LAWS = (("linear", "Eq. 4"), ("power_ft", "Eq. 5"), ("power_f", "Eq. 6"), 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    parser.add_argument("--study", choices=sorted(STUDIES), default="forgetting",
+                        help="forgetting: the paper's laws on news (default); safety: the guarded model organism "
+                        "fine-tuned on instruction data and on news, refusals and choice agreement at every "
+                        "checkpoint, compared at the same KL (docs/evals.md)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default runs/demo; --study safety: runs/safety, one folder per dataset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a demo config key (dotted), value parsed as YAML; repeatable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,21 +52,94 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print every table of `forgetscale fit` and the laws beside the paper's, not only the verdict")
 
 
-def demo_config_path() -> Path:
-    return Path(str(files("forgetscale") / "resources" / "demo.yaml"))
+# study -> (config in forgetscale/resources, default RUN_DIR)
+STUDIES = {"forgetting": ("demo.yaml", Path("runs/demo")), "safety": ("safety.yaml", Path("runs/safety"))}
+# the safety study's sweeps: one design, two kinds of data (the paper's OpenOrca and news); label -> dataset
+SAFETY_DATA = {"instructions": "embedded:sharegpt", "news": "embedded:news"}
+
+
+def demo_config_path(study: str = "forgetting") -> Path:
+    return Path(str(files("forgetscale") / "resources" / STUDIES[study][0]))
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.out or STUDIES[args.study][1]
+    if args.study == "safety":
+        return run_safety(args, out)
+    code = sweep_once(args.overrides, out, "forgetting", not args.no_progress)
+    if code != 0:  # a failed run: fitting the others would describe a different sweep; the re-run fits
+        return code
+    return fit_and_report(out, args.bootstrap, verbose=args.verbose)
+
+
+def sweep_once(overrides: list[str], out: Path, study: str, progress: bool) -> int:
+    """The study's sweep into `out` (resumed when it exists) and the eval suites its config lists."""
     from forgetscale.cli.sweep import finish_sweep
     from forgetscale.config import load_config, parse_overrides
     from forgetscale.sweep import run_sweep
 
-    cfg = load_config(demo_config_path(), parse_overrides(args.overrides))
-    store = run_sweep(cfg, args.out, progress=not args.no_progress)
-    code = finish_sweep(cfg, store, args.out, progress=not args.no_progress)
-    if code != 0:  # a failed run: fitting the others would describe a different sweep; the re-run fits
-        return code
-    return fit_and_report(args.out, args.bootstrap, verbose=args.verbose)
+    cfg = load_config(demo_config_path(study), parse_overrides(overrides))
+    store = run_sweep(cfg, out, progress=progress)
+    return finish_sweep(cfg, store, out, progress=progress)
+
+
+def run_safety(args: argparse.Namespace, out: Path) -> int:
+    """The guarded model (built and checked first, timed apart, when not cached), then one sweep per kind of
+    data with safety and choice at every checkpoint, `fit` and `report` of each, the refusal and KL per step
+    and rank, and the comparison at the same KL (laws/studies/erosion.py)."""
+    import time
+
+    from forgetscale import guarded
+    from forgetscale.cli import fit, report
+    from forgetscale.config import load_config, parse_overrides
+    from forgetscale.laws.fit import fit_run_dir
+    from forgetscale.laws.studies import erosion
+    from forgetscale.models import GUARDED
+
+    started = time.perf_counter()
+    if load_config(demo_config_path("safety"), parse_overrides(args.overrides)).model.name == GUARDED:
+        folder = guarded.build(progress=not args.no_progress)
+        print(f"{GUARDED} ready in {time.perf_counter() - started:.0f} s (built once, then cached in {folder})")
+    started = time.perf_counter()
+    sweeps = {}
+    for label, dataset in SAFETY_DATA.items():
+        folder = out / label
+        print(f"\n== {label} ({dataset}) -> {folder}")
+        code = sweep_once([f"finetune.dataset={dataset}", *args.overrides], folder, "safety", not args.no_progress)
+        if code != 0:
+            return code
+        fit_args = _verb_args(fit, [str(folder)] + ([] if args.bootstrap is None else ["--bootstrap", str(args.bootstrap)]))
+        fit_run_dir(folder, fit.options_from_args(fit_args))
+        code = report.run(_verb_args(report, [str(folder), "--no-fit"]))
+        if code != 0:
+            return code
+        sweeps[label] = erosion.sweep_points(folder)
+    console = Console() if Console().is_terminal else Console(width=140)
+    console.print(safety_table(sweeps))
+    result = erosion.at_matched_kl(sweeps, n_bootstrap=args.bootstrap or 1000)
+    print("\n".join(erosion.verdict_lines(result)))
+    print(f"sweeps, evals, fits and reports in {time.perf_counter() - started:.0f} s; reports: "
+          + ", ".join(str(out / label / "report.html") for label in sweeps))
+    return 0
+
+
+def safety_table(sweeps: dict[str, dict[str, Any]]) -> Table:
+    """Refusal rate, choice agreement and KL per data, rank and step (the rows behind the comparison)."""
+    from forgetscale.formatting import pct
+
+    t = Table(title="guarded model fine-tuned: refusals (HarmBench) and choice agreement against KL, per step",
+              title_justify="left")
+    for col in ("data", "rank", "step", "KL", "refused", "95% interval", "agrees with base"):
+        t.add_column(col, justify="left" if col == "data" else "right")
+    for label, pts in sweeps.items():
+        refusal, agreement = pts["refusal"], pts["agreement"]
+        agree = {(r.run_id, int(r.step)): r for r in agreement.itertuples()}
+        for r in refusal.sort_values(["rank", "step"]).itertuples():
+            a = agree.get((r.run_id, int(r.step)))
+            t.add_row(label, str(int(r.rank)) if r.rank == r.rank else "", str(int(r.step)), f"{r.forget_kl:.4f}",
+                      f"{int(r.k)}/{int(r.n)}", bracket(r.lo, r.hi), "" if a is None else f"{pct(a.rate, 0)}")
+        t.add_section()
+    return t
 
 
 def _verb_args(module: Any, argv: list[str]) -> argparse.Namespace:

@@ -110,10 +110,12 @@ def fit_logistic(x: np.ndarray, k: np.ndarray, n: np.ndarray, w: np.ndarray | No
 
 
 def points(frame: pd.DataFrame, summaries: list[dict[str, Any]], *, include_unfinished: bool = False,
-           max_step: int | None = None) -> pd.DataFrame:
-    """The checkpoint rows that have a refusal rate: frame columns plus k, n, rate, lo, hi, model_key."""
+           max_step: int | None = None, suite: str = SUITE, metric: str = METRIC,
+           protocol: str = PROTOCOL) -> pd.DataFrame:
+    """The checkpoint rows that have a refusal rate (or another k-of-n summary: suite, metric, protocol):
+    frame columns plus k, n, rate, lo, hi, model_key."""
     rates = {s["model_key"]: s for s in summaries
-             if s.get("suite", SUITE) == SUITE and s["metric"] == METRIC and s["protocol"] == PROTOCOL and s["n"]}
+             if s.get("suite", suite) == suite and s["metric"] == metric and s["protocol"] == protocol and s["n"]}
     if frame.empty or not rates:
         return frame.iloc[0:0].assign(k=[], n=[], rate=[], lo=[], hi=[], model_key=[])
     rows = frame
