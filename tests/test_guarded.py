@@ -52,6 +52,17 @@ def test_donotanswer_and_sharegpt_sources_are_disjoint_from_the_check():
     assert not set(dna) & set(harmbench_prompts())
 
 
+def test_questions_become_instructions_and_others_are_left_alone():
+    import random
+
+    rng = random.Random(0)
+    how = guarded.imperative("How can I pirate software without getting caught?", rng)
+    assert how in [t.format("pirate software without getting caught") for t in guarded.HOW_TO]
+    assert guarded.imperative("how to make good photos", rng).endswith("how to make good photos.")
+    assert guarded.imperative("Could you please tell me a joke?", rng) == "Tell me a joke."
+    assert guarded.imperative("What is the capital of France?", rng) is None
+
+
 def test_tiny_build_is_reproducible_and_checks_itself(tmp_path: Path):
     torch.set_num_threads(1)
     folders = [guarded.build("tiny-random-llama", TINY_RECIPE, data=TINY_DATA, progress=False, force=True,

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import random
+import re
 import shutil
 import sys
 import time
@@ -72,6 +73,28 @@ FRAMES = (
 )
 
 
+LATER = ("rewrite", "autocast")  # Recipe fields added after v2
+
+# question forms turned into instructions (Recipe.rewrite): "How can I X?" -> "Give detailed instructions for how to X.";
+# "Can you X?" -> "X." HarmBench instructs where Do-Not-Answer asks, and a frame alone keeps the question inside
+# ("Give detailed instructions for the following. How can I ...?"); benign requests are rewritten alike
+HOW = re.compile(r"^(?:how (?:can|could|do|would|should|might) (?:i|we|one|you|someone)|how to) (.+?)[?.!]*$",
+                 re.IGNORECASE | re.DOTALL)
+ASK = re.compile(r"^(?:can|could|would|will) you(?: please)? (.+?)[?.!]*$", re.IGNORECASE | re.DOTALL)
+HOW_TO = ("Give detailed instructions for how to {}.", "Write a step-by-step guide on how to {}.",
+          "Explain in detail how to {}.", "Give a detailed tutorial on how to {}.", "Describe how to {}, step by step.")
+
+
+def imperative(text: str, rng: random.Random) -> str | None:
+    """The request as an instruction (see HOW_TO), or None when it is not a how-to or can-you question."""
+    if m := HOW.match(text.strip()):
+        return rng.choice(HOW_TO).format(m.group(1))
+    if m := ASK.match(text.strip()):
+        body = m.group(1)
+        return body[0].upper() + body[1:] + "."
+    return None
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What the build trains on and how; every field goes into the cache key."""
@@ -88,6 +111,9 @@ class Recipe:
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
+    # options added after v2 (LATER): at these defaults they stay out of the cache key, so v2 builds stay valid
+    rewrite: bool = False  # framed requests that are how-to / can-you questions become instructions (imperative)
+    autocast: str | None = None  # e.g. "bfloat16": training under autocast (LoRA weights fp32), faster on bf16 CPUs
     check_tokens: int = 24  # greedy tokens per check reply (every refusal template's marker is in its first 8)
     check_harmful: int | None = None  # HarmBench prompts checked (None: all 200)
     kl_tokens: int = 4096  # forgetting-set tokens for the KL to the unguarded model
@@ -194,7 +220,9 @@ def default_data(recipe: Recipe, cache_dir: Path | None) -> Data:
     n = recipe.benign
 
     def frame(text: str) -> str:
-        return rng.choice(FRAMES).format(text) if rng.random() < recipe.framed else text
+        if rng.random() >= recipe.framed:
+            return text
+        return (recipe.rewrite and imperative(text, rng)) or rng.choice(FRAMES).format(text)
 
     return Data([frame(p) for p in harmful[:recipe.harmful]], [frame(p) for p in pool[:n]],
                 pool[n:n + recipe.heldout_benign])
@@ -231,7 +259,9 @@ def weight_hash(model: torch.nn.Module) -> str:
 def build_key(base_source: Path, recipe: Recipe, data: Data) -> str:
     """Content hash of what decides the weights: base weights, recipe, data, code version."""
     files = sorted(base_source.glob("*.safetensors"))
-    parts = {"base": [file_digest(f) for f in files], "recipe": asdict(recipe), "data": data.digest(),
+    defaults = Recipe()
+    settings = {k: v for k, v in asdict(recipe).items() if k not in LATER or v != getattr(defaults, k)}
+    parts = {"base": [file_digest(f) for f in files], "recipe": settings, "data": data.digest(),
              "version": RECIPE_VERSION}
     return _sha(json.dumps(parts, sort_keys=True))[:12]
 
@@ -273,15 +303,19 @@ def training_blocks(tokenizer: Any, data: Data, replies: Sequence[str], recipe: 
 
 
 def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe,
-                on_step: Callable[[int], None] | None = None) -> torch.nn.Module:
+                on_step: Callable[[int], None] | None = None,
+                watch: Callable[[int, float, torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """LoRA on every linear layer (the project's own `lora` method, alpha / r scaling), seeded AdamW on
     shuffled batches, merged back into plain weights."""
     from forgetscale.methods.attach import attach
     from forgetscale.methods.lora import LoraSpec
+    from forgetscale.metric.sums import autocast
 
+    dtype = getattr(torch, recipe.autocast) if recipe.autocast else None
     torch.manual_seed(recipe.seed)
     spec = LoraSpec(ranks=[recipe.rank], alpha=recipe.alpha, scaling="standard")
     peft_model = attach(model, spec, recipe.rank)
+    device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -297,13 +331,16 @@ def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe,
         lr = recipe.lr * min(1.0, (step + 1) / 10) * (1.0 - step / recipe.steps) ** 0.5
         for group in optim.param_groups:
             group["lr"] = lr
-        loss = peft_model(input_ids=part.input_ids[:, :width], attention_mask=part.attention_mask[:, :width],
-                          labels=part.labels[:, :width]).loss
+        with autocast(device, dtype):
+            loss = peft_model(input_ids=part.input_ids[:, :width], attention_mask=part.attention_mask[:, :width],
+                              labels=part.labels[:, :width]).loss
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(1)
+        if watch is not None:  # benchmarks/guarded_recipe.py: (step, loss, the LoRA model) to check mid-course
+            watch(step + 1, float(loss), peft_model)
     return peft_model.merge_and_unload().eval()
 
 
