@@ -34,6 +34,9 @@ class MitigationSpec(Strict):
 
     derived: ClassVar[bool] = False  # True: runs measured from the control run's weights, never trained
     grid_key: ClassVar[str | None] = None  # a list field expanding into one run per value (scale's s)
+    # a derived arm's curve: the grid values whose row is a stored row of its control run, measured or not
+    # ('base': the control's step 0, 'control': its row at the same step); the comparison adds them to the curve
+    curve_ends: ClassVar[dict[float, str]] = {}
 
     def grid(self) -> list[Any]:
         """The values of `grid_key` (one run each), or [None]."""
