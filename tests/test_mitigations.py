@@ -132,7 +132,8 @@ def test_replay_mixes_exactly_p_of_the_rows_from_the_pool():
 # -- one tiny sweep with every arm ---------------------------------------------------------------
 
 ARMS = [{"name": "replay", "p": 0.5}, {"name": "self_replay", "p": 0.5, "samples": 8},
-        {"name": "kl", "lam": 1000.0, "rows": 2}, {"name": "l2sp", "lam": 100.0},
+        {"name": "kl", "lam": 1000.0, "rows": 2}, {"name": "kl", "lam": 1000.0, "rows": 2, "source": "finetune"},
+        {"name": "l2sp", "lam": 100.0},
         {"name": "ewc", "lam": 100.0, "fisher_samples": 4}, {"name": "freeze", "layers": 1},
         {"name": "scale", "s": [0.0, 0.5, 1.0]},
         {"name": "intruders", "mitigation_lambda": [0.0, 1.0], "threshold_epsilon": 1.0, "top_k": 4}]
@@ -258,6 +259,56 @@ def test_kl_arm_lowers_kl_on_the_text_it_trains_on(swept, tokenizer):
         with torch.no_grad():
             kl[key] = float(kl_to_base(model, part.input_ids, part.attention_mask))
     assert kl["kl:lam=1000.0,rows=2"] < 0.5 * kl["none"]
+
+
+def test_anchored_kl_holds_the_model_near_the_base_on_its_own_text(swept):
+    _, _, _, _, rows = swept
+    anchored, general, control = (rows[k][-1] for k in ("kl:lam=1000.0,rows=2,source=finetune",
+                                                         "kl:lam=1000.0,rows=2", "none"))
+    assert anchored["ft_kl"] < 0.5 * control["ft_kl"]  # KL on held-out fine-tuning tokens: what it anchors
+    assert anchored["ft_loss"] != general["ft_loss"]
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_anchored_kl_penalty_is_the_kl_on_the_batch_loss_positions(direction):
+    """AnchorHooks' penalty = lam * mean over the step's loss positions of the KL in the named direction,
+    computed here with torch's own kl_div."""
+    from forgetscale.data.blocks import IGNORE
+    from forgetscale.mitigations.kl import AnchorHooks
+
+    cfg = parse_config(tiny_config())
+    model = attach(load_model("tiny-random-llama").model, cfg.method[0], 2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # a prompt: no loss there
+    labels[1, 9:] = IGNORE
+    blocks = Blocks(ids, labels, torch.ones_like(ids))
+    hooks = AnchorHooks(lam=2.0, rows=2, device=torch.device("cpu"), direction=direction)
+    assert hooks.mix(0, blocks) is blocks
+    penalty = hooks.penalty(model, 0)
+    with torch.no_grad():
+        tuned = torch.log_softmax(model(input_ids=ids[:2]).logits[:, :-1], -1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids[:2]).logits[:, :-1], -1)
+    p, q = (base, tuned) if direction == "forward" else (tuned, base)
+    per_token = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+    keep = labels[:2, 1:] != IGNORE
+    assert int(keep.sum()) == 7 + 4  # labels 5..11 and 5..8, predicted from one position earlier
+    assert float(penalty.detach()) == pytest.approx(2.0 * float(per_token[keep].mean()), rel=1e-5)
+    assert penalty.requires_grad and float(penalty.detach()) > 0
+
+
+def test_kl_direction_default_keeps_old_run_ids():
+    from forgetscale.mitigations import KLSpec
+
+    assert "direction" not in KLSpec().identity()
+    assert KLSpec(direction="reverse").identity()["direction"] == "reverse"
+    assert KLSpec(direction="reverse").tag() == "kl:direction=reverse"
 
 
 def test_freeze_leaves_the_lower_layers_untouched(swept):
