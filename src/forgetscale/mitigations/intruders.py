@@ -80,6 +80,8 @@ def reduce(model: torch.nn.Module, spec: IntrudersSpec, value: float) -> None:
 
 
 class Intruders(Scale):
+    """scale's derive loop (control weights at each kept step, measured), with peft's reduction as the change."""
+
     def changer(self, spec: IntrudersSpec, model: torch.nn.Module, value: Any) -> Callable[[], None]:
         return lambda: reduce(model, spec, float(value))
 
