@@ -177,6 +177,8 @@ def test_eval_labels_are_the_sweeps_run_labels(swept):
 
     cfg, _, store, _, _ = swept
     assert set(run_labels(store).values()) == {p.label for p in plan_runs(cfg)}  # scale runs apart by their s
+    assert "lora-r2-intruders:top_k=4,threshold_epsilon=1.0,mitigation_lambda=0" in run_labels(store).values()
+    assert "lora-r2-scale0.5" in run_labels(store).values()
 
 
 def test_scale_zero_is_the_base_and_one_is_the_control(swept):
