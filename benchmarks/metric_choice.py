@@ -46,9 +46,10 @@ def _block_se(tokens: Any, counts: Any) -> tuple[float, float]:
     return block_se(sums, counts)
 
 
-def collect(run_dir: Path, threads: int = 1) -> pd.DataFrame:
+def collect(run_dir: Path, threads: int = 1, exclude: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per saved (run, step): each metric's value and block SE, the run's cell and seed, and the
-    capability losses stored for it (NaN where not evaluated)."""
+    capability losses stored for it (NaN where not evaluated). `exclude`: skip runs whose label contains one
+    of these (e.g. derived runs identical to their control)."""
     import torch
 
     from forgetscale.config import SweepConfig
@@ -85,7 +86,7 @@ def collect(run_dir: Path, threads: int = 1) -> pd.DataFrame:
     caps = capability(store)
     targets, _notes = select_checkpoints(store, Path(run_dir), None, "checkpoints")
     rows = []
-    for t in (t for t in targets if t.step > 0):  # step 0 is the base itself: every number 0
+    for t in (t for t in targets if t.step > 0 and not any(x in t.label for x in exclude)):  # step 0: the base
         with torch.no_grad(), applied(base.model, saved_source(t.adapter, t.step)) as (model, _):
             f = score(model, forget, batch, device, None, ref_f, per_token=True)["per_token"]
             h = score(model, held, batch, device, None, ref_h, per_token=True)["per_token"]
@@ -187,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON: the per-checkpoint table and the comparison")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--exclude", action="append", default=[], metavar="TEXT",
+                        help="skip runs whose label contains TEXT (repeatable)")
     args = parser.parse_args(argv)
-    table = pd.concat([collect(d, args.threads) for d in args.run_dirs], ignore_index=True)
+    table = pd.concat([collect(d, args.threads, tuple(args.exclude)) for d in args.run_dirs], ignore_index=True)
     result = compare(table, args.bootstrap)
     print(markdown(result))
     if args.out:
