@@ -126,6 +126,20 @@ def capability(store: Any) -> dict[tuple[str, int], dict[str, float]]:
     return out
 
 
+def refreshed(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with its capability columns read again from each run dir's store."""
+    from forgetscale.store import Store
+
+    table = table.copy()
+    for run_dir, rows in table.groupby("run_dir"):
+        with Store(Path(run_dir), create=False) as store:
+            caps = capability(store)
+        for column in CAPABILITY:
+            table.loc[rows.index, column] = [caps.get((r, int(s)), {}).get(column, math.nan)
+                                             for r, s in zip(rows["run_id"], rows["step"], strict=True)]
+    return table
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy import stats
 
@@ -188,10 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON: the per-checkpoint table and the comparison")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                        help="reuse the checkpoints of an earlier --out (no model loaded); capability losses are "
+                             "read again from the run dirs' stores (after a later `forgetscale eval`)")
     parser.add_argument("--exclude", action="append", default=[], metavar="TEXT",
                         help="skip runs whose label contains TEXT (repeatable)")
     args = parser.parse_args(argv)
-    table = pd.concat([collect(d, args.threads, tuple(args.exclude)) for d in args.run_dirs], ignore_index=True)
+    if args.from_json is not None:
+        table = refreshed(pd.DataFrame(json.loads(args.from_json.read_text())["checkpoints"]))
+    else:
+        table = pd.concat([collect(d, args.threads, tuple(args.exclude)) for d in args.run_dirs], ignore_index=True)
     result = compare(table, args.bootstrap)
     print(markdown(result))
     if args.out:

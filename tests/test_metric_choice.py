@@ -45,6 +45,11 @@ def test_capability_losses_come_from_the_stored_summaries(bench, tmp_path):
         _summary("a@4", "a", 4, "safety", "greedy", "refusal_rate", 0.5),
     ])
     assert bench.capability(store) == {("a", 4): {"choice_loss": 0.25, "refusal_loss": pytest.approx(0.3)}}
+    store.close()
+    table = pd.DataFrame([{"run_dir": str(tmp_path / "planted"), "run_id": "a", "step": 4},
+                          {"run_dir": str(tmp_path / "planted"), "run_id": "b", "step": 4}])
+    again = bench.refreshed(table)  # an earlier --out's checkpoints, capability read again from the store
+    assert again["choice_loss"].iloc[0] == 0.25 and math.isnan(again["choice_loss"].iloc[1])
 
 
 def _planted(seeds=(0, 1, 2)) -> pd.DataFrame:
