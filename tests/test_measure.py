@@ -301,6 +301,104 @@ def test_callback_in_sft_trainer_full_finetune(tmp_path):
     assert (tmp_path / "run" / "laws.json").is_file()
 
 
+# -- example 4: a forgetting budget in training, and the in-budget pick afterwards ------------------
+def _budget_trainer(out: Path, budget: float, on_exceed: str):
+    from transformers import Trainer
+
+    from forgetscale.integrations import ForgettingCallback
+
+    base = _base()
+    data = _lm_dataset(base.tokenizer)
+    callback = ForgettingCallback(max_tokens=256, block_length=32, budget=budget, on_exceed=on_exceed)
+    trainer = Trainer(model=_lora(base.model, seed=1), args=_args(out, eval_strategy="steps", eval_steps=1,
+                                                                 max_steps=6),
+                      train_dataset=data, eval_dataset=data[:4], processing_class=base.tokenizer, callbacks=[callback])
+    return trainer, callback
+
+
+def _kl_by_step(trainer) -> dict[int, float]:
+    return {e["step"]: e["forgetting/kl"] for e in trainer.state.log_history if "forgetting/kl" in e}
+
+
+@pytest.fixture(scope="module")
+def budget_runs(tmp_path_factory):
+    """The same run twice: warned past a tiny budget (it trains on: the KL path), then stopped at a budget
+    between the KL of steps 2 and 3 of that path (same seeds, so the same path up to the stop)."""
+    root = tmp_path_factory.mktemp("budget")
+    warned, warn_cb = _budget_trainer(root / "warned", 1e-9, "warn")
+    with pytest.warns(UserWarning, match="training goes on") as caught:
+        warned.train()
+    path = _kl_by_step(warned)
+    budget = (path[2] + path[3]) / 2
+    stopped, stop_cb = _budget_trainer(root / "stopped", budget, "stop")
+    with pytest.warns(UserWarning, match="training stops"):
+        stopped.train()
+    return {"path": path, "budget": budget, "caught": caught, "warn_cb": warn_cb, "stopped": stopped,
+            "stop_cb": stop_cb, "out": root / "stopped"}
+
+
+def test_budget_warn_mode_warns_once_and_trains_on(budget_runs):
+    path, caught, cb = budget_runs["path"], budget_runs["caught"], budget_runs["warn_cb"]
+    assert sorted(path) == [1, 2, 3, 4, 5, 6]
+    assert sum("over the budget" in str(w.message) for w in caught) == 1
+    assert cb.budget.exceeded_at == 1 and cb.budget.last_in_budget is None and cb.budget.checkpoint is None
+
+
+def test_budget_stop_ends_within_one_evaluation_and_keeps_the_last_in_budget_checkpoint(budget_runs):
+    path, budget, trainer, cb, out = (budget_runs[k] for k in ("path", "budget", "stopped", "stop_cb", "out"))
+    crossing = min(s for s, kl in path.items() if kl > budget)  # the first evaluation past the budget
+    assert crossing >= 2
+    assert trainer.state.global_step == crossing  # stopped at that evaluation, not one later
+    assert _kl_by_step(trainer) == {s: path[s] for s in range(1, crossing + 1)}  # the same path up to there
+    assert cb.budget.exceeded_at == crossing and cb.budget.last_in_budget == crossing - 1
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert saved == list(range(1, crossing))  # every in-budget evaluation saved (save_strategy "no"); not the crossing
+    assert cb.budget.checkpoint == out / f"checkpoint-{crossing - 1}"
+    assert all(path[s] <= budget for s in saved)
+
+
+def test_measure_budget_names_the_lowest_loss_checkpoint_within_it(budget_runs, tmp_path, capsys):
+    out, budget = budget_runs["out"], budget_runs["budget"]
+    run_dir = tmp_path / "run"
+    argv = ["measure", "--base", TINY, "--trainer-output", str(out), "--out", str(run_dir), "--no-progress", *FORGET]
+    assert main([*argv, "--budget", "10"]) == 0  # everything is within 10 nats
+    rows = {r["step"]: r for r in _rows(run_dir) if r["step"] > 0}
+    best = min(rows.values(), key=lambda r: r["ft_loss"])
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    step = best["step"]
+    assert said.startswith(f"within KL 10: {out / f'checkpoint-{step}'} (step {step}): KL {best['forget_kl']:.5f} [")
+    tight = min(r["forget_kl"] for r in rows.values()) * 1.0000001  # only the lowest-KL checkpoint is within
+    assert main([*argv, "--budget", repr(tight)]) == 0
+    low = min(rows.values(), key=lambda r: r["forget_kl"])
+    assert f"(step {low['step']}): KL {low['forget_kl']:.5f}" in capsys.readouterr().out
+    assert main([*argv, "--budget", "1e-12"]) == 1  # nothing within: exit 1, one line naming the lowest
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("forgetscale: no measured checkpoint has forgetting KL <= 1e-12; the lowest is") and "\n" not in err
+    assert budget > 0
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "abc"])
+def test_bad_budget_is_one_line_exit_2(value, tmp_path, capsys):
+    argv = ["measure", "--base", TINY, "--trainer-output", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--budget", value]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: not a number at all
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("forgetscale: ") and "\n" not in err and "--budget" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_budget_in_the_callback_names_the_argument():
+    from forgetscale.integrations import ForgettingCallback
+
+    with pytest.raises(ValueError, match="budget: must be a finite number of nats > 0; got -0.5"):
+        ForgettingCallback(budget=-0.5)
+    with pytest.raises(ValueError, match="on_exceed: must be one of stop, warn; got 'halt'"):
+        ForgettingCallback(budget=0.1, on_exceed="halt")
+
+
 # -- bad input: one line, exit 2, nothing stored lost -----------------------------------------------
 @pytest.fixture(scope="module")
 def stored_run(adapter_dir, tmp_path_factory) -> Path:

@@ -132,9 +132,11 @@ def test_replay_mixes_exactly_p_of_the_rows_from_the_pool():
 # -- one tiny sweep with every arm ---------------------------------------------------------------
 
 ARMS = [{"name": "replay", "p": 0.5}, {"name": "self_replay", "p": 0.5, "samples": 8},
-        {"name": "kl", "lam": 1000.0, "rows": 2}, {"name": "l2sp", "lam": 100.0},
+        {"name": "kl", "lam": 1000.0, "rows": 2}, {"name": "kl", "lam": 1000.0, "rows": 2, "source": "finetune"},
+        {"name": "l2sp", "lam": 100.0},
         {"name": "ewc", "lam": 100.0, "fisher_samples": 4}, {"name": "freeze", "layers": 1},
-        {"name": "scale", "s": [0.0, 0.5, 1.0]}]
+        {"name": "scale", "s": [0.0, 0.5, 1.0]},
+        {"name": "intruders", "mitigation_lambda": [0.0, 1.0], "threshold_epsilon": 1.0, "top_k": 4}]
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +145,16 @@ def swept(tmp_path_factory):
     cfg = parse_config(tiny_config(method={"name": "lora", "ranks": [2]}, mitigation=ARMS,
                                    train={"checkpoints": [0, 4]}))
     store = run_sweep(cfg, out, progress=False)
-    runs = {r["mitigation"] + (f"@{json.loads(r['config'])['mitigation'].get('s')}" if r["mitigation"] == "scale"
-                               else ""): r for r in store.runs()}
+    runs = {_key(r): r for r in store.runs()}
     rows = {k: store.checkpoints(r["run_id"]) for k, r in runs.items()}
     return cfg, out, store, runs, rows
+
+
+def _key(run):
+    """A run's arm tag, plus '@<grid value>' for a derived run (scale@0.5, intruders:...@0.0)."""
+    arm = json.loads(run["config"])["mitigation"]
+    value = arm.get("s", arm.get("mitigation_lambda"))
+    return run["mitigation"] + ("" if value is None else f"@{value}")
 
 
 def _last_kl(rows, key):
@@ -169,6 +177,8 @@ def test_eval_labels_are_the_sweeps_run_labels(swept):
 
     cfg, _, store, _, _ = swept
     assert set(run_labels(store).values()) == {p.label for p in plan_runs(cfg)}  # scale runs apart by their s
+    assert "lora-r2-intruders:top_k=4,threshold_epsilon=1.0,mitigation_lambda=0" in run_labels(store).values()
+    assert "lora-r2-scale0.5" in run_labels(store).values()
 
 
 def test_scale_zero_is_the_base_and_one_is_the_control(swept):
@@ -182,6 +192,54 @@ def test_scale_zero_is_the_base_and_one_is_the_control(swept):
     assert 0.0 < half["forget_kl"] < s1["forget_kl"]
     assert s1["tokens_seen"] == control[-1]["tokens_seen"] and s1["wall_s"] == 0.0
     assert runs["scale@0.5"]["trainable_params"] == runs["none"]["trainable_params"]
+
+
+INTRUDERS = "intruders:top_k=4,threshold_epsilon=1.0"
+
+
+def test_intruders_arm_is_peft_reduce_intruder_dimension_on_the_control_adapter(swept):
+    """The derived run's adapter is exactly what peft's own function makes of the control's adapter."""
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+    from safetensors.torch import load_file
+
+    from forgetscale.artefacts import PEFT_WEIGHTS, RunFolder
+
+    cfg, out, _, runs, rows = swept
+    control = RunFolder(out, runs["none"]["run_id"]).adapter(4)
+    model = attach(load_model("tiny-random-llama").model, cfg.method[0], 2)
+    load_weights(model, control)
+    reduce_intruder_dimension(model, top_k=4, threshold_epsilon=1.0, mitigation_lambda=0.0, logging_sink=None)
+    direct = {n.replace(".intruder_reduced", ""): p for n, p in model.named_parameters() if ".intruder_reduced." in n}
+    arm = load_file(RunFolder(out, runs[f"{INTRUDERS}@0.0"]["run_id"]).adapter(4) / PEFT_WEIGHTS)
+    trained = load_file(control / PEFT_WEIGHTS)
+    assert direct and set(direct) == set(arm)
+    assert all(torch.equal(direct[n], arm[n]) for n in arm)
+    assert any(not torch.equal(arm[n], trained[n]) for n in arm)  # epsilon 1: intruders found and removed
+    removed, kept, none = rows[f"{INTRUDERS}@0.0"][-1], rows[f"{INTRUDERS}@1.0"][-1], rows["none"][-1]
+    assert removed["forget_kl"] != none["forget_kl"] and removed["wall_s"] == 0.0
+    assert kept["forget_kl"] == pytest.approx(none["forget_kl"], rel=1e-3)  # lambda 1: the control (refitted)
+    assert kept["ft_loss"] == pytest.approx(none["ft_loss"], rel=1e-5)
+
+
+def test_intruders_curve_is_in_the_matched_table_and_the_line_table(swept):
+    from forgetscale.report.mitigations import line_rows
+    from forgetscale.report.mitigations import rows as table_rows
+
+    _, out, store, runs, rows = swept
+    cell = compare(store.frame(), store.runs(), FitOptions(n_bootstrap=20, min_step=1))[0]
+    arm = {a["arm"]: a for a in cell["arms"]}[INTRUDERS]
+    assert arm["cost"]["ratio"] == 1.0 and arm["cost"]["note"] and arm["seeds"] == [0]
+    assert arm["matched_ft"] == pytest.approx(rows["none"][-1]["ft_loss"], rel=1e-5)  # lambda 1 ends the curve
+    assert any(r[0] == INTRUDERS for r in table_rows(cell)) and any(r[0] == INTRUDERS for r in line_rows(cell))
+
+
+def test_intruders_settings_are_checked():
+    with pytest.raises(ConfigError, match="mitigation"):
+        parse_config(tiny_config(mitigation={"name": "intruders", "mitigation_lambda": [1.5]}))
+    with pytest.raises(ConfigError, match="threshold_epsilon"):
+        parse_config(tiny_config(mitigation={"name": "intruders", "threshold_epsilon": 0}))
+    with pytest.raises(ConfigError, match=r"intruders.*LoRA adapters only"):
+        plan_runs(parse_config(tiny_config(mitigation="intruders", method={"name": "dora"})))
 
 
 def test_penalties_hold_the_model_near_the_base(swept):
@@ -203,6 +261,56 @@ def test_kl_arm_lowers_kl_on_the_text_it_trains_on(swept, tokenizer):
         with torch.no_grad():
             kl[key] = float(kl_to_base(model, part.input_ids, part.attention_mask))
     assert kl["kl:lam=1000.0,rows=2"] < 0.5 * kl["none"]
+
+
+def test_anchored_kl_holds_the_model_near_the_base_on_its_own_text(swept):
+    _, _, _, _, rows = swept
+    anchored, general, control = (rows[k][-1] for k in ("kl:lam=1000.0,rows=2,source=finetune",
+                                                         "kl:lam=1000.0,rows=2", "none"))
+    assert anchored["ft_kl"] < 0.5 * control["ft_kl"]  # KL on held-out fine-tuning tokens: what it anchors
+    assert anchored["ft_loss"] != general["ft_loss"]
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_anchored_kl_penalty_is_the_kl_on_the_batch_loss_positions(direction):
+    """AnchorHooks' penalty = lam * mean over the step's loss positions of the KL in the named direction,
+    computed here with torch's own kl_div."""
+    from forgetscale.data.blocks import IGNORE
+    from forgetscale.mitigations.kl import AnchorHooks
+
+    cfg = parse_config(tiny_config())
+    model = attach(load_model("tiny-random-llama").model, cfg.method[0], 2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # a prompt: no loss there
+    labels[1, 9:] = IGNORE
+    blocks = Blocks(ids, labels, torch.ones_like(ids))
+    hooks = AnchorHooks(lam=2.0, rows=2, device=torch.device("cpu"), direction=direction)
+    assert hooks.mix(0, blocks) is blocks
+    penalty = hooks.penalty(model, 0)
+    with torch.no_grad():
+        tuned = torch.log_softmax(model(input_ids=ids[:2]).logits[:, :-1], -1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids[:2]).logits[:, :-1], -1)
+    p, q = (base, tuned) if direction == "forward" else (tuned, base)
+    per_token = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+    keep = labels[:2, 1:] != IGNORE
+    assert int(keep.sum()) == 7 + 4  # labels 5..11 and 5..8, predicted from one position earlier
+    assert float(penalty.detach()) == pytest.approx(2.0 * float(per_token[keep].mean()), rel=1e-5)
+    assert penalty.requires_grad and float(penalty.detach()) > 0
+
+
+def test_kl_direction_default_keeps_old_run_ids():
+    from forgetscale.mitigations import KLSpec
+
+    assert "direction" not in KLSpec().identity()
+    assert KLSpec(direction="reverse").identity()["direction"] == "reverse"
+    assert KLSpec(direction="reverse").tag() == "kl:direction=reverse"
 
 
 def test_freeze_leaves_the_lower_layers_untouched(swept):
@@ -240,7 +348,7 @@ H = 3.0  # base entropy of the simulated forgetting set
 def _simulated_rows(seeds=(0, 1, 2)) -> tuple[list[dict], list[dict]]:
     """Runs whose KL is a known function of L_ft: the control's KL = 0.5 (4 - L_ft); 'halved' has half of it
     at every L_ft (a moved line); 'short' follows the control's line but stops at L_ft 3.4; 'stiff' barely
-    fine-tunes; scale runs sit on the control's line at s * (its gain)."""
+    fine-tunes; scale runs sit on the control's line at s * (its gain); intruders runs below it near its end."""
     runs, rows = [], []
     rng = np.random.default_rng(0)
     arms = {"none": (0.5, 3.0), "halved": (0.25, 3.0), "short": (0.5, 3.4), "stiff": (0.1, 3.95)}
@@ -262,6 +370,14 @@ def _simulated_rows(seeds=(0, 1, 2)) -> tuple[list[dict], list[dict]]:
                         {"mitigation": {"name": "scale", "s": s, "source_run": f"none-{seed}"}})})
                     rows.append({"run_id": run_id, "step": 48, "ft_loss": ft, "forget_kl": 0.5 * (4.0 - ft),
                                  "forget_ce": H + 0.5 * (4.0 - ft), "wall_s": 0.0})
+                for lam in (0.0, 0.5):  # intruders: a short curve above the control's end, 0.1 (1 - lam) below its line
+                    run_id = f"intruders{lam}-{seed}"
+                    ft = end + 0.01 * seed + 0.2 * (1.0 - lam)
+                    kl = 0.5 * (4.0 - ft) - 0.1 * (1.0 - lam)
+                    runs.append({"run_id": run_id, "arm": "intruders", "seed": seed, "config": json.dumps(
+                        {"mitigation": {"name": "intruders", "mitigation_lambda": lam, "source_run": f"none-{seed}"}})})
+                    rows.append({"run_id": run_id, "step": 48, "ft_loss": ft, "forget_kl": kl, "forget_ce": H + kl,
+                                 "wall_s": 0.0})
     return runs, rows
 
 
@@ -309,6 +425,10 @@ def test_comparison_tells_a_moved_line_from_a_slide(tmp_path):
     scale = arms["scale"]
     assert scale["verdict"] == "slid along the line" and scale["cost"]["ratio"] == 1.0
     assert scale["cost"]["note"]
+    intruders = arms["intruders"]  # its curve: lambda 0, 0.5, then the control's own row as lambda 1
+    assert intruders["cost"]["ratio"] == 1.0 and intruders["matched_ft"] == pytest.approx(3.02)
+    assert math.isnan(intruders["matched"][0]["reduction"])  # 25% of the way: above the curve's start
+    assert intruders["matched"][-1]["reduction"] > 0.0
 
 
 def test_no_verdict_on_the_line_when_either_line_is_not_identified():
@@ -326,13 +446,13 @@ def test_fit_and_report_show_the_matched_comparison(tmp_path):
     _store(run_dir).close()
     assert main(["fit", str(run_dir), "--bootstrap", "50"]) == 0
     doc = json.loads((run_dir / "laws.json").read_text())
-    assert {a["arm"] for a in doc["mitigation"][0]["arms"]} == {"halved", "short", "stiff", "scale"}
+    assert {a["arm"] for a in doc["mitigation"][0]["arms"]} == {"halved", "short", "stiff", "scale", "intruders"}
     from forgetscale.report import build_report
 
     path, _ = build_report(run_dir)
     page = path.read_text()
     assert "Mitigation: does an arm move the trade-off line?" in page
-    assert "moved the line down" in page and "slid along the line" in page
+    assert "moved the line down" in page and "slid along the line" in page and "<td>intruders</td>" in page
     assert (run_dir / "figures" / "sim-lora-r8_mitigation.png").stat().st_size > 10_000
 
 

@@ -239,12 +239,33 @@ def _printable(store: Store, groups: list[Group]) -> list[dict[str, Any]]:
         if run is None:
             continue
         intervals = json.loads(run["config"]).get("measured", {}).get("intervals", {})
+        paths = {s.step: str(s.path) for s in group.sources}
         for row in store.checkpoints(group.run_id):
             extra = intervals.get(str(row["step"]), {})
-            out.append({**row, "label": group.label, "method": run["method"], "rank": run["rank"],
+            out.append({**row, "label": group.label, "path": paths.get(row["step"]) if row["step"] else None,
+                        "method": run["method"], "rank": run["rank"],
                         "trainable_params": run["trainable_params"],
                         "kl_ci": tuple(extra.get("kl_ci", (math.nan, math.nan))),
                         "ce_ci": tuple(extra.get("ce_ci", (math.nan, math.nan))),
                         "ce_hard_ci": tuple(extra.get("ce_hard_ci", (math.nan, math.nan))),
                         "blocks": extra.get("blocks")})
     return out
+
+
+def check_budget(budget: float | None) -> None:
+    """`--budget` is a finite number of nats > 0 (checked before anything is loaded)."""
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise ConfigError(f"--budget: must be a finite forgetting KL in nats > 0; got {budget:g}")
+
+
+def within_budget(rows: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    """The measured checkpoint (not the base) with the lowest held-out / eval loss among those whose forgetting
+    KL is at most `budget` (the point estimate; its interval is printed beside it); with no loss stored for
+    any of them, the latest such step. None when no checkpoint is within the budget."""
+    inside = [r for r in rows if r["step"] > 0 and r["forget_kl"] <= budget]
+    if not inside:
+        return None
+    scored = [r for r in inside if r["ft_loss"] is not None and math.isfinite(r["ft_loss"])]
+    if scored:
+        return min(scored, key=lambda r: (r["ft_loss"], r["step"]))
+    return max(inside, key=lambda r: r["step"])

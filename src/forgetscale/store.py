@@ -15,7 +15,8 @@ runs         one row per planned fine-tuning run
                         its settings (see forgetscale/mitigations/). Runs of the 'scale' arm are derived,
                         not trained: one per s, measured from the control run's saved weights, with
                         config.mitigation = {name: scale, s, source_run}, rows only at steps whose
-                        weights were kept, wall_s = 0 and train_loss NULL
+                        weights were kept, wall_s = 0 and train_loss NULL;
+                        likewise 'intruders' (one per mitigation_lambda)
   config TEXT           JSON of the full run config
   status TEXT           pending | running | finished | failed
   error TEXT            why a run failed

@@ -23,6 +23,7 @@ EPILOG = """examples:
   forgetscale measure --base HuggingFaceTB/SmolLM2-135M --trainer-output out/ --out runs/mine \\
       --set forgetting.dataset=hf:wikitext --set forgetting.max_tokens=16384
   forgetscale measure --base ./base --model ./tuned-a ./tuned-b --data heldout.jsonl --out runs/full
+  forgetscale measure --base HuggingFaceTB/SmolLM2-135M --trainer-output out/ --out runs/mine --budget 0.1
 see docs/integrations.md (also: the Trainer / TRL callback, the notebook API)."""
 
 
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finetune.dataset: held-out data for the fine-tuning loss (finetune.* keys via --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted), value parsed as YAML; repeatable")
+    parser.add_argument("--budget", type=float, default=None, metavar="KL",
+                        help="name the checkpoint with the lowest eval (or --data held-out) loss whose forgetting "
+                             "KL is at most KL nats; exit 1 when none is")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log", default=None, metavar="mlflow[:URI]", help=LOG_HELP)
 
@@ -57,9 +61,10 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from forgetscale.measure import measure_sources
+    from forgetscale.measure import check_budget, measure_sources
     from forgetscale.tracking import open_sink
 
+    check_budget(args.budget)
     cfg = config_from_args(args)
     sink = open_sink(args.log, args.out, f"forgetscale/{cfg.name}")
     with sink.following() if sink else contextlib.nullcontext():
@@ -82,4 +87,23 @@ def run(args: argparse.Namespace) -> int:
               f"CE {row['forget_ce']:.4f}{ci_suffix(*row['ce_ci'])}  CE hard {row['forget_ce_hard']:.4f}"
               f"{ci_suffix(*row['ce_hard_ci'])}  L_ft {measured(row['ft_loss'])}")
     print(f"results: {Path(args.out) / 'results.sqlite'}")
+    return 0 if args.budget is None else _budget(rows, args.budget)
+
+
+def _budget(rows: list[dict], budget: float) -> int:
+    import sys
+
+    from forgetscale.measure import within_budget
+
+    pick = within_budget(rows, budget)
+    if pick is None:
+        lowest = min((r for r in rows if r["step"] > 0), key=lambda r: r["forget_kl"], default=None)
+        where = f"; the lowest is {lowest['forget_kl']:.5f} ({lowest['label']} step {lowest['step']})" if lowest else ""
+        print(f"forgetscale: no measured checkpoint has forgetting KL <= {budget:g}{where}", file=sys.stderr)
+        return 1
+    over = " (its 95% upper bound is over the budget)" if pick["kl_ci"][1] > budget else ""
+    loss = ("lowest L_ft " + measured(pick["ft_loss"]) if pick["ft_loss"] is not None
+            else "no eval loss stored: the latest step")
+    print(f"within KL {budget:g}: {pick['path'] or pick['label']} (step {pick['step']}): KL {pick['forget_kl']:.5f}"
+          f"{ci_suffix(*pick['kl_ci'])}{over}, {loss}")
     return 0

@@ -10,6 +10,9 @@
 - at every evaluation (on_evaluate) and/or every `every_steps` update steps: one forward pass of the
   model being trained, logged through the trainer's own `log()` (so every report_to backend and
   trainer.state.log_history receive forgetting/kl, forgetting/ce, forgetting/ce_hard, forgetting/entropy);
+- with `budget=X`: a forgetting budget (integrations/budget.py): at the first measurement whose KL passes X,
+  on_exceed="stop" ends training without saving that step (every in-budget measurement is saved as
+  checkpoint-<step>, so the last in-budget one is on disk: `callback.budget.checkpoint`); "warn" warns once;
 - with `run_dir`: sweep-shaped rows (step 0 = the base) appended to RUN_DIR/results.sqlite, ft_loss from
   the trainer's eval_loss at the same step, so `forgetscale fit/report/export` read them.
 
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from forgetscale.integrations.budget import ForgettingBudget
 from forgetscale.methods.attach import trainable_parameters
 from forgetscale.metric import ForgettingMeter, ForgettingResult
 from forgetscale.metric.meter import is_peft
@@ -61,9 +65,10 @@ class ForgettingCallback(TrainerCallback):
                  block_length: int = 128, batch_size: int = 8, every_steps: int | None = None,
                  on_evaluate: bool = True, run_dir: str | Path | None = None, trainer: Any = None,
                  tokenizer: Any = None, meter: ForgettingMeter | None = None, dtype: Any = "auto",
-                 prefix: str = "forgetting/") -> None:
+                 prefix: str = "forgetting/", budget: float | None = None, on_exceed: str = "stop") -> None:
         if every_steps is not None and every_steps < 1:
             raise ValueError("every_steps: must be >= 1 or None")
+        self.budget = ForgettingBudget(budget, on_exceed) if budget is not None else None
         self.forgetting, self.max_tokens, self.block_length = forgetting, max_tokens, block_length
         self.batch_size, self.every_steps, self.measure_on_evaluate = batch_size, every_steps, on_evaluate
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -83,10 +88,12 @@ class ForgettingCallback(TrainerCallback):
                 block_length=self.block_length, batch_size=self.batch_size, dtype=self._autocast(args, model))
         if self.run_dir is not None:
             self._open_run(args, state, model)
+        if self.budget is not None:
+            self.budget.output_dir = Path(args.output_dir)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_steps and state.global_step % self.every_steps == 0:
-            self._measure(model, state)
+            self._within_budget(self._measure(model, state), state, control)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         if not self.measure_on_evaluate:
@@ -95,7 +102,7 @@ class ForgettingCallback(TrainerCallback):
         if self._last_step == state.global_step and state.global_step in self.results:
             self._store(state, self.results[state.global_step], eval_loss)  # measured this step: add L_ft only
             return
-        self._measure(model, state, eval_loss)
+        self._within_budget(self._measure(model, state, eval_loss), state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.run_dir is not None and self.run_id is not None:
@@ -103,6 +110,10 @@ class ForgettingCallback(TrainerCallback):
                 store.update_run(self.run_id, status="finished", error=None)
 
     # -- work --------------------------------------------------------------------------------------
+    def _within_budget(self, result: ForgettingResult, state: Any, control: Any) -> None:
+        if self.budget is not None:
+            self.budget.check(float(result.kl), int(state.global_step), control)
+
     def _autocast(self, args: Any, model: torch.nn.Module) -> torch.dtype | None:
         if self.dtype != "auto":
             return self.dtype

@@ -165,15 +165,16 @@ def score(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch
     reference's sum p log p uses the same arithmetic, so KL is exactly 0 when the model is the base.
     An approximate reference (topk:K) also gives `kl_error_bound`: KL and CE are low by at most that much.
     `workspace`: buffers to reuse (a run's context passes one for all its passes); default: this pass's own.
-    `per_token`: also the per-token fp64 KL, CE and hard CE on CPU (`per_token`), for intervals over blocks;
+    `per_token`: also the per-token fp64 KL, CE, hard CE and NLL on CPU (`per_token`), for intervals over blocks;
     the means are the same sums either way.
     """
     nll = ce = ce_hard = kl = bound = 0.0
     count = 0
-    tokens: dict[str, list[torch.Tensor]] = {"kl": [], "ce": [], "ce_hard": []}
+    tokens: dict[str, list[torch.Tensor]] = {"kl": [], "ce": [], "ce_hard": [], "nll": []}
     for part, z, lse, labels in batches(model, blocks, batch_size, device, dtype, workspace):
         t = z.shape[0]
-        nll += float((lse - z.gather(1, labels[:, None]).view(-1)).double().sum())
+        token_nll = (lse - z.gather(1, labels[:, None]).view(-1)).double()
+        nll += float(token_nll.sum())
         if ref is not None:
             rows = ref.rows(model, part, count, z, lse, device, dtype)
             token_kl = (rows.neg_entropy - rows.cross).double()
@@ -187,6 +188,7 @@ def score(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch
                 tokens["kl"].append(token_kl.cpu())
                 tokens["ce"].append((-rows.cross).double().cpu())
                 tokens["ce_hard"].append(token_hard.cpu())
+                tokens["nll"].append(token_nll.cpu())
         count += t
     out: dict[str, Any] = {"nll": nll / count, "tokens": count}
     if ref is not None:

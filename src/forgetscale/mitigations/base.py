@@ -34,6 +34,9 @@ class MitigationSpec(Strict):
 
     derived: ClassVar[bool] = False  # True: runs measured from the control run's weights, never trained
     grid_key: ClassVar[str | None] = None  # a list field expanding into one run per value (scale's s)
+    # a derived arm's curve: the grid values whose row is a stored row of its control run, measured or not
+    # ('base': the control's step 0, 'control': its row at the same step); the comparison adds them to the curve
+    curve_ends: ClassVar[dict[float, str]] = {}
 
     def grid(self) -> list[Any]:
         """The values of `grid_key` (one run each), or [None]."""
@@ -53,7 +56,7 @@ class MitigationSpec(Strict):
         return self.name + (":" + ",".join(changed) if changed else "")
 
     def label(self, value: Any = None) -> str:
-        return self.tag() + ("" if value is None else f"{value:g}")
+        return with_value(self.tag(), self.grid_key, value)
 
     def check(self, method: MethodSpec) -> str | None:
         """Why this arm cannot run with `method`, or None."""
@@ -108,6 +111,14 @@ register_arm(ControlSpec, Arm())
 CONTROL = ControlSpec()
 
 
+def with_value(tag: str, key: str | None, value: Any) -> str:
+    """An arm's tag with its grid value: 'scale0.5'; after changed settings, named ('intruders:top_k=5,
+    mitigation_lambda=0.5'), so the value is not read as part of the last setting."""
+    if value is None:
+        return tag
+    return f"{tag},{key}={value:g}" if ":" in tag else f"{tag}{value:g}"
+
+
 def stored_arm_label(run: dict[str, Any]) -> str:
     """A stored run's arm as its plan label wrote it (MitigationSpec.label: the tag, plus the grid value of an
     arm that expands into one run per value, e.g. 'scale0.5'); '' for the control."""
@@ -120,7 +131,7 @@ def stored_arm_label(run: dict[str, Any]) -> str:
         value = settings[key] if key else None
     except (TypeError, ValueError, KeyError):  # an older or hand-edited row (or unknown arm): the tag alone
         return tag
-    return tag if value is None else f"{tag}{value:g}"
+    return with_value(tag, key, value)
 
 
 def arms(listed: list[MitigationSpec]) -> list[MitigationSpec]:

@@ -26,6 +26,10 @@ from forgetscale.methods.attach import attach, trainable_parameters, upcast_trai
 from forgetscale.mitigations.base import Arm, MitigationSpec, register_arm
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
     from forgetscale.runs import RunPlan
     from forgetscale.train import RowSink, RunContext
 
@@ -39,6 +43,7 @@ class ScaleSpec(MitigationSpec):
 
     derived: ClassVar[bool] = True
     grid_key: ClassVar[str | None] = "s"
+    curve_ends: ClassVar[dict[float, str]] = {0.0: "base", 1.0: "control"}
 
     @field_validator("s")
     @classmethod
@@ -64,8 +69,24 @@ def tokens_seen(ctx: RunContext, seed: int, step: int) -> int:
 
 
 class Scale(Arm):
+    """Derived runs: the control run's saved weights at each kept step, changed by `changer`, measured.
+    Another post-hoc arm (intruders) subclasses it and overrides `changer` alone."""
+
+    def changer(self, spec: Any, model: torch.nn.Module, value: Any) -> Callable[[], None]:
+        """Called once on the freshly attached model (B = 0, ia3 = 1, W0: the base point); returns what changes
+        the loaded weights in place (under no_grad): W0 + s (W - W0)."""
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n}
+        start = {n: p.detach().clone() for n, p in named.items()}
+
+        def change() -> None:
+            for n, p in named.items():
+                p.copy_(start[n] + value * (p - start[n]))
+
+        return change
+
     def derive(self, spec: ScaleSpec, plan: RunPlan, ctx: RunContext, sink: RowSink) -> dict[str, Any]:
-        """Measure the control run's saved weights scaled by s = plan.arm_value; returns the last row.
+        """Measure the control run's saved weights changed by `changer` (scaled by s = plan.arm_value); returns
+        the last row.
 
         Reads only RUN_DIR/runs/<source>/ (not the store), so it runs under any executor that sees RUN_DIR."""
         import torch
@@ -84,15 +105,13 @@ class Scale(Arm):
         model = ctx.place(attach(ctx.load_base(), plan.method, plan.rank))
         upcast_trainable(model)  # as trained: the saved fp32 weights are not rounded to a half-precision base
         sink.update_run(plan.run_id, trainable_params=trainable_parameters(model), status="running", error=None)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n}
-        start = {n: p.detach().clone() for n, p in named.items()}  # the base point: B = 0, ia3 = 1, W0
+        change = self.changer(spec, model, plan.arm_value)  # on the fresh model: the base point
         sink.delete_checkpoints_after(plan.run_id, -1)
         row: dict[str, Any] = {}
         for step in steps:
             load_weights(model, source.adapter(step))
             with torch.no_grad():
-                for n, p in named.items():
-                    p.copy_(start[n] + plan.arm_value * (p - start[n]))
+                change()
             row = checkpoint_row(model, ctx, plan.run_id, step, train_loss=None,
                                  tokens_seen=tokens_seen(ctx, plan.seed, step), wall_s=0.0)
             sink.add_checkpoint(row)

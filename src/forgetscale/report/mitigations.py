@@ -127,6 +127,6 @@ def section(ctx: ReportContext) -> str | None:
         "minus the control's at L*, 95% bootstrap interval over runs; an interval that excludes 0 means the arm "
         "moved the line, otherwise it slid along it. Train time: training wall time (evaluation excluded), mean over "
         "seeds, against the control, as timed while the runs ran (other jobs on the machine change it; "
-        "benchmarks/bench_mitigations.py interleaves the arms' steps for a drift-free ratio); the scale arm trains nothing (diamonds: its s-curves at the last step). "
+        "benchmarks/bench_mitigations.py interleaves the arms' steps for a drift-free ratio); derived arms (scale, intruders) train nothing (diamonds: their curves at the last step, from the control run's weights). "
         "Lines in the figure: each run's checkpoints in step order.</p>"))
     return "".join(parts)

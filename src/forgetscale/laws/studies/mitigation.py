@@ -2,9 +2,10 @@
 
 Per cell (fine-tuning dataset, method group, rank) holding the control arm ('none') and other arms:
 
-1. Trajectories. A trained run's is its checkpoints in step order from step 0. A scale run's is its
-   s-curve at the last step, from s = 0 (the control's step-0 row: the base) through each measured s to
-   s = 1 (the control's own row). Along a trajectory only the points that set a new lowest held-out L_ft
+1. Trajectories. A trained run's is its checkpoints in step order from step 0. A derived arm's (scale,
+   intruders) is its curve at the last step in the order of its grid value: scale's from s = 0 (the
+   control's step-0 row: the base) through each measured s to s = 1 (the control's own row); intruders'
+   from its lowest lambda to lambda = 1 (the control's row). Along a trajectory only the points that set a new lowest held-out L_ft
    are kept: a later point with a higher L_ft is dominated (more training, a worse fit).
 2. Forgetting at matched loss. L* is the lowest held-out L_ft that every trajectory of both the arm and
    the control reaches; KL and L_f are interpolated linearly in L_ft at L* and at the points 25/50/75%
@@ -80,30 +81,45 @@ def at_loss(points: pd.DataFrame, target: float, column: str) -> float:
     return float(y[-1])
 
 
+def _derived(cfg: dict[str, Any]) -> tuple[float, dict[float, str]] | None:
+    """A derived run's grid value and its arm's curve ends (scale: s, 0 = base, 1 = control; intruders: lambda,
+    1 = control), or None for a trained run."""
+    from forgetscale.mitigations import MITIGATIONS
+
+    if "source_run" not in cfg or cfg.get("name") not in MITIGATIONS:
+        return None
+    spec = MITIGATIONS.get(cfg["name"])
+    if not spec.derived or spec.grid_key not in cfg:
+        return None
+    return float(cfg[spec.grid_key]), spec.curve_ends
+
+
 def trajectories(rows: pd.DataFrame, arm_config: dict[str, dict[str, Any]]) -> dict[str, list[tuple[int, pd.DataFrame]]]:
     """arm tag -> [(seed, frontier)] for one cell's rows (columns ft, kl, f, step, seed, run_id, mitigation)."""
     out: dict[str, list[tuple[int, pd.DataFrame]]] = {}
     by_run = {r: g.sort_values("step") for r, g in rows.groupby("run_id")}
-    scale: dict[str, list[tuple[float, pd.Series]]] = {}
+    curves: dict[tuple[str, str], list[tuple[float, pd.Series]]] = {}  # (tag, source run) -> [(value, last row)]
+    ends: dict[str, dict[float, str]] = {}
     for run_id, g in by_run.items():
         arm = str(g["mitigation"].iloc[0])
         cfg = arm_config.get(run_id, {})
-        if cfg.get("name") == "scale" and "s" in cfg and cfg.get("source_run") in by_run:
+        derived = _derived(cfg)
+        if derived is not None and cfg["source_run"] in by_run:
             last = g[g["step"] == g["step"].max()].iloc[0]
-            scale.setdefault(cfg["source_run"], []).append((float(cfg["s"]), last))
+            curves.setdefault((arm, cfg["source_run"]), []).append((derived[0], last))
+            ends[arm] = derived[1]
             continue
         out.setdefault(arm, []).append((int(g["seed"].iloc[0]), frontier(g)))
-    for source, measured in scale.items():
+    for (tag, source), measured in curves.items():
         control = by_run[source]
         step = int(measured[0][1]["step"])
-        ends = {0.0: control.iloc[0], 1.0: control[control["step"] == step].iloc[0] if (control["step"] == step).any()
-                else None}
+        at_step = control[control["step"] == step]
+        known = {"base": control.iloc[0], "control": at_step.iloc[0] if len(at_step) else None}
         curve = dict(measured)
-        for s, row in ends.items():
-            if s not in curve and row is not None:
-                curve[s] = row
-        points = pd.DataFrame([curve[s] for s in sorted(curve)])
-        tag = str(measured[0][1]["mitigation"])
+        for value, which in ends[tag].items():
+            if value not in curve and known[which] is not None:
+                curve[value] = known[which]
+        points = pd.DataFrame([curve[v] for v in sorted(curve)])
         out.setdefault(tag, []).append((int(control["seed"].iloc[0]), frontier(points)))
     for arm in out:
         out[arm].sort(key=lambda x: x[0])
@@ -194,7 +210,7 @@ def compare_cell(rows: pd.DataFrame, arm_config: dict[str, dict[str, Any]], opti
         cost = _cost(arm_rows)
         derived = bool(len(arm_rows)) and float(arm_rows["wall_s"].max()) == 0.0
         entry["cost"] = {"train_s": cost, "ratio": 1.0 if derived else cost / control_cost,
-                         "note": "no training of its own: the control run's weights, scaled" if derived else ""}
+                         "note": "no training of its own: derived from the control run's weights" if derived else ""}
         if not control_paths:
             entry["status"] = "no control runs ('none') in this cell"
             out["arms"].append(entry)
