@@ -16,6 +16,10 @@
 - with `run_dir`: sweep-shaped rows (step 0 = the base) appended to RUN_DIR/results.sqlite, ft_loss from
   the trainer's eval_loss at the same step, so `forgetscale fit/report/export` read them.
 
+Under torch.distributed (accelerate, torchrun; DDP or FSDP) every process runs the callback: the forgetting
+blocks are split across the ranks (forgetscale.metric.shard), each holds its share of the base reference,
+and every rank gets the same numbers, logged and stored by the main process alone.
+
 The callback finds its trainer on the first event (the Trainer calls its callbacks from its own methods);
 pass `trainer=` to say it explicitly, as TRL's own callbacks take it. Resuming a full fine-tune from a
 checkpoint: the model at on_train_begin is no longer the base; pass `meter=` (a ForgettingMeter built on the base beforehand).
@@ -85,7 +89,9 @@ class ForgettingCallback(TrainerCallback):
             tokenizer = self.tokenizer or _tokenizer(processing_class)
             self.meter = ForgettingMeter.build(
                 model, tokenizer, forgetting=self.forgetting, max_tokens=self.max_tokens,
-                block_length=self.block_length, batch_size=self.batch_size, dtype=self._autocast(args, model))
+                block_length=self.block_length, batch_size=self.batch_size, dtype=self._autocast(args, model),
+                agreed={"every_steps": self.every_steps, "on_evaluate": self.measure_on_evaluate,
+                        "run_dir": self.run_dir is not None})  # what decides when every rank measures
         if self.run_dir is not None:
             self._open_run(args, state, model)
         if self.budget is not None:
@@ -105,7 +111,7 @@ class ForgettingCallback(TrainerCallback):
         self._within_budget(self._measure(model, state, eval_loss), state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.run_dir is not None and self.run_id is not None:
+        if self.run_dir is not None and self.run_id is not None and self._main:
             with Store(self.run_dir) as store:
                 store.update_run(self.run_id, status="finished", error=None)
 
@@ -131,14 +137,31 @@ class ForgettingCallback(TrainerCallback):
         step = int(state.global_step)
         self.results[step], self._last_step = result, step
         logs = {f"{self.prefix}{k}": float(getattr(result, k)) for k in KEYS}
+        if not self._main:  # every rank holds the numbers (self.results); the main process logs and stores them
+            return result
         if self.trainer is not None:
+            control = getattr(self.trainer, "control", None)
+            should_log = getattr(control, "should_log", False)
             self.trainer.log(logs)
+            if control is not None:  # log() clears it: the trainer's own logs of this step (and, under DDP,
+                control.should_log = should_log  # the loss all-gather every rank makes for them) still happen
         else:  # no trainer found: keep the numbers in the history the trainer would have written
             state.log_history.append({**logs, "step": step})
         self._store(state, result, eval_loss)
         return result
 
+    @property
+    def _main(self) -> bool:
+        shard = self.meter.shard if self.meter is not None else None
+        return shard is None or shard.rank == 0
+
     def _open_run(self, args: Any, state: Any, model: torch.nn.Module) -> None:
+        base = None
+        if int(state.global_step) == 0:  # the base row: measured (by every rank), so KL is exactly 0 there
+            with (model.disable_adapter() if is_peft(model) else _null()):
+                base = self.meter.measure(model)
+        if not self._main:
+            return
         name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
         settings = dict(self.meter.settings)
         self.run_id = run_hash({"callback": True, "model": name, "forgetting": settings,
@@ -161,9 +184,7 @@ class ForgettingCallback(TrainerCallback):
                                     seed=int(args.seed), config=config, status="running"))
             store.update_run(self.run_id, status="running", trainable_params=params)
             store.delete_checkpoints_after(self.run_id, int(state.global_step))  # a resumed run keeps its rows
-        if int(state.global_step) == 0:  # the base row: measured, so KL is exactly 0 there
-            with (model.disable_adapter() if is_peft(model) else _null()):
-                base = self.meter.measure(model)
+        if base is not None:
             self._store(state, base, None)
 
     @staticmethod
@@ -178,7 +199,7 @@ class ForgettingCallback(TrainerCallback):
             return {"name": "trainer", "model": {"name": name}}
 
     def _store(self, state: Any, result: ForgettingResult, eval_loss: float | None) -> None:
-        if self.run_dir is None or self.run_id is None:
+        if self.run_dir is None or self.run_id is None or not self._main:
             return
         step = int(state.global_step)
         losses = [e["loss"] for e in state.log_history if "loss" in e and e.get("step", -1) <= step]

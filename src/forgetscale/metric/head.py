@@ -38,8 +38,19 @@ def plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS or not hasattr(model, "get_output_embeddings"):
         return None
+    if sharded(model):  # FSDP holds the head's weight whole only inside the model's forward
+        return None
     head = model.get_output_embeddings()
     return head if type(head) is torch.nn.Linear else None  # not an adapter or a quantised layer on the head
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP (the wrapper, or fully_shard's modules) shards the model's parameters across processes."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
 
 
 def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:

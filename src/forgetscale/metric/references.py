@@ -145,13 +145,13 @@ class MemoryReference(PerTokenEntropy):
 
 
 def memory_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
-                     dtype: torch.dtype | None = None) -> MemoryReference:
+                     dtype: torch.dtype | None = None, passes: int | None = None) -> MemoryReference:
     """The base model's distribution on `blocks` (call before attaching a method, or with adapters disabled).
 
     The [T, V] table is allocated once and filled batch by batch: concatenating per-batch pieces would hold it
-    twice at the end (a 12.9 GB reference peaked past 24 GB and was killed)."""
+    twice at the end (a 12.9 GB reference peaked past 24 GB and was killed). `passes`: see `sums.batches`."""
     probs, neg_entropy, argmax, start = None, [], [], 0
-    for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype):
+    for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype, passes=passes):
         p, neg_h = base_distribution(z, lse)
         if probs is None:
             probs = torch.empty((blocks.loss_tokens, z.shape[1]), dtype=p.dtype)

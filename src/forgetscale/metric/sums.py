@@ -121,12 +121,18 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
 
 
 def batches(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device, dtype: torch.dtype | None,
-             workspace: LogitsWorkspace | None = None):
-    """Yield (batch, z, lse, labels) batch by batch (see `forward`); z is overwritten by the next batch."""
+             workspace: LogitsWorkspace | None = None, passes: int | None = None):
+    """Yield (batch, z, lse, labels) batch by batch (see `forward`); z is overwritten by the next batch.
+    `passes`: make that many forward passes in all, repeating the last batch unseen (forgetscale.metric.shard:
+    every rank of a sharded model must run as many forwards as the others)."""
     workspace = workspace or LogitsWorkspace()
+    made = 0
     for start in range(0, len(blocks), batch_size):
         part = blocks.select(slice(start, start + batch_size))
+        made += 1
         yield (part, *forward(model, part, device, dtype, workspace))
+    for _ in range(made, passes or 0):
+        forward(model, blocks.select(slice(max(0, len(blocks) - batch_size), len(blocks))), device, dtype, workspace)
 
 
 DOT_CHUNK = 256  # vocabulary columns per partial dot product
@@ -158,20 +164,21 @@ def base_distribution(z: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor,
 
 def score(model: torch.nn.Module, blocks: Blocks, batch_size: int, device: torch.device,
           dtype: torch.dtype | None = None, ref: Reference | None = None,
-          workspace: LogitsWorkspace | None = None, per_token: bool = False) -> dict[str, Any]:
+          workspace: LogitsWorkspace | None = None, per_token: bool = False, passes: int | None = None) -> dict[str, Any]:
     """Mean next-token NLL on the blocks' labels; with a reference also soft/hard CE, entropy and KL.
 
     Uses log q(v) = z_v - logsumexp(z), so sum_v p log q = p.z - lse needs no log-softmax tensor; the
     reference's sum p log p uses the same arithmetic, so KL is exactly 0 when the model is the base.
     An approximate reference (topk:K) also gives `kl_error_bound`: KL and CE are low by at most that much.
     `workspace`: buffers to reuse (a run's context passes one for all its passes); default: this pass's own.
-    `per_token`: also the per-token fp64 KL, CE, hard CE and NLL on CPU (`per_token`), for intervals over blocks;
-    the means are the same sums either way.
+    `per_token`: also the per-token fp64 KL, CE, hard CE and NLL on CPU (`per_token`), for intervals over
+    blocks and for the sums a distributed measurement gathers; the means are the same sums either way.
+    `passes`: forward passes in all (see `batches`).
     """
     nll = ce = ce_hard = kl = bound = 0.0
     count = 0
     tokens: dict[str, list[torch.Tensor]] = {"kl": [], "ce": [], "ce_hard": [], "nll": []}
-    for part, z, lse, labels in batches(model, blocks, batch_size, device, dtype, workspace):
+    for part, z, lse, labels in batches(model, blocks, batch_size, device, dtype, workspace, passes):
         t = z.shape[0]
         token_nll = (lse - z.gather(1, labels[:, None]).view(-1)).double()
         nll += float(token_nll.sum())
