@@ -93,8 +93,12 @@ def fsdp(out: Path) -> dict:
     state.global_step = 1
     callback.on_step_end(args, state, control, model=model)
     callback.on_train_end(args, state, control)
-    sharded = [type(p).__name__ for p in model.parameters()][:1]
-    return {"results": _results(callback), "parameters": sharded}
+    from torch.distributed.tensor import DTensor
+
+    from forgetscale.metric.head import sharded
+
+    return {"results": _results(callback), "sharded": sharded(model),
+            "dtensors": [sum(isinstance(p, DTensor) for p in model.parameters()), len(list(model.parameters()))]}
 
 
 def bad(out: Path, mode: str, rank: int) -> dict:

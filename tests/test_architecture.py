@@ -280,7 +280,7 @@ def test_the_metric_lives_in_one_package():
     the output head and the notebook API; nothing outside defines one of its parts again."""
     mods = modules()
     metric = {name for name in mods if name == "forgetscale.metric" or name.startswith("forgetscale.metric.")}
-    assert metric == {"forgetscale.metric", *(f"forgetscale.metric.{m}" for m in ("head", "sums", "references", "meter"))}
+    assert metric == {"forgetscale.metric", *(f"forgetscale.metric.{m}" for m in ("head", "sums", "references", "meter", "shard"))}
     for gone in ("forgetting", "references", "output_head"):
         assert f"forgetscale.{gone}" not in mods, f"forgetscale.{gone} is back outside forgetscale/metric/"
     elsewhere = {}
