@@ -122,3 +122,35 @@ def test_bad_input_is_one_error_on_every_rank_not_a_hang(mode, message, tmp_path
     errors = [r.get("error", "") for r in reports]
     assert all(e.startswith(f"ConfigError: {message}") and "\n" not in e for e in errors), errors
     assert errors[0] == errors[1]
+
+
+def test_measure_on_two_processes_equals_one(tmp_path, capfd):
+    """`forgetscale measure --processes 2` (torchrun's launch, in the CLI) stores what one process stores, the
+    held-out loss included; a folder holding other settings is one line from each rank and exit 2."""
+    from forgetscale.cli import main
+    from forgetscale.models import load_model
+    from tests.distributed_run import seeded_lora
+
+    torch.set_num_threads(1)
+    adapter = tmp_path / "lora"
+    seeded_lora(load_model("tiny-random-llama").model).save_pretrained(adapter)
+    common = ["measure", "--base", "tiny-random-llama", "--adapter", str(adapter), "--no-progress",
+              "--data", "embedded:news", "--set", "finetune.heldout_max_tokens=160", "--set", "finetune.max_examples=40",
+              "--set", "train.context_length=32", "--set", "train.threads=1"]
+    assert main([*common, "--set", "forgetting.max_tokens=224", "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--set", "forgetting.max_tokens=224", "--out", str(tmp_path / "two"), "--processes", "2"]) == 0
+    rows = {}
+    for name in ("one", "two"):
+        with Store(tmp_path / name, create=False) as store:
+            rows[name] = {r["step"]: r for r in store.checkpoints()}
+            assert len(store.runs()) == 1  # one writer
+    assert sorted(rows["two"]) == [0, 1] and rows["two"][1]["forget_kl"] > 0 and rows["two"][1]["ft_loss"] > 0
+    for column in ("forget_kl", "forget_ce", "forget_ce_hard", "base_entropy", "ft_loss", "ft_kl"):
+        assert _close(rows["two"][1][column], rows["one"][1][column]), column
+    capfd.readouterr()
+    before = (tmp_path / "two" / "results.sqlite").read_bytes()
+    assert main([*common, "--set", "forgetting.max_tokens=192", "--out", str(tmp_path / "two"), "--processes", "2"]) == 2
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("forgetscale: ")]
+    assert lines == ["forgetscale: forgetting.max_tokens: differs from the measurements already stored in "
+                     f"{tmp_path / 'two'}; use a new --out folder"] * 2, lines
+    assert (tmp_path / "two" / "results.sqlite").read_bytes() == before

@@ -19,6 +19,7 @@ from forgetscale.artefacts import PEFT_CONFIG, TRAINABLE_FILE, RunFolder
 from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.metric import ForgettingMeter, ForgettingResult
+from forgetscale.metric.shard import broadcast, join_launched
 from forgetscale.runs import run_hash
 from forgetscale.store import CheckpointRow, RunDirLock, RunRecord, Store
 from forgetscale.weights import (
@@ -118,21 +119,23 @@ def measure_sources(cfg: Any, out_dir: str | Path, *, adapters: list[Path] = (),
             ident["weights"] = group.hashes[group.sources[0].step]  # a single folder: its content is its identity
         group.run_id = run_hash(ident)
 
+    rank, world, group_ = join_launched()
+    if rank > 0:  # another process of `torchrun ... forgetscale measure`: measure with the main one, store nothing
+        todo = _agreed_todo(None, groups, group_)
+        if todo:
+            _measure_todo(cfg, out_dir, None, todo, with_data, progress=False)
+        return []
     with RunDirLock(out_dir):
         store = Store(out_dir)
         try:
-            store.check_claim("measure", _difference(settings))  # reads only: nothing is written yet
-            todo = []
-            for group in groups:
-                run = store.run(group.run_id)
-                done = {}
-                if run is not None:
-                    done = json.loads(run["config"]).get("measured", {}).get("hashes", {})
-                stored_steps = {r["step"] for r in store.checkpoints(group.run_id)}
-                missing = [s for s in group.sources
-                           if s.step not in stored_steps or done.get(str(s.step)) != group.hashes[s.step]]
-                if missing or 0 not in stored_steps:
-                    todo.append((group, missing))
+            try:
+                todo = _todo(store, groups, settings)
+            except Exception as err:
+                if world > 1:
+                    _agreed_todo(err, groups, group_)  # every rank raises it, none waits
+                raise
+            if world > 1:
+                _agreed_todo(todo, groups, group_)
             if todo:
                 _measure_todo(cfg, out_dir, store, todo, with_data, progress)
             return _printable(store, groups)
@@ -140,8 +143,38 @@ def measure_sources(cfg: Any, out_dir: str | Path, *, adapters: list[Path] = (),
             store.close()
 
 
-def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group, list[Source]]], with_data: bool,
-                  progress: bool) -> None:
+def _todo(store: Store, groups: list[Group], settings: dict[str, Any]) -> list[tuple[Group, list[Source]]]:
+    """What is not stored yet: (group, its sources to measure) for each group that needs work."""
+    store.check_claim("measure", _difference(settings))  # reads only: nothing is written yet
+    todo = []
+    for group in groups:
+        run = store.run(group.run_id)
+        done = {}
+        if run is not None:
+            done = json.loads(run["config"]).get("measured", {}).get("hashes", {})
+        stored_steps = {r["step"] for r in store.checkpoints(group.run_id)}
+        missing = [s for s in group.sources
+                   if s.step not in stored_steps or done.get(str(s.step)) != group.hashes[s.step]]
+        if missing or 0 not in stored_steps:
+            todo.append((group, missing))
+    return todo
+
+
+def _agreed_todo(todo: Any, groups: list[Group], group: Any) -> list[tuple[Group, list[Source]]]:
+    """The main process's plan (or its error) on every process of a distributed measurement: only the main
+    process reads the store; the others measure what it says, in its order."""
+    if isinstance(todo, list):
+        todo = [(groups.index(g), [s.step for s in sources]) for g, sources in todo]
+    plan = broadcast(todo, group)
+    if isinstance(plan, BaseException):
+        raise plan
+    return [(groups[i], [s for s in groups[i].sources if s.step in steps]) for i, steps in plan]
+
+
+def _measure_todo(cfg: Any, out_dir: Path, store: Store | None, todo: list[tuple[Group, list[Source]]],
+                  with_data: bool, progress: bool) -> None:
+    """Measure and store; `store` None: another rank of a distributed measurement (it measures its share of
+    the blocks with the main process, which alone writes)."""
     from tqdm.auto import tqdm
 
     from forgetscale.models import load_configured_base
@@ -149,7 +182,8 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
     setup = load_configured_base(cfg)
     base, device, dtype, length, block, cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
                                                  setup.block_length, setup.data_cache)
-    _check_sources(cfg, base, todo)  # every source is checked against the base before anything is written
+    if store is not None:
+        _check_sources(cfg, base, todo)  # every source is checked against the base before anything is written
     blocks = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, cache)
     heldout = None
     if with_data:
@@ -158,9 +192,15 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store, todo: list[tuple[Group,
         for note in data.notes:
             print(f"warning: {note}", file=sys.stderr)
     ref = ForgettingMeter.build(base.model, forgetting=blocks, batch_size=cfg.train.eval_batch_size, device=device,
-                              dtype=dtype, heldout=heldout)
+                              dtype=dtype, heldout=heldout, agreed=measure_settings(cfg, with_data))
     ref.settings = measure_settings(cfg, with_data)
     base_result = ref.measure(base.model)
+    if store is None:
+        for _group, sources in todo:
+            for source in sources:
+                with applied(base.model, source) as (tuned, _params):
+                    ref.measure(tuned)
+        return
     # every input is read and checked: the folder is ours now (sweep_config: what eval and report read)
     store.claim("measure", ref.settings, _difference(ref.settings))
     store.set_meta("sweep_config", json.dumps(cfg.to_dict(), sort_keys=True))

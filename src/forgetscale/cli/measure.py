@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None, metavar="KL",
                         help="name the checkpoint with the lowest eval (or --data held-out) loss whose forgetting "
                              "KL is at most KL nats; exit 1 when none is")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="measure on N processes (started here with torchrun; each holds 1/N of the base "
+                             "reference); under torchrun/accelerate already, the launcher's processes are used")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log", default=None, metavar="mlflow[:URI]", help=LOG_HELP)
 
@@ -58,19 +61,67 @@ def config_from_args(args: argparse.Namespace):
     return parse_config(apply_overrides({}, overrides, shorthands={"model": "name"}), "--set")
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """`--processes N`: this verb again on N processes under torchrun (the same arguments, less --processes)."""
+    import sys
+
+    argv = ["--base", args.base, "--out", str(args.out)]
+    for flag, values in (("--adapter", args.adapter), ("--model", args.model)):
+        argv += [flag, *map(str, values)] if values else []
+    for path in args.trainer_output:
+        argv += ["--trainer-output", str(path)]
+    for flag, value in (("--config", args.config), ("--data", args.data), ("--log", args.log),
+                        ("--budget", args.budget)):
+        argv += [flag, str(value)] if value is not None else []
+    for override in args.overrides:
+        argv += ["--set", override]
+    argv += ["--no-progress"] if args.no_progress else []
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # torchrun --standalone, in this process: each rank prints its own one-line error; the agent's own
+    # failure report (a page per run) stays out of the way
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    level, agent_log.level = agent_log.level, logging.CRITICAL
+    try:
+        elastic_launch(config, sys.executable)("-m", "forgetscale", "measure", *argv)
+    except ChildFailedError as err:
+        codes = sorted({failure.exitcode for failure in err.failures.values()})
+        return 2 if 2 in codes else max(1, codes[-1])
+    finally:
+        agent_log.setLevel(level)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
+    import os
 
+    from forgetscale.errors import ConfigError
     from forgetscale.measure import check_budget, measure_sources
     from forgetscale.tracking import open_sink
 
     check_budget(args.budget)
+    if args.processes < 1:
+        raise ConfigError(f"--processes: must be >= 1; got {args.processes}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.processes > 1 and launched == 1:
+        config_from_args(args)  # a bad key is one line here, not one per process
+        return _launch(args)
+    main = int(os.environ.get("RANK", "0")) == 0
     cfg = config_from_args(args)
-    sink = open_sink(args.log, args.out, f"forgetscale/{cfg.name}")
+    sink = open_sink(args.log, args.out, f"forgetscale/{cfg.name}") if main else None
     with sink.following() if sink else contextlib.nullcontext():
         rows = measure_sources(cfg, args.out, adapters=args.adapter, models=args.model,
                                trainer_outputs=args.trainer_output, with_data=args.data is not None,
                                progress=not args.no_progress)
+    if not main:  # the main process prints and stores
+        return 0
     if rows:
         blocks = rows[0].get("blocks")
         print(f"base entropy H(p_base) = {rows[0]['base_entropy']:.4f} nats/token on {cfg.forgetting.dataset} "

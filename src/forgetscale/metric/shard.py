@@ -104,3 +104,27 @@ def gather_rows(rows: torch.Tensor, shard: Shard) -> torch.Tensor:
     if table.shape[0] != shard.total:
         raise RuntimeError(f"gathered {table.shape[0]} blocks from {shard.world} processes, expected {shard.total}")
     return table
+
+
+def join_launched() -> tuple[int, int, Any]:
+    """(rank, world size, group) of a process started by torchrun (WORLD_SIZE > 1 in its environment): the
+    default process group initialised here if the caller has not (nccl when there is a GPU per process, its
+    GPU chosen by LOCAL_RANK; gloo otherwise); (0, 1, None) for a process started alone."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return 0, 1, None
+    if not torch.distributed.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        gpu = torch.cuda.is_available() and torch.cuda.device_count() > local
+        if gpu:
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    return process_group()
+
+
+def broadcast(value: Any, group: Any) -> Any:
+    """Rank 0's `value` on every rank (a plan, or an error message every rank then raises)."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, group=group)
+    return box[0]
