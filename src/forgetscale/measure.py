@@ -177,11 +177,11 @@ def _measure_todo(cfg: Any, out_dir: Path, store: Store | None, todo: list[tuple
     the blocks with the main process, which alone writes)."""
     from tqdm.auto import tqdm
 
-    from forgetscale.models import load_configured_base
+    from forgetscale.models import load_configured_base, measuring_dtype
 
     setup = load_configured_base(cfg)
-    base, device, dtype, length, block, cache = (setup.loaded, setup.device, setup.dtype, setup.context_length,
-                                                 setup.block_length, setup.data_cache)
+    base, device, length, block, cache = setup.loaded, setup.device, setup.context_length, setup.block_length, setup.data_cache
+    dtype = measuring_dtype(setup.weights_dtype, cfg.forgetting.dtype, device)  # the sweep's and the callback's policy
     if store is not None:
         _check_sources(cfg, base, todo)  # every source is checked against the base before anything is written
     blocks = build_forgetting_blocks(cfg.forgetting, base.tokenizer, block, cache)

@@ -316,13 +316,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 def model_identity(cfg: Any, device: torch.device) -> dict[str, Any]:
     """What decides the base model's predictions, for keying stored ones: the source (with its weight files'
-    size and mtime where it is local), the weights' and compute precisions, quantization and device type."""
+    size and mtime where it is local), the weights' and measuring precisions, quantization and device type."""
     source, gguf = resolve_source(cfg.model.name, cfg.model.gguf_file, cfg.model.cache_dir)
     attention = attention_implementation(cfg, device)  # only when set: keys stored before it existed stay valid
     files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
     return {"source": source, "gguf_file": gguf, "revision": cfg.model.revision,
             "files": [_file_key(f) for f in files], "weights": str(weights_dtype(cfg.model.dtype, device)),
-            "compute": str(compute_dtype(cfg, device)), "quantization": cfg.model.quantization,
+            "compute": str(measuring_dtype(weights_dtype(cfg.model.dtype, device), cfg.forgetting.dtype, device)),
+            "quantization": cfg.model.quantization,
             "device": device.type, **({"attention": attention} if attention else {})}
 
 
@@ -344,6 +345,37 @@ def compute_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
     if dtype is None and weights != torch.float32:
         return weights
     return dtype
+
+
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def measuring_dtype(weights: torch.dtype, requested: str = "auto", device: torch.device | None = None) -> torch.dtype | None:
+    """The one precision policy of a measurement (forgetting.dtype; the callback's dtype=): the autocast dtype,
+    None for plain fp32. auto: the weights' own, never the trainer's autocast: fp32 weights are measured in
+    fp32 (bf16 autocast moves the KL: docs/performance.md#measuring-precision), half-precision weights under
+    autocast in their dtype with the output head in fp32 (`fp32_output_head`)."""
+    if requested == "auto":
+        return weights if weights in (torch.bfloat16, torch.float16) else None
+    if requested == "float32":
+        if weights in (torch.bfloat16, torch.float16):
+            raise ConfigError(f"forgetting.dtype: float32 needs fp32 weights and the base is stored in {weights} "
+                              "(model.dtype); use auto or float32 weights; got 'float32'")
+        return None
+    if requested not in HALF:
+        raise ConfigError(f"forgetting.dtype: must be auto, float32, bfloat16 or float16; got {requested!r}")
+    if requested == "float16" and device is not None and device.type == "cpu":
+        raise ConfigError("forgetting.dtype: float16 is not supported on CPU; use auto, float32 or bfloat16")
+    return HALF[requested]
+
+
+def weights_dtype_of(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the base weights are stored in (the input embedding's: an adapter's own weights stay fp32)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -21,7 +21,13 @@ from forgetscale.errors import StoreError
 from forgetscale.executors import EXECUTORS, make_executor
 from forgetscale.metric import references
 from forgetscale.mitigations.runtime import prepare_arms
-from forgetscale.models import load_base_weights, load_configured_base, model_identity, resolve_device
+from forgetscale.models import (
+    load_base_weights,
+    load_configured_base,
+    measuring_dtype,
+    model_identity,
+    resolve_device,
+)
 from forgetscale.runs import (
     EXTENDABLE,
     RUN_IRRELEVANT_SECTIONS,
@@ -66,7 +72,8 @@ def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] 
     mode, note = references.choose(cfg.forgetting.reference, sum(sizes.values()), references.available_ram(),
                                    to_write, free, all(spec.uses_adapter for spec in cfg.methods))
     phase(f"base predictions on {forgetting.loss_tokens + data.heldout.loss_tokens:,} tokens ({mode})")
-    refs = {name: references.build(mode, base.model, blocks, batch, device, dtype, folders.get(name))
+    measure_dtype = measuring_dtype(setup.weights_dtype, cfg.forgetting.dtype, device)
+    refs = {name: references.build(mode, base.model, blocks, batch, device, measure_dtype, folders.get(name))
             for name, blocks in sets.items()}
     # the arms' general-text pools, self-generated text and Fisher: once per sweep, while the base is loaded
     if cfg.mitigation:
@@ -80,7 +87,8 @@ def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] 
         return load_base_weights(cfg, resolve_device(cfg.train.device) if cfg.model.quantization != "none" else "cpu")
 
     return RunContext(cfg, out_dir, device, dtype, None, data, forgetting, refs["forgetting"], refs["heldout"],
-                      load_base, keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs, reference_note=note)
+                      load_base, keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs, reference_note=note,
+                      measure_dtype=measure_dtype)
 
 
 def check_same_sweep(store: Store, cfg: SweepConfig) -> None:

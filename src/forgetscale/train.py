@@ -86,6 +86,7 @@ class RunContext:
     reference_note: str = "memory"  # where the base predictions live, and why (forgetting.reference)
     base_metrics: dict[str, float] | None = None  # step 0 of a run whose method starts as the base, once measured
     workspace: LogitsWorkspace = field(default_factory=LogitsWorkspace)  # measuring buffers, reused on CPU
+    measure_dtype: torch.dtype | None = None  # the measuring precision (metric.sums.measuring_dtype), not `dtype`
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """A freshly attached model on the run's device (a 4-bit base was placed by its loader and refuses .to())."""
@@ -110,7 +111,7 @@ def step_seed(seed: int, step: int) -> int:
 
 def checkpoint_metrics(model: torch.nn.Module, ctx: RunContext) -> dict[str, float]:
     """Measure `model` on the held-out, train-probe and forgetting sets."""
-    batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.dtype
+    batch, device, dtype = ctx.config.train.eval_batch_size, ctx.device, ctx.measure_dtype
     space = ctx.workspace.on(device)  # CPU: one set of [tokens x vocabulary] buffers for every pass
     model.eval()
     held = score(model, ctx.data.heldout, batch, device, dtype, ctx.heldout_ref, space)

@@ -123,8 +123,12 @@ class ForgettingConfig(SourceSpec):
     separator: Literal["eos", "blank_line"] = Field(
         "eos", description="between packed documents: the tokenizer's EOS token (a chat model's end-of-turn token: "
         "SmolLM2's im_end), or a blank line as text")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="precision of every forgetting measurement (sweep, measure; the callback's dtype=): "
+        "auto: the base weights' own (fp32 weights: fp32, whatever train.dtype trains in; bf16/fp16 weights: "
+        "autocast in it, the output head in fp32), so one checkpoint gives one number whichever tool measures it")
 
-    ADDED_KEYS = ("separator",)
+    ADDED_KEYS = ("separator", "dtype")
 
 
 class TrainConfig(_Section):

@@ -30,7 +30,7 @@ from forgetscale.artefacts import STATE_FILE, RunFolder
 from forgetscale.executors.local import execute_plan
 from forgetscale.host_memory import apply_allocator
 from forgetscale.metric.references import MemoryReference
-from forgetscale.models import compute_dtype, resolve_device
+from forgetscale.models import compute_dtype, measuring_dtype, resolve_device, weights_dtype
 from forgetscale.runs import RunPlan
 from forgetscale.store import CheckpointRow
 
@@ -86,8 +86,10 @@ def _unship(shipped: tuple[Any, dict[str, tuple[np.ndarray, ...]]], out_dir: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only shared memory: measure() only reads it
         restored = {name: MemoryReference(*(torch.from_numpy(a) for a in arrays)) for name, arrays in refs.items()}
-    return dataclasses.replace(bare, device=device, dtype=compute_dtype(bare.config, device),
-                               out_dir=out_dir, **restored)
+    cfg = bare.config
+    return dataclasses.replace(bare, device=device, dtype=compute_dtype(cfg, device), out_dir=out_dir, **restored,
+                               measure_dtype=measuring_dtype(weights_dtype(cfg.model.dtype, device), cfg.forgetting.dtype,
+                                                             device))
 
 
 class RowStream:

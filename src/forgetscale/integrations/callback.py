@@ -39,6 +39,7 @@ from forgetscale.integrations.budget import ForgettingBudget
 from forgetscale.methods.attach import trainable_parameters
 from forgetscale.metric import ForgettingMeter, ForgettingResult
 from forgetscale.metric.meter import is_peft
+from forgetscale.models import measuring_dtype, weights_dtype_of
 from forgetscale.runs import run_hash
 from forgetscale.store import CheckpointRow, RunRecord, Store
 from forgetscale.weights import method_of
@@ -121,14 +122,12 @@ class ForgettingCallback(TrainerCallback):
             self.budget.check(float(result.kl), int(state.global_step), control)
 
     def _autocast(self, args: Any, model: torch.nn.Module) -> torch.dtype | None:
-        if self.dtype != "auto":
-            return self.dtype
-        device = next(model.parameters()).device
-        if getattr(args, "bf16", False):
-            return torch.bfloat16
-        if getattr(args, "fp16", False) and device.type == "cuda":
-            return torch.float16
-        return None
+        """The measuring precision: forgetscale.metric.sums.measuring_dtype's policy (the weights' own, not the
+        trainer's bf16/fp16 autocast), so `forgetscale measure` on a saved checkpoint gives the same number;
+        `dtype=` overrides it (a torch dtype, or 'float32' / 'bfloat16' / 'float16')."""
+        if isinstance(self.dtype, torch.dtype):
+            return None if self.dtype == torch.float32 else self.dtype
+        return measuring_dtype(weights_dtype_of(model), self.dtype, next(model.parameters()).device)
 
     def _measure(self, model: torch.nn.Module, state: Any, eval_loss: float | None = None) -> ForgettingResult:
         if self.meter is None:
