@@ -5,7 +5,8 @@
 
 MODE:
 - sft: TRL SFTTrainer + PEFT LoRA under DDP with the ForgettingCallback (every step, a run_dir), a checkpoint
-  saved every step so one process can measure the same weights afterwards;
+  saved every step so one process can measure the same weights afterwards; TRL's default bf16=True, so the
+  callback's measuring precision (fp32 weights: fp32) is checked against `forgetscale measure`'s too;
 - fsdp: LoRA on the tiny model sharded with torch's fully_shard (FSDP2), the callback driven by a plain loop
   (accelerate 1.16 runs FSDP on GPUs only; see docs/integrations.md), one optimizer step per callback step;
 - mismatch: rank 1 asks for another forgetting.max_tokens than rank 0;
@@ -61,7 +62,7 @@ def sft(out: Path) -> dict:
     callback = ForgettingCallback(max_tokens=MAX_TOKENS, block_length=LENGTH, every_steps=1, run_dir=out / "run")
     args = SFTConfig(output_dir=str(out / "sft"), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-3,
                      logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=1,
-                     disable_tqdm=True, max_length=LENGTH, bf16=False, seed=0)
+                     disable_tqdm=True, max_length=LENGTH, seed=0)  # TRL's default bf16=True: trains in bf16
     trainer = SFTTrainer(model=base.model, args=args, train_dataset=Dataset.from_dict({"text": texts()}),
                          processing_class=base.tokenizer, callbacks=[callback],
                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -69,6 +70,7 @@ def sft(out: Path) -> dict:
     trainer.train()
     logged = [e for e in trainer.state.log_history if "forgetting/kl" in e]
     return {"results": _results(callback), "logged": logged, "wrapped": type(trainer.model_wrapped).__name__,
+            "bf16": bool(args.bf16), "measuring_dtype": str(callback.meter.dtype),
             "blocks": [callback.meter.shard.start, callback.meter.shard.stop], "reference_rows": callback.meter.ref.tokens}
 
 

@@ -56,13 +56,15 @@ def test_split_covers_every_block_once():
 
 
 def test_sft_lora_under_ddp_equals_one_process(tmp_path):
-    """TRL SFTTrainer + PEFT LoRA under DDP (2 ranks, 7 blocks: 4 + 3): every rank gets the same numbers,
-    equal to `forgetscale measure` on one process on the checkpoints the run saved; logged and stored once."""
+    """TRL SFTTrainer + PEFT LoRA under DDP (2 ranks, 7 blocks: 4 + 3), TRL's default bf16: every rank gets
+    the same numbers, equal to `forgetscale measure` on one process on the checkpoints the run saved (one
+    measuring precision for both tools); logged and stored once."""
     from forgetscale.cli import main
 
     code, (r0, r1), _ = _launch("sft", tmp_path / "sft")
     assert code == 0 and "error" not in r0, r0
     assert r0["wrapped"] == "DistributedDataParallel"
+    assert r0["bf16"] and r0["measuring_dtype"] == "None"  # trained under bf16 autocast, measured in fp32
     assert r0["blocks"] == [0, 4] and r1["blocks"] == [4, 7]  # each rank held its share of the reference
     assert r0["reference_rows"] + r1["reference_rows"] == r0["results"]["1"]["tokens"]
     assert r0["results"] == r1["results"]  # the same numbers on every rank, to the bit

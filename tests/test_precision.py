@@ -268,3 +268,24 @@ def test_allocator_retains_freed_memory_on_cpu_only_and_never_changes_a_run(tiny
     ids = [p.run_id for p in plan_runs(parse_config(tiny_cfg()))]
     for choice in ("system", "retain"):
         assert [p.run_id for p in plan_runs(parse_config(tiny_cfg(train={"allocator": choice})))] == ids
+
+
+def test_one_measuring_precision_follows_the_weights_not_the_trainer():
+    """models.measuring_dtype: the callback, `measure` and sweeps measure fp32 weights in fp32 whatever autocast
+    trains them, half-precision weights under autocast in their own dtype; forgetting.dtype overrides."""
+    from forgetscale.models import measuring_dtype, weights_dtype_of
+
+    cpu = torch.device("cpu")
+    assert measuring_dtype(torch.float32) is None
+    assert measuring_dtype(torch.bfloat16) == torch.bfloat16 and measuring_dtype(torch.float16) == torch.float16
+    assert measuring_dtype(torch.float32, "bfloat16", cpu) == torch.bfloat16
+    assert measuring_dtype(torch.float32, "float32") is None
+    with pytest.raises(ConfigError, match="forgetting.dtype: float32 needs fp32 weights"):
+        measuring_dtype(torch.bfloat16, "float32")
+    with pytest.raises(ConfigError, match="forgetting.dtype: float16 is not supported on CPU"):
+        measuring_dtype(torch.float32, "float16", cpu)
+    layer = torch.nn.Embedding(4, 2).to(torch.bfloat16)
+    model = torch.nn.Module()
+    model.get_input_embeddings = lambda: layer
+    model.extra = torch.nn.Linear(2, 2)  # an fp32 adapter beside bf16 base weights: the base's precision counts
+    assert weights_dtype_of(model) == torch.bfloat16

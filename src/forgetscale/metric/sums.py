@@ -87,6 +87,24 @@ def fp32_output_head(model: torch.nn.Module, device: torch.device, dtype: torch.
             hook.remove()
 
 
+@contextlib.contextmanager
+def own_precision(model: torch.nn.Module):
+    """The model's own forward while measuring: accelerate's mixed precision (the Trainer's bf16=True / fp16=True)
+    replaces `model.forward` with one that enters autocast itself, which would override the measuring precision
+    (a DDP run under bf16=True measured KL 0.8% off fp32 on the tiny model). accelerate keeps the original as
+    `_original_forward`; it is put back for the pass only."""
+    patched = vars(model).get("forward")
+    original = vars(model).get("_original_forward")
+    if patched is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = patched
+
+
 def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: torch.dtype | None,
             workspace: LogitsWorkspace | None = None):
     """(logits at the loss positions [t, V] float32, shifted so each row's maximum is 0; their log-normaliser
@@ -105,12 +123,12 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
     keep = labels != IGNORE
     head = plain_head(model)
     if head is None:
-        with torch.no_grad(), autocast(device, dtype), fp32_output_head(model, device, dtype):
+        with torch.no_grad(), autocast(device, dtype), fp32_output_head(model, device, dtype), own_precision(model):
             logits = model(input_ids=ids, attention_mask=mask).logits
         z = logits[:, :-1][keep].float()
         z = z - z.max(dim=-1, keepdim=True).values
         return z, torch.logsumexp(z, dim=-1), labels[keep]
-    with torch.no_grad(), autocast(device, dtype), hidden_states_out(head):
+    with torch.no_grad(), autocast(device, dtype), hidden_states_out(head), own_precision(model):
         hidden = model(input_ids=ids, attention_mask=mask).logits
     workspace = workspace or LogitsWorkspace()
     with torch.no_grad():
