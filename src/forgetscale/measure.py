@@ -5,6 +5,7 @@ sweep-shaped rows in a RUN_DIR so `fit`, `report`, `eval` and `export` read them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -125,22 +126,20 @@ def measure_sources(cfg: Any, out_dir: str | Path, *, adapters: list[Path] = (),
         if todo:
             _measure_todo(cfg, out_dir, None, todo, with_data, progress=False)
         return []
-    with RunDirLock(out_dir):
-        store = Store(out_dir)
+    with contextlib.ExitStack() as held:
         try:
-            try:
-                todo = _todo(store, groups, settings)
-            except Exception as err:
-                if world > 1:
-                    _agreed_todo(err, groups, group_)  # every rank raises it, none waits
-                raise
+            held.enter_context(RunDirLock(out_dir))
+            store = held.enter_context(Store(out_dir))
+            todo = _todo(store, groups, settings)
+        except Exception as err:
             if world > 1:
-                _agreed_todo(todo, groups, group_)
-            if todo:
-                _measure_todo(cfg, out_dir, store, todo, with_data, progress)
-            return _printable(store, groups)
-        finally:
-            store.close()
+                _agreed_todo(err, groups, group_)  # every rank raises it, none waits
+            raise
+        if world > 1:
+            _agreed_todo(todo, groups, group_)
+        if todo:
+            _measure_todo(cfg, out_dir, store, todo, with_data, progress)
+        return _printable(store, groups)
 
 
 def _todo(store: Store, groups: list[Group], settings: dict[str, Any]) -> list[tuple[Group, list[Source]]]:
