@@ -92,7 +92,8 @@ class ForgettingCallback(TrainerCallback):
                 model, tokenizer, forgetting=self.forgetting, max_tokens=self.max_tokens,
                 block_length=self.block_length, batch_size=self.batch_size, dtype=self._autocast(args, model),
                 agreed={"every_steps": self.every_steps, "on_evaluate": self.measure_on_evaluate,
-                        "run_dir": self.run_dir is not None})  # what decides when every rank measures
+                        "run_dir": self.run_dir is not None,  # what decides when every rank measures
+                        "budget": None if self.budget is None else [self.budget.limit, self.budget.on_exceed]})
         if self.run_dir is not None:
             self._open_run(args, state, model)
         if self.budget is not None:
