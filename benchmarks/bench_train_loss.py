@@ -1,10 +1,13 @@
 """The chunked output head against the stock one, side by side in one run: training step time with the
 stock causal-LM loss vs `head.next_token_loss`, and a measuring pass (metric.sums.score) with the
 stock head over every position vs the plain head on the loss positions into a reused buffer. Prints
-seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios.
+seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios; and the peak RSS
+each loss reaches in its first step (chunked first: peak RSS only grows, so the stock step's own peak shows
+only when it is the higher).
 
     python benchmarks/bench_train_loss.py                       # SmolLM2, bf16 weights + autocast, 2 threads
     python benchmarks/bench_train_loss.py --weights fp32 --autocast none
+    python benchmarks/bench_train_loss.py --model gemma3-270m --weights fp32 --autocast none --threads 1
 """
 
 from __future__ import annotations
@@ -88,8 +91,13 @@ def main() -> None:
     print(f"{args.model}: weights {args.weights}, autocast {args.autocast}, LoRA r{args.rank}, "
           f"{args.batch} x {args.context} tokens per step, {args.threads} threads")
     train = {False: [], True: []}
-    for chunked in (False, True):  # warm-up, untimed
+    peak = {}
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for chunked in (True, False):  # warm-up, untimed; chunked first, so each peak is its own or the earlier one
         step(chunked)
+        peak[chunked] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: model, data and reference loaded {loaded_mb:,.0f} MB; after a chunked-head step "
+          f"{peak[True]:,.0f} MB; after a stock-loss step {peak[False]:,.0f} MB")
     for _ in range(args.rounds):
         for chunked in (False, True):
             with Meter() as m:
