@@ -33,7 +33,7 @@ def test_gemma_loads_as_the_270m_base_and_continues_text(gemma):
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
         "gemma3_text", 18, 640, 262144)
     assert sum(p.numel() for p in model.parameters()) == 268_098_176
-    assert head.chunkable_head(model) is not None and head.logit_softcap(model) is None  # 270M has no final cap
+    assert head.plain_head(model) is not None and head.logit_softcap(model) is None  # 270M has no final cap
     assert prompt_format(tok) == "plain" and block_start_ids(tok) == [tok.bos_token_id]
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_short_gemma_sweep_shows_forgetting(tmp_path):
         "finetune": {"dataset": "embedded:news", "heldout_max_tokens": 128},
         "forgetting": {"dataset": "embedded:wikipedia", "max_tokens": 128},
         "method": {"name": "lora", "ranks": [4]},
-        "train": {"steps": 2, "checkpoints": [0, 2], "batch_size": 2, "context_length": 32, "lr": 0.003,
+        "train": {"steps": 2, "checkpoints": [0, 2], "batch_size": 2, "context_length": 32, "lr": 0.0005,
                   "threads": 1},
     })
     store = run_sweep(cfg, tmp_path, progress=False)
