@@ -44,6 +44,7 @@ def one(name: str, steps: int, threads: int, forget_tokens: int) -> dict:
     started = time.perf_counter()
     ref = references.memory_reference(loaded.model, forget, 8, device, dtype)
     reference_s = time.perf_counter() - started
+    params = sum(p.numel() for p in loaded.model.parameters())  # the base's, before the adapter
     torch.manual_seed(0)
     model = attach(loaded.model, cfg.method[0], 4)
     upcast_trainable(model)
@@ -66,7 +67,7 @@ def one(name: str, steps: int, threads: int, forget_tokens: int) -> dict:
     forgetting = sums.score(model, forget, 8, device, dtype, ref, workspace=workspace)
     measure_s = time.perf_counter() - started
     return {"model": name, "vocabulary": references.vocabulary(model),
-            "params": sum(p.numel() for p in loaded.model.parameters()), "load_s": round(load_s, 1),
+            "params": params, "load_s": round(load_s, 1),
             "reference_build_s": round(reference_s, 1), "step_s": round(sum(times[1:]) / steps, 2),
             "checkpoint_measure_s": round(measure_s, 1), "heldout_tokens": heldout["tokens"],
             "forget_tokens": forgetting["tokens"], "kl_after_steps": forgetting["kl"],
