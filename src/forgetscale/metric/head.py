@@ -74,15 +74,16 @@ def hidden_states_out(model: torch.nn.Module, head: torch.nn.Module):
     """Inside, the model's `.logits` are its final hidden states: the head passes its input through, and a
     soft-capping model's cap is off (it would squash the hidden states); the caller caps (`softcap_`)."""
     config = model.config
-    cap = getattr(config, "final_logit_softcapping", None)
+    capped = logit_softcap(model) is not None  # off here exactly when the caller applies it
+    cap = config.final_logit_softcapping if capped else None
     head.forward = lambda x: x
-    if cap is not None:
+    if capped:
         config.final_logit_softcapping = None
     try:
         yield
     finally:
         del head.forward  # the class's forward again
-        if cap is not None:
+        if capped:
             config.final_logit_softcapping = cap
 
 
