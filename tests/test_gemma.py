@@ -106,6 +106,7 @@ def test_a_base_model_is_prompted_with_plain_text_and_told_so(tiny_gemma):
 
 def test_sweep_measure_and_fit_on_the_tiny_gemma(tiny_gemma, tmp_path, write_yaml):
     data = tiny_config(model=tiny_gemma, method={"name": "lora", "ranks": [2, 8]},
+                       finetune={"heldout_max_tokens": 128}, forgetting={"max_tokens": 128},
                        train={"save_adapters": "all", "steps": 4, "checkpoints": [0, 1, 2, 3, 4]},
                        evals={"suites": ["samples"], "steps": [4], "batch_size": 2,
                               "samples": {"prompts": ["Say hi."], "max_new_tokens": 4}})
