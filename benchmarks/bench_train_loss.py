@@ -1,10 +1,12 @@
 """The chunked output head against the stock one, side by side in one run: training step time with the
 stock causal-LM loss vs `head.next_token_loss`, and a measuring pass (metric.sums.score) with the
 stock head over every position vs the plain head on the loss positions into a reused buffer. Prints
-seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios.
+seconds, kernel (sys) seconds and minor page faults per step / per pass, and the ratios; and the peak RSS
+of each loss's first step, above the RSS before it (Linux: the peak is reset before each step).
 
     python benchmarks/bench_train_loss.py                       # SmolLM2, bf16 weights + autocast, 2 threads
     python benchmarks/bench_train_loss.py --weights fp32 --autocast none
+    python benchmarks/bench_train_loss.py --model gemma3-270m --weights fp32 --autocast none --threads 1
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class Meter:
         self.seconds = time.perf_counter() - self.started
         self.sys = end.ru_stime - self.usage.ru_stime
         self.faults = end.ru_minflt - self.usage.ru_minflt
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this process's peak RSS since the last reset_peak_rss (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> float:
+    """Reset the peak RSS to the current RSS (Linux clear_refs 5) and return it in MB."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return peak_rss_mb()
 
 
 def main() -> None:
@@ -66,7 +83,6 @@ def main() -> None:
     dtype = torch.bfloat16 if args.autocast == "bf16" else None
     torch.manual_seed(0)
     base = load_configured_model(cfg, device).model
-    ref = references.memory_reference(base, forget, args.eval_batch, device, dtype)
     model = attach(base, cfg.method[0], args.rank)
     upcast_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,8 +104,13 @@ def main() -> None:
     print(f"{args.model}: weights {args.weights}, autocast {args.autocast}, LoRA r{args.rank}, "
           f"{args.batch} x {args.context} tokens per step, {args.threads} threads")
     train = {False: [], True: []}
-    for chunked in (False, True):  # warm-up, untimed
+    for chunked in (True, False, True, False):  # warm-up, untimed; the second of each is measured
+        before = reset_peak_rss()
         step(chunked)
+        label = "chunked head" if chunked else "stock loss"
+        print(f"  {label} step: RSS {before:,.0f} MB before, peak {peak_rss_mb():,.0f} MB (+{peak_rss_mb() - before:,.0f})")
+    with model.disable_adapter():
+        ref = references.memory_reference(model, forget, args.eval_batch, device, dtype)
     for _ in range(args.rounds):
         for chunked in (False, True):
             with Meter() as m:

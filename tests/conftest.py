@@ -61,3 +61,35 @@ def chat_file(tmp_path: Path) -> Path:
 
 def parse(data: dict):
     return parse_config(data, "test.yaml")
+
+
+def build_tiny_gemma(path: Path, softcap: float | None = 2.0) -> Path:
+    """A Gemma-3-shaped random model (Gemma3ForCausalLM from a Gemma3TextConfig, no download): tied embeddings
+    scaled by sqrt(hidden), a sliding window shorter than the test blocks beside a full-attention layer, a final
+    logit soft-cap small enough to bend the logits, and a tokenizer that starts every text with BOS (SmolLM2's,
+    told to, as Gemma's does)."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from forgetscale.models import resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source("tiny-random-llama")[0])
+    tokenizer.add_bos_token = True
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=2048,
+        final_logit_softcapping=softcap, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> str:
+    """The folder of build_tiny_gemma's model: a `model.name` every path can load."""
+    return str(build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma") / "model"))

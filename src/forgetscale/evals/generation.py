@@ -17,10 +17,20 @@ from forgetscale.metric.sums import autocast
 Messages = list[dict[str, str]]
 
 
+PLAIN_PROMPT = "Question: {user}\nAnswer:"  # a base model's prompt (no chat template); choice's loglik form too
+
+
+def prompt_format(tokenizer: Any) -> str:
+    """'chat' (the tokenizer's chat template) or 'plain' (PLAIN_PROMPT): stored with every generated reply."""
+    return "plain" if getattr(tokenizer, "chat_template", None) is None else "chat"
+
+
 def chat_prompt(tokenizer: Any, user: str, system: str | None = None) -> list[int]:
-    """Token ids of one user turn in the model's chat template, ending where the assistant speaks."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        text = (f"{system}\n\n" if system else "") + user + "\n"
+    """Token ids of one user turn in the model's chat template, ending where the assistant speaks. A base
+    model without one (Gemma 3 270M) gets PLAIN_PROMPT, with BOS where its tokenizer adds it, never a
+    template it was not trained on; `prompt_format` says which, and `forgetscale eval` prints it."""
+    if prompt_format(tokenizer) == "plain":
+        text = (f"{system}\n\n" if system else "") + PLAIN_PROMPT.format(user=user)
         return list(tokenizer(text, add_special_tokens=True)["input_ids"])
     messages: Messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)

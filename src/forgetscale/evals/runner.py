@@ -90,6 +90,20 @@ def _stored_settings(store: Store, suite: str) -> dict[str, str]:
     return {row["model_key"]: row["settings"] for row in store.eval_summaries(suite)}
 
 
+GENERATING = ("safety", "samples", "choice")  # suites that prompt the model (choice: its generate protocol)
+
+
+def prompt_notes(tokenizer: Any, model_name: str, suites: set[str]) -> list[str]:
+    """One note when a suite prompts a model that has no chat template: it says the prompts are plain text."""
+    from forgetscale.evals.generation import PLAIN_PROMPT, prompt_format
+
+    if prompt_format(tokenizer) != "plain" or not suites & set(GENERATING):
+        return []
+    shown = PLAIN_PROMPT.replace("\n", "\\n")
+    return [f"model '{model_name}' has no chat template (a base model): {', '.join(sorted(suites & set(GENERATING)))} "
+            f"prompt it with plain text '{shown}', not a chat turn; its refusals are a base model's"]
+
+
 def run_evals(
     run_dir: str | Path, evals: EvalsConfig, *, suites: list[str] | None = None, runs: list[str] | None = None,
     steps: list[int] | str | None = None, force: bool = False, progress: bool = True, device: str | None = None,
@@ -127,6 +141,7 @@ def run_evals(
         # the sweep's precision: base weights in model.dtype (or 4-bit), autocast as the checkpoints were measured
         dtype = compute_dtype(cfg, dev)
         base = load_configured_model(cfg, dev)
+        notes += prompt_notes(base.tokenizer, cfg.model.name, {n for n, _ in todo})
         work = sum(_work(items[n], getattr(evals, suite_for(n).settings_key)) for n, _ in todo)
         by_key = {t.key: t for t in targets}
         with tqdm(total=work, desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:

@@ -33,7 +33,7 @@ def load(settings: Any, cache_dir: Any) -> list[tuple[str, str]]:
 
 
 def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> list[dict[str, Any]]:
-    from forgetscale.evals.generation import chat_prompt, generate
+    from forgetscale.evals.generation import chat_prompt, generate, prompt_format
 
     prompts = [chat_prompt(target.tokenizer, text, settings.system_prompt) for _, text in items]
     replies = generate(target.model, target.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
@@ -43,7 +43,8 @@ def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> lis
     for (item_id, text), reply in zip(items, replies, strict=True):
         marker = refusal_marker(reply)
         rows.append({"protocol": PROTOCOL, "item_id": item_id, "prompt": text, "output": reply,
-                     "refused": int(marker is not None), "extra": {"marker": marker}})
+                     "refused": int(marker is not None),
+                     "extra": {"marker": marker, "prompt_format": prompt_format(target.tokenizer)}})
     return rows
 
 

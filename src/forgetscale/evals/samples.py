@@ -32,7 +32,7 @@ def _protocol(settings: Any) -> str:
 
 
 def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> list[dict[str, Any]]:
-    from forgetscale.evals.generation import chat_prompt, generate
+    from forgetscale.evals.generation import chat_prompt, generate, prompt_format
 
     prompts = [chat_prompt(target.tokenizer, text) for _, text in items]
     replies = generate(target.model, target.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
@@ -41,7 +41,7 @@ def evaluate(target: Target, items: list[tuple[str, str]], settings: Any) -> lis
                        on_batch=target.on_items)
     protocol = _protocol(settings)
     return [{"protocol": protocol, "item_id": f"{i:03d}", "prompt": text, "output": reply,
-             "extra": {"category": category}}
+             "extra": {"category": category, "prompt_format": prompt_format(target.tokenizer)}}
             for i, ((category, text), reply) in enumerate(zip(items, replies, strict=True))]
 
 

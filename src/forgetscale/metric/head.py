@@ -11,7 +11,10 @@ is one multiplication. Same arithmetic as the stock loss, in the same precision 
 the matmul, fp32 softmax).
 
 Only for heads that are a frozen plain Linear on architectures whose logits are the head's output and
-nothing more (no soft-capping or scaling after it); every other model keeps the stock loss.
+nothing more, or that output soft-capped (Gemma 2/3's final_logit_softcapping: cap * tanh(z / cap), applied
+here to the logits and to the gradient); every other model (Cohere and Granite scale the logits) keeps the
+stock loss. A tied head (Gemma, SmolLM2) is the embedding's weight: frozen with it, and the embedding
+scale Gemma multiplies its inputs by is the embedding's own business, not the head's.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import torch
 
 from forgetscale.data.blocks import IGNORE
 
-# logits = lm_head(final hidden state), nothing after it (Gemma 2/3 soft-cap, Cohere and Granite scale)
-PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+# logits = lm_head(final hidden state), then at most a soft-cap (SOFTCAP_MODELS); Cohere and Granite scale them
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma", "gemma2",
+                               "gemma3_text"})
+SOFTCAP_MODELS = frozenset({"gemma2", "gemma3_text"})  # cap * tanh(logits / cap) when final_logit_softcapping is set
 CHUNK_BYTES = 16 * 2**20  # one fp32 chunk of logits: under glibc's 32 MB mmap ceiling, so chunks are reused
 GPU_CHUNK_BYTES = 512 * 2**20  # a GPU has no page faults to avoid, only memory: fewer, larger matmuls
 
@@ -53,6 +58,22 @@ def sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
 
 
+def logit_softcap(model: torch.nn.Module) -> float | None:
+    """The soft-cap the model puts on its logits (Gemma 2/3's final_logit_softcapping), or None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in SOFTCAP_MODELS:
+        return None
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(z / cap) in place (nothing when cap is None), as the model's own forward caps its logits."""
+    if cap is not None:
+        z.div_(cap).tanh_().mul_(cap)
+    return z
+
+
 def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The plain head when it is also frozen (its weight gradient is never formed here), else None."""
     head = plain_head(model)
@@ -60,13 +81,21 @@ def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 @contextlib.contextmanager
-def hidden_states_out(head: torch.nn.Module):
-    """Inside, the model's `.logits` are its final hidden states: the head passes its input through."""
+def hidden_states_out(model: torch.nn.Module, head: torch.nn.Module):
+    """Inside, the model's `.logits` are its final hidden states: the head passes its input through, and a
+    soft-capping model's cap is off (it would squash the hidden states); the caller caps (`softcap_`)."""
+    config = model.config
+    capped = logit_softcap(model) is not None  # off here exactly when the caller applies it
+    cap = config.final_logit_softcapping if capped else None
     head.forward = lambda x: x
+    if capped:
+        config.final_logit_softcapping = None
     try:
         yield
     finally:
         del head.forward  # the class's forward again
+        if capped:
+            config.final_logit_softcapping = cap
 
 
 class _ChunkedNextTokenLoss(torch.autograd.Function):
@@ -74,12 +103,13 @@ class _ChunkedNextTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                rows: int) -> torch.Tensor:
+                rows: int, cap: float | None = None) -> torch.Tensor:
         n = hidden.shape[0]
         h_all = hidden.to(weight.dtype)
         grad = torch.empty_like(h_all)
         low = torch.empty((min(rows, n), weight.shape[0]), dtype=weight.dtype, device=hidden.device)
         z = torch.empty(low.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+        slope = None if cap is None else torch.empty_like(z)  # d capped / d logit = 1 - tanh^2
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, n, rows):
             h, y = h_all[start : start + rows], labels[start : start + rows]
@@ -89,6 +119,10 @@ class _ChunkedNextTokenLoss(torch.autograd.Function):
             if bias is not None:
                 zl.add_(bias)
             zf.copy_(zl)
+            if slope is not None:
+                zf.div_(cap).tanh_()
+                torch.mul(zf, zf, out=slope[:m]).neg_().add_(1.0)
+                zf.mul_(cap)
             zf.sub_(zf.amax(dim=-1, keepdim=True))
             picked = zf.gather(1, y[:, None]).view(-1)
             zf.exp_()
@@ -96,6 +130,8 @@ class _ChunkedNextTokenLoss(torch.autograd.Function):
             total += (sums.log() - picked).double().sum()
             zf.div_(sums[:, None] * n)  # softmax / n: the gradient of the mean, before the low-precision cast
             zf[torch.arange(m, device=zf.device), y] -= 1.0 / n
+            if slope is not None:
+                zf.mul_(slope[:m])
             zl.copy_(zf)
             torch.matmul(zl, weight, out=grad[start : start + m])
         ctx.save_for_backward(grad)
@@ -105,7 +141,7 @@ class _ChunkedNextTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
+        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -115,7 +151,7 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     head = chunkable_head(model)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    with hidden_states_out(head):
+    with hidden_states_out(model, head):
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).logits
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -127,7 +163,7 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     bias = None if head.bias is None else head.bias.to(weight.dtype)
     chunk = chunk_rows(weight.shape[0], hidden.device)
     with torch.autocast(device_type=device, enabled=False):
-        return _ChunkedNextTokenLoss.apply(rows, weight, bias, targets[keep], chunk)
+        return _ChunkedNextTokenLoss.apply(rows, weight, bias, targets[keep], chunk, logit_softcap(model))
 
 
 def fp32_weight(head: torch.nn.Module) -> torch.Tensor:
@@ -171,8 +207,8 @@ class LogitsWorkspace:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def logits(self, head: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
-        """head(rows) in fp32, [t, V], valid until the next call."""
+    def logits(self, head: torch.nn.Linear, rows: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+        """head(rows) in fp32, [t, V], soft-capped when `cap` is given (`logit_softcap`), valid until the next call."""
         if rows.device.type == "cpu":
             weight = fp32_weight(head)
         else:  # a GPU workspace lives for one pass over a frozen head
@@ -187,6 +223,7 @@ class LogitsWorkspace:
             torch.matmul(rows.float(), weight.t(), out=z)
             if head.bias is not None:
                 z.add_(head.bias.detach().float())
+            softcap_(z, cap)
         return z
 
     def shifted_logsumexp(self, z: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from forgetscale.data.blocks import IGNORE, Blocks
-from forgetscale.metric.head import LogitsWorkspace, fp32_weight, hidden_states_out, plain_head
+from forgetscale.metric.head import LogitsWorkspace, fp32_weight, hidden_states_out, logit_softcap, plain_head
 
 
 @dataclass
@@ -128,11 +128,11 @@ def forward(model: torch.nn.Module, part: Blocks, device: torch.device, dtype: t
         z = logits[:, :-1][keep].float()
         z = z - z.max(dim=-1, keepdim=True).values
         return z, torch.logsumexp(z, dim=-1), labels[keep]
-    with torch.no_grad(), autocast(device, dtype), hidden_states_out(head), own_precision(model):
+    with torch.no_grad(), autocast(device, dtype), hidden_states_out(model, head), own_precision(model):
         hidden = model(input_ids=ids, attention_mask=mask).logits
     workspace = workspace or LogitsWorkspace()
     with torch.no_grad():
-        z = workspace.logits(head, hidden[:, :-1][keep])
+        z = workspace.logits(head, hidden[:, :-1][keep], logit_softcap(model))
         z.sub_(z.amax(dim=-1, keepdim=True))
         lse = workspace.shifted_logsumexp(z)
     return z, lse, labels[keep]
