@@ -99,12 +99,10 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import contextlib
     import os
 
     from forgetscale.errors import ConfigError
-    from forgetscale.measure import check_budget, measure_sources
-    from forgetscale.tracking import open_sink
+    from forgetscale.measure import check_budget
 
     check_budget(args.budget)
     if args.processes < 1:
@@ -113,7 +111,21 @@ def run(args: argparse.Namespace) -> int:
     if args.processes > 1 and launched == 1:
         config_from_args(args)  # a bad key is one line here, not one per process
         return _launch(args)
-    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        return _measure(args, int(os.environ.get("RANK", "0")) == 0)
+    finally:  # under torchrun: a process group left to interpreter teardown can abort it (exit code lost)
+        import torch
+
+        if launched > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _measure(args: argparse.Namespace, main: bool) -> int:
+    import contextlib
+
+    from forgetscale.measure import measure_sources
+    from forgetscale.tracking import open_sink
+
     cfg = config_from_args(args)
     sink = open_sink(args.log, args.out, f"forgetscale/{cfg.name}") if main else None
     with sink.following() if sink else contextlib.nullcontext():
