@@ -137,7 +137,7 @@ def safety_table(sweeps: dict[str, dict[str, Any]]) -> Table:
         for r in refusal.sort_values(["rank", "step"]).itertuples():
             a = agree.get((r.run_id, int(r.step)))
             t.add_row(label, str(int(r.rank)) if r.rank == r.rank else "", str(int(r.step)), f"{r.forget_kl:.4f}",
-                      f"{int(r.k)}/{int(r.n)}", bracket(r.lo, r.hi), "" if a is None else f"{pct(a.rate, 0)}")
+                      f"{int(r.k)}/{int(r.n)}", f"[{pct(r.lo, 0)}, {pct(r.hi, 0)}]", "" if a is None else f"{pct(a.rate, 0)}")
         t.add_section()
     return t
 
