@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 
 from forgetscale.methods import MethodSpec
 from forgetscale.mitigations.base import MitigationSpec, register_arm
-from forgetscale.mitigations.scale import Scale
+from forgetscale.mitigations.scale import Scale, unit_grid
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,9 +52,7 @@ class IntrudersSpec(MitigationSpec):
     @field_validator("mitigation_lambda")
     @classmethod
     def _grid(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.0 <= x <= 1.0 for x in v) or len(set(v)) != len(v):
-            raise ValueError("must be a non-empty list of distinct numbers in [0, 1]")
-        return v
+        return unit_grid(v)
 
     def check(self, method: MethodSpec) -> str | None:
         if method.name != "lora":

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from forgetscale.train import RowSink, RunContext
 
 
+def unit_grid(v: list[float]) -> list[float]:
+    """A derived arm's grid (scale's s, intruders' mitigation_lambda): distinct values in [0, 1], at least one."""
+    if not v or any(not 0.0 <= x <= 1.0 for x in v) or len(set(v)) != len(v):
+        raise ValueError("must be a non-empty list of distinct numbers in [0, 1]")
+    return v
+
+
 class ScaleSpec(MitigationSpec):
     """After training, move the weights back toward the base by s in [0, 1]; runs derived, never trained."""
 
@@ -48,9 +55,7 @@ class ScaleSpec(MitigationSpec):
     @field_validator("s")
     @classmethod
     def _grid(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.0 <= x <= 1.0 for x in v) or len(set(v)) != len(v):
-            raise ValueError("must be a non-empty list of distinct numbers in [0, 1]")
-        return v
+        return unit_grid(v)
 
     def check(self, method: MethodSpec) -> str | None:
         if method.name == "dora":
