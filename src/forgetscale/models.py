@@ -220,9 +220,11 @@ def load_model(
     device: str | torch.device = "cpu",
     quantization: str = "none",
     attention: str | None = None,
+    init: str = "pretrained",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; a pad token is set if the tokenizer has none.
 
+    `init='random'`: only the config and tokenizer are read and the weights are drawn at random (model.init).
     `dtype`: the weights' precision; quantization='4bit' loads the linear layers in NF4 (bitsandbytes, CUDA)
     with `dtype` as their compute precision. `attention`: transformers' attn_implementation (None: its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -231,6 +233,9 @@ def load_model(
     device = torch.device(device)
     if quantization == "4bit":
         check_4bit(device)
+    if init == "random" and quantization != "none":
+        raise ConfigError(f"model.init: random draws plain weights and cannot be quantized; use "
+                          f"model.quantization=none; got model.quantization={quantization}")
     source, gguf = resolve_source(name, gguf_file, cache_dir)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
@@ -247,7 +252,10 @@ def load_model(
             bnb_4bit_compute_dtype=dtype)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **extra)
+        if init == "random":
+            model = random_model(source, dtype, device, kwargs, extra)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **extra)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if offline:
@@ -263,6 +271,21 @@ def load_model(
     model.eval()
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, max_positions=max_positions)
+
+
+def random_model(source: str, dtype: torch.dtype, device: torch.device, kwargs: dict[str, Any],
+                 extra: dict[str, Any]) -> torch.nn.Module:
+    """model.init=random: the config's architecture with weights drawn on `device` itself (an 8B model is drawn
+    on a GPU in seconds, where the host would take minutes), from a fixed seed whatever the run's, so every run
+    of a sweep and its base reference see the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), device:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                trust_remote_code=kwargs.get("trust_remote_code", False), **extra)
 
 
 def check_4bit(device: torch.device) -> None:
@@ -300,7 +323,7 @@ def load_configured_model(cfg: Any, device: str | torch.device) -> LoadedModel:
     mcfg = cfg.model
     return load_model(mcfg.name, device=device, dtype=weights_dtype(mcfg.dtype, device), quantization=mcfg.quantization,
                       gguf_file=mcfg.gguf_file, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
-                      cache_dir=mcfg.cache_dir, attention=attention_implementation(cfg, device))
+                      cache_dir=mcfg.cache_dir, attention=attention_implementation(cfg, device), init=mcfg.init)
 
 
 EAGER_MAX_LENGTH = 512  # longest sequence at which eager attention beat torch's bf16 SDPA on CPU (fwd + bwd)
@@ -361,7 +384,8 @@ def model_identity(cfg: Any, device: torch.device) -> dict[str, Any]:
             "files": [_file_key(f) for f in files], "weights": str(weights_dtype(cfg.model.dtype, device)),
             "compute": str(measuring_dtype(weights_dtype(cfg.model.dtype, device), cfg.forgetting.dtype, device)),
             "quantization": cfg.model.quantization,
-            "device": device.type, **({"attention": attention} if attention else {})}
+            "device": device.type, **({"attention": attention} if attention else {}),
+            **({"init": cfg.model.init} if cfg.model.init != "pretrained" else {})}
 
 
 def weights_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -83,8 +83,10 @@ def build_context(cfg: SweepConfig, out_dir: Path, phase: Callable[[str], None] 
     del base, setup  # the runs load their own copies: this one must not stay in memory
 
     def load_base() -> torch.nn.Module:
-        # on CPU, moved by the run; a 4-bit base is placed on its GPU as it loads
-        return load_base_weights(cfg, resolve_device(cfg.train.device) if cfg.model.quantization != "none" else "cpu")
+        # on CPU, moved by the run; a 4-bit base is placed on its GPU as it loads, and random weights are drawn
+        # where the reference's were (a CPU draw would be other weights, and minutes for an 8B model)
+        on_device = cfg.model.quantization != "none" or cfg.model.init == "random"
+        return load_base_weights(cfg, resolve_device(cfg.train.device) if on_device else "cpu")
 
     return RunContext(cfg, out_dir, device, dtype, None, data, forgetting, refs["forgetting"], refs["heldout"],
                       load_base, keep_adapters=keep_adapter_steps(cfg), arm_inputs=arm_inputs, reference_note=note,

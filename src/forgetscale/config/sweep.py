@@ -54,7 +54,13 @@ class ModelConfig(_Section):
         "(a SmolLM2 step 1.10-1.19x faster there; benchmarks/bench_attention.py), sdpa otherwise",
     )
 
-    ADDED_KEYS = ("attention",)
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: `name` is a config (a local folder with config.json and a tokenizer, or "
+        "a hub id) whose weights are drawn at random (seeded, on the run's device, in model.dtype): speed and "
+        "memory checks at shapes you cannot download (benchmarks/gpu_check.py); its numbers mean nothing",
+    )
+
+    ADDED_KEYS = ("attention", "init")
 
 
 class FinetuneConfig(SourceSpec):

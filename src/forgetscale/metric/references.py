@@ -153,8 +153,8 @@ def memory_reference(model: torch.nn.Module, blocks: Blocks, batch_size: int, de
     probs, neg_entropy, argmax, start = None, [], [], 0
     for _, z, lse, _ in batches(model, blocks, batch_size, device, dtype, passes=passes):
         p, neg_h = base_distribution(z, lse)
-        if probs is None:
-            probs = torch.empty((blocks.loss_tokens, z.shape[1]), dtype=p.dtype)
+        if probs is None:  # page-locked for a GPU: each checkpoint copies the whole table back to it
+            probs = torch.empty((blocks.loss_tokens, z.shape[1]), dtype=p.dtype, pin_memory=device.type == "cuda")
         probs[start : start + z.shape[0]] = p
         start += z.shape[0]
         neg_entropy.append(neg_h.cpu())
