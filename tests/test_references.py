@@ -185,3 +185,25 @@ def test_changing_between_exact_kinds_resumes_the_same_sweep(tiny_cfg, tmp_path)
     with pytest.raises(ConfigError, match="forgetting.reference: differs"):
         run_sweep(parse_config(tiny_cfg(forgetting={"reference": "topk:8"}, train={"threads": 1},
                                         method={"name": "lora", "ranks": [2]})), tmp_path, progress=False)
+
+
+def test_disk_read_buffer_is_reused_and_not_pickled(tmp_path):
+    """The disk reference reads every batch into one buffer (page-locked for a GPU); a process that receives
+    the reference allocates its own, and a truncated file is named."""
+    import pickle
+
+    import numpy as np
+
+    from forgetscale.metric.references import ReadBuffer
+
+    table = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    table.tofile(tmp_path / "probs.f32")
+    buffer = ReadBuffer()
+    first = buffer.read(tmp_path / "probs.f32", 1 * 3, 2, 3, torch.device("cpu"))
+    assert first.tolist() == table[1:3].tolist()
+    held = buffer.data
+    second = buffer.read(tmp_path / "probs.f32", 3 * 3, 2, 3, torch.device("cpu"))
+    assert second.tolist() == table[3:5].tolist() and buffer.data is held
+    assert pickle.loads(pickle.dumps(buffer)).data is None
+    with pytest.raises(RuntimeError, match="truncated"):
+        buffer.read(tmp_path / "probs.f32", 4 * 3, 2, 3, torch.device("cpu"))

@@ -233,9 +233,6 @@ def load_model(
     device = torch.device(device)
     if quantization == "4bit":
         check_4bit(device)
-    if init == "random" and quantization != "none":
-        raise ConfigError(f"model.init: random draws plain weights and cannot be quantized; use "
-                          f"model.quantization=none; got model.quantization={quantization}")
     source, gguf = resolve_source(name, gguf_file, cache_dir)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:

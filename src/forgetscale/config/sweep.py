@@ -62,6 +62,13 @@ class ModelConfig(_Section):
 
     ADDED_KEYS = ("attention", "init")
 
+    @model_validator(mode="after")
+    def _random_is_plain(self) -> ModelConfig:
+        if self.init == "random" and (self.quantization != "none" or self.gguf_file or self.name.endswith(".gguf")):
+            raise ValueError("init: random draws plain weights from a config; it takes neither a GGUF file nor "
+                             f"model.quantization (got quantization={self.quantization}, gguf_file={self.gguf_file})")
+        return self
+
 
 class FinetuneConfig(SourceSpec):
     dataset: str = Field(
