@@ -30,6 +30,17 @@ def tiny_config(**sections) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tests that share small CPUs with other jobs: one torch thread, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_cfg():
     return tiny_config

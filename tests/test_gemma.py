@@ -24,13 +24,7 @@ from forgetscale.store import Store
 from tests.conftest import tiny_config
 from tests.test_output_head import _batch, _loss_and_grads, _rel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora(path: str, dtype: torch.dtype | None = None):

@@ -18,14 +18,7 @@ from forgetscale.cli import main
 from forgetscale.store import Store
 from tests.conftest import tiny_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests share small CPUs: one torch thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = "tiny-random-llama"
