@@ -14,7 +14,9 @@ failing one prints its error and the next runs):
   memory   peak CUDA memory of a Llama-2-7B-shaped LoRA r8 step (8 x 512) per precision mode, beside
            docs/distributed.md's computed table
   resume   a 2-run sweep of a Llama-3.2-1B-shaped model killed mid-way (SIGKILL) and resumed, its rows
-           compared with an uninterrupted sweep's
+           compared with an uninterrupted sweep's (and two uninterrupted sweeps with each other: the floor)
+  trainer  a transformers Trainer (bf16) with PEFT LoRA and the ForgettingCallback on the 1B shape: rows
+           stored, log_history, one measurement against a plain forward
 
     python benchmarks/gpu_check.py --export-inputs gpu_inputs     # here: tokenizer + text, to carry
     bash benchmarks/gpu_check.sh --inputs gpu_inputs --out OUT     # there (CUDA), ~5 min on an H200
@@ -457,8 +459,69 @@ def section_resume(args, device, results, clock) -> None:
         say(clock, f"resume:   forget_kl |difference| at {key}: resumed {diff['resumed']:.1e}, again {diff['again']:.1e}")
 
 
+def section_trainer(args, device, results, clock) -> None:
+    """The path of users who train elsewhere: a transformers Trainer (bf16) with PEFT LoRA and the
+    ForgettingCallback on a Llama-3.2-1B-shaped model, its rows stored, then one measurement timed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from forgetscale.data.blocks import pack_documents
+    from forgetscale.integrations import ForgettingCallback
+    from forgetscale.metric.sums import autocast
+    from forgetscale.models import load_model
+
+    folder = model_dir(args.work, args.inputs, "llama3-1b", args.smoke)
+    batch, context, steps = (8, 512, 20) if not args.smoke else (2, 64, 4)
+    loaded = load_model(str(folder), device=device, dtype=torch.bfloat16 if device.type == "cuda" else
+                        torch.float32, init="random")
+    texts = [json.loads(line)["text"] for line in open(args.inputs / "news.jsonl")]
+    blocks = pack_documents(texts, loaded.tokenizer, context)
+    train = [{"input_ids": blocks.input_ids[i], "attention_mask": blocks.attention_mask[i],
+              "labels": blocks.labels[i]} for i in range(len(blocks))]
+    model = get_peft_model(loaded.model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+    run_dir = args.work / "trainer"
+    callback = ForgettingCallback(str(args.inputs / "wikipedia.jsonl"), max_tokens=8 * context,
+                                  block_length=context, every_steps=steps // 2, on_evaluate=False, run_dir=run_dir,
+                                  tokenizer=loaded.tokenizer)
+    training = TrainingArguments(output_dir=str(args.work / "trainer-out"), per_device_train_batch_size=batch,
+                                 max_steps=steps, learning_rate=1e-4, bf16=device.type == "cuda",
+                                 logging_steps=steps // 2, save_strategy="no", report_to=[], seed=0,
+                                 use_cpu=device.type != "cuda", dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=training, train_dataset=train, callbacks=[callback])
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    stored = {step: row for (_, step), row in rows(run_dir).items()}
+    measured = []
+    for _ in range(2):
+        sync(device)
+        began = time.perf_counter()
+        callback.meter.measure(model)
+        sync(device)
+        measured.append(time.perf_counter() - began)
+    part = callback.meter.blocks
+    sync(device)
+    began = time.perf_counter()
+    with torch.no_grad(), autocast(device, callback.meter.dtype):
+        for start in range(0, len(part), 8):
+            chunk = part.select(slice(start, start + 8))
+            model(input_ids=chunk.input_ids.to(device), attention_mask=chunk.attention_mask.to(device))
+    sync(device)
+    plain = time.perf_counter() - began
+    logged = [entry for entry in trainer.state.log_history if "forgetting/kl" in entry]
+    results["trainer"] = {"steps": steps, "train_wall_s": wall, "rows": {s: stored[s]["forget_kl"] for s in stored},
+                          "logged": len(logged), "measure_s": measured[-1], "plain_forward_s": plain,
+                          "measure_dtype": str(callback.meter.dtype)}
+    say(clock, f"trainer: Trainer(bf16) + PEFT LoRA r16 + ForgettingCallback(every {steps // 2} steps), {steps} "
+        f"steps of {batch} x {context} in {wall:.1f} s; stored KL by step "
+        + ", ".join(f"{s}: {v['forget_kl']:.3g}" for s, v in sorted(stored.items()))
+        + f"; {len(logged)} measurements in log_history; one measurement {measured[-1]:.2f} s vs a plain forward "
+        f"{plain:.2f} s ({measured[-1] / plain:.2f}x), measuring in {callback.meter.dtype}")
+
+
 SECTIONS = {"matmul": None, "train": section_train, "profile": section_profile, "measure": section_measure,
-            "memory": section_memory, "resume": section_resume}
+            "memory": section_memory, "resume": section_resume, "trainer": section_trainer}
 
 
 def main() -> None:
