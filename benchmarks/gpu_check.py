@@ -19,6 +19,7 @@ failing one prints its error and the next runs):
            stored, log_history, one measurement against a plain forward
 
     python benchmarks/gpu_check.py --export-inputs gpu_inputs     # here: tokenizer + text, to carry
+    (--export-inputs gpu_inputs --shape gemma3-270m adds Gemma 3's tokenizer, for --shape gemma3-270m there)
     bash benchmarks/gpu_check.sh --inputs gpu_inputs --out OUT     # there (CUDA), ~5 min on an H200
     python benchmarks/gpu_check.py --inputs gpu_inputs --device cpu --scale smoke --out /tmp/g   # CPU rehearsal
 """
@@ -54,7 +55,15 @@ SHAPES = {  # the published configs' shapes (Meta's Llama 3 8B, Llama 3.2 1B, Ll
     "llama2-7b": {**LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                   "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False},
+    # Gemma 3 270M's own shape (the [gemma] extra's model): another architecture, a 262,144-token vocabulary
+    "gemma3-270m": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+                    "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+                    "num_key_value_heads": 1, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+                    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                    "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1000000.0,
+                    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3},
 }
+TOKENIZERS = {"gemma3-270m": "tokenizer-gemma"}  # the rest read SmolLM2's (`tokenizer`)
 SMOKE = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
 # docs/distributed.md's computed table (GB = 1e9 B): Llama 2 7B, LoRA r8, 8 x 512 tokens
@@ -81,15 +90,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def export_inputs(folder: Path) -> None:
+def export_inputs(folder: Path, with_gemma: bool = False) -> None:
     """Here, where the embedded model and data are: the tokenizer and the texts the GPU run reads."""
     from transformers import AutoTokenizer
 
     from forgetscale.data.embedded import news_articles, wikipedia_articles
-    from forgetscale.models import EMBEDDED, resolve_source
+    from forgetscale.errors import ModelError
+    from forgetscale.models import EMBEDDED, GEMMA, resolve_source
 
     folder.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(resolve_source(EMBEDDED)[0]).save_pretrained(folder / "tokenizer")
+    if with_gemma:  # the [gemma] extra's tokenizer, for --shape gemma3-270m (its first use converts the GGUF)
+        try:
+            AutoTokenizer.from_pretrained(resolve_source(GEMMA)[0]).save_pretrained(folder / "tokenizer-gemma")
+        except ModelError as err:
+            print(f"no gemma3-270m tokenizer ({err}); --shape gemma3-270m will not run")
     for name, texts in (("news", news_articles()), ("wikipedia", wikipedia_articles()[:400])):
         with open(folder / f"{name}.jsonl", "w") as f:
             for text in texts:
@@ -105,8 +120,10 @@ def model_dir(root: Path, inputs: Path, shape: str, smoke: bool) -> Path:
     folder = root / "models" / shape
     if (folder / "config.json").is_file():
         return folder
-    shutil.copytree(inputs / "tokenizer", folder)
+    shutil.copytree(inputs / TOKENIZERS.get(shape, "tokenizer"), folder)
     config = {**SHAPES[shape], **(SMOKE if smoke else {})}
+    if smoke and "layer_types" in config:
+        config["layer_types"] = config["layer_types"][: config["num_hidden_layers"]]
     tok = AutoTokenizer.from_pretrained(folder)
     config |= {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -145,7 +162,8 @@ def step_flops(shape: dict, linear: int, batch: int, context: int) -> tuple[floa
     """(4 x linear params x tokens: forward + the input gradients, no weight gradients of the frozen base;
     the causal attention scores and mixing, forward 2 x T x L x h per layer and backward twice that)."""
     tokens = batch * context
-    attention = 6 * tokens * context * shape["hidden_size"] * shape["num_hidden_layers"]
+    width = shape["num_attention_heads"] * shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
+    attention = 6 * tokens * context * width * shape["num_hidden_layers"]  # sliding windows counted as full
     return 4 * linear * tokens, attention
 
 
@@ -178,7 +196,7 @@ def section_train(args, device, results, clock, rate: float) -> None:
     from forgetscale.config import parse_config
     from forgetscale.sweep import run_sweep
 
-    shape = "llama3-8b"
+    shape = args.shape
     folder = model_dir(args.work, args.inputs, shape, args.smoke)
     steps = args.steps
     batch, context = (8, 1024) if not args.smoke else (2, 64)
@@ -258,7 +276,7 @@ def train_steps(model, optimizer, device: torch.device, vocab: int, batch: int, 
 def section_profile(args, device, results, clock) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    folder = model_dir(args.work, args.inputs, "llama3-8b", args.smoke)
+    folder = model_dir(args.work, args.inputs, args.shape, args.smoke)
     batch, context = (8, 1024) if not args.smoke else (2, 64)
     model, optimizer = lora_trainee(folder, device, torch.bfloat16, 16)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -301,7 +319,7 @@ def section_measure(args, device, results, clock) -> None:
     from forgetscale.metric.sums import autocast, score
     from forgetscale.sweep import build_context
 
-    folder = model_dir(args.work, args.inputs, "llama3-8b", args.smoke)
+    folder = model_dir(args.work, args.inputs, args.shape, args.smoke)
     batch, context = (8, 1024) if not args.smoke else (2, 64)
     tokens = args.measure_tokens if not args.smoke else 8 * context
     figures = {}
@@ -532,12 +550,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", choices=("full", "smoke"), default="full", help="smoke: tiny shapes, for CPU")
     parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--shape", choices=("llama3-8b", "gemma3-270m"), default="llama3-8b",
+                        help="the model of the train, profile and measure sections")
     parser.add_argument("--steps", type=int, default=12, help="training steps of the 8B sweep (2..N are timed)")
     parser.add_argument("--measure-tokens", type=int, default=8192)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; a section is skipped once it is spent")
     args = parser.parse_args()
     if args.export_inputs:
-        export_inputs(args.export_inputs)
+        export_inputs(args.export_inputs, args.shape == "gemma3-270m")
         return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
