@@ -155,12 +155,17 @@ def score_pair(group: dict, pilot_rows: pd.DataFrame, target: pd.DataFrame, k: i
     except DataError:
         held = None
     if held is not None:
-        laws = plan.FORMS[held]
-        pick = out[((out["output"] == "ft") & (out["law"] == laws[0]) & (out["form"] == held))
-                   | ((out["output"] == "f") & (out["law"] == laws[1]) & (out["form"] == held))].copy()
-        pick["form"] = SELECTED_HELDOUT
-        out = pd.concat([out, pick], ignore_index=True)
+        out = pd.concat([out, form_rows(out, held).assign(form=SELECTED_HELDOUT, chosen=held)], ignore_index=True)
     return out
+
+
+def form_rows(scores: pd.DataFrame, form: str) -> pd.DataFrame:
+    """A form's forecasts as `plan` uses them: L_ft from its L_ft law (Eq. 5's for "linear of power_ft"),
+    L_f from its L_f law."""
+    ft_law, f_law = plan.FORMS[form]
+    ft = scores[(scores["output"] == "ft") & (scores["law"] == ft_law)]
+    f = scores[(scores["output"] == "f") & (scores["law"] == f_law) & (scores["form"] == form)]
+    return pd.concat([ft.drop_duplicates(["run_id", "N", "pilot", "budget"] if "pilot" in ft else ["run_id", "N"]), f])
 
 
 def score_design(root: Path, design: str, n_bootstrap: int) -> pd.DataFrame:
@@ -230,7 +235,7 @@ def summarise(scores: pd.DataFrame, final_only: bool = True) -> pd.DataFrame:
     coverage; KL rise and L_ft drop; 95% intervals from the pilot x target bootstrap."""
     s = scores[scores["final"]] if final_only else scores
     s = s.assign(target=s["run_id"], rel=s["share_of_change"].astype(float))
-    rows = []
+    rows: list[dict] = []
     for (design, budget, form), g in s.groupby(["design", "budget", "form"], sort=False):
         row = {"design": design, "budget": budget, "form": form}
         for output, name in (("f", "kl"), ("ft", "ft")):
@@ -247,7 +252,7 @@ def summarise(scores: pd.DataFrame, final_only: bool = True) -> pd.DataFrame:
                         f"coverage_{name}": float(np.nanmean(covered)) if np.isfinite(covered).any() else np.nan,
                         f"coverage_{name}_ci": _cluster_ci(cov, "cov", _mean)})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(rows[0]) if rows else ["design", "budget", "form"])
 
 
 def record_doc(summary: pd.DataFrame, design: str, command: str) -> dict:
@@ -284,10 +289,7 @@ def with_rule(scores: pd.DataFrame) -> pd.DataFrame:
             if not usable or not any(b["forms"] for b in rec["budgets"]):
                 continue
             form = rule.choose(rec, usable, len(PILOT_RANKS) * k, TARGET_STEPS).form
-            laws = plan.FORMS[form]
-            pick = mine[(mine["form"] == form) & (((mine["output"] == "ft") & (mine["law"] == laws[0]))
-                                                  | ((mine["output"] == "f") & (mine["law"] == laws[1])))]
-            parts.append(pick.assign(form=SELECTED_RECORD, chosen=form))
+            parts.append(form_rows(mine, form).assign(form=SELECTED_RECORD, chosen=form))
     return pd.concat(parts, ignore_index=True)
 
 

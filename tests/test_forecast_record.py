@@ -88,3 +88,13 @@ def test_plan_without_a_record_falls_back_to_the_pilots_held_out_check(fitted, m
     group = json.loads((fitted / "laws.json").read_text())["groups"][0]
     _, choice, _ = plan.plan(group, plan.Goal(ft=0.75), ranks=[16])
     assert choice.form == plan.best_form(group) and "own held-out split" in choice.reason
+
+
+def test_the_shipped_record_is_the_benchmarks_and_names_known_forms():
+    shipped = record.load()
+    assert shipped is not None and "forecast_bench.py" in shipped["source"]
+    assert [b["label"] for b in shipped["budgets"]] == ["10%", "20%"]
+    for b in shipped["budgets"]:
+        assert set(b["forms"]) <= set(plan.FORMS) and b["forms"]
+        for e in b["forms"].values():
+            assert e["n"] >= 1 and 0 <= e["median_abs_kl"] and (e["coverage_kl"] is None or 0 <= e["coverage_kl"] <= 1)
