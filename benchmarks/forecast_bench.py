@@ -275,7 +275,7 @@ def record_doc(summary: pd.DataFrame, design: str, command: str) -> dict:
 
 def with_rule(scores: pd.DataFrame) -> pd.DataFrame:
     """Add the rule `plan` now uses, measured without seeing the pilot it is applied to: for each pilot,
-    the record of the other pilots' final-step forecasts picks the form (record.choose), and that form's
+    the record of the other pilots' final-step forecasts picks the form (record.select), and that form's
     forecasts of this pilot are scored under SELECTED_RECORD."""
     parts = [scores]
     for (design, pilot), own in scores.groupby(["design", "pilot"]):
@@ -288,7 +288,7 @@ def with_rule(scores: pd.DataFrame) -> pd.DataFrame:
             usable = [f for f in plan.FORMS if f in set(mine["form"])]
             if not usable or not any(b["forms"] for b in rec["budgets"]):
                 continue
-            form = rule.choose(rec, usable, len(PILOT_RANKS) * k, TARGET_STEPS).form
+            form = rule.select(rec, usable, len(PILOT_RANKS) * k, TARGET_STEPS).form
             parts.append(form_rows(mine, form).assign(form=SELECTED_RECORD, chosen=form))
     return pd.concat(parts, ignore_index=True)
 

@@ -30,27 +30,27 @@ USABLE = ["power, separate", "linear of power_ft", "multiplicative"]
 
 
 def test_reliable_form_with_the_smallest_error_wins_at_the_budget_reached():
-    choice = record.choose(PLANTED, USABLE, pilot=30, target_steps=100)  # a 30% pilot reaches the 25% budget
+    choice = record.select(PLANTED, USABLE, pilot=30, target_steps=100)  # a 30% pilot reaches the 25% budget
     assert choice.form == "multiplicative" and choice.reliable and choice.budget == 0.25
     assert "8.0%" in choice.reason and "covered 90% of 16" in choice.reason
     # power, separate has the smallest error but its intervals covered 50%: not reliable, not chosen
-    without = record.choose(PLANTED, ["power, separate", "linear of power_ft"], pilot=30, target_steps=100)
+    without = record.select(PLANTED, ["power, separate", "linear of power_ft"], pilot=30, target_steps=100)
     assert without.form == "linear of power_ft" and without.reliable
 
 
 def test_below_a_reliable_budget_it_says_so_and_how_much_more_pilot_is_needed():
-    choice = record.choose(PLANTED, USABLE, pilot=12, target_steps=100)  # 12%: the 10% budget, none reliable
+    choice = record.select(PLANTED, USABLE, pilot=12, target_steps=100)  # 12%: the 10% budget, none reliable
     assert not choice.reliable and choice.budget == 0.10
     assert choice.form == "multiplicative"  # still the best at that budget, named
     assert choice.needed_share == 0.25 and choice.more_steps == pytest.approx(13)
     assert choice.reason.startswith("NOT RELIABLE") and "25% pilot" in choice.reason and "13 more" in choice.reason
-    tiny = record.choose(PLANTED, USABLE, pilot=5, target_steps=100)  # below every benchmarked budget
+    tiny = record.select(PLANTED, USABLE, pilot=5, target_steps=100)  # below every benchmarked budget
     assert not tiny.reliable and tiny.budget is None and tiny.more_steps == pytest.approx(20)
     assert "below the smallest benchmarked budget (10%)" in tiny.reason
 
 
 def test_no_reliable_form_at_any_budget_is_stated():
-    choice = record.choose(PLANTED, ["power, separate"], pilot=50, target_steps=100)
+    choice = record.select(PLANTED, ["power, separate"], pilot=50, target_steps=100)
     assert not choice.reliable and choice.needed_share is None
     assert "no benchmarked budget (up to 25%) gave a reliable form" in choice.reason
 

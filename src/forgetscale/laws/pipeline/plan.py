@@ -172,7 +172,7 @@ def choose_form(group: dict[str, Any], target_steps: float,
         form = best_form(group)
         return record.Choice(form, pilot / target_steps, None, False, f"{form}: the smallest error on this pilot's "
                              "own held-out split (no forecasting-benchmark record is installed)")
-    return record.choose(evidence, usable_forms(group), pilot, target_steps)
+    return record.select(evidence, usable_forms(group), pilot, target_steps)
 
 
 def plan(group: dict[str, Any], goal: Goal, *, form: str | None = None, ranks: Sequence[int] | None = None,

@@ -63,7 +63,7 @@ def reliable(entry: dict[str, Any]) -> bool:
     return err is not None and cov is not None and err <= RELIABLE_ERROR and cov >= RELIABLE_COVERAGE
 
 
-def choose(record: dict[str, Any], usable: list[str], pilot: float, target_steps: float) -> Choice:
+def select(record: dict[str, Any], usable: list[str], pilot: float, target_steps: float) -> Choice:
     """The form for a run of `target_steps` steps forecast from a pilot of `pilot` steps (summed over runs),
     among the `usable` forms, by the benchmark's record (see the module docstring)."""
     if not usable:
