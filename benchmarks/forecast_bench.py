@@ -242,10 +242,15 @@ def summarise(scores: pd.DataFrame, final_only: bool = True) -> pd.DataFrame:
             x = g[g["output"] == output]
             if x.empty:
                 continue
+            missing = int((~np.isfinite(x["rel"].to_numpy(float))).sum())  # the fit gave no finite forecast
+            x = x[np.isfinite(x["rel"].to_numpy(float))]
+            if x.empty:
+                row[f"missing_{name}"] = missing
+                continue
             rel = x["rel"].to_numpy(float)
             cov = x.assign(cov=x["covered"].map(lambda c: np.nan if c is None or pd.isna(c) else float(c)))
             covered = cov["cov"].to_numpy(float)
-            row.update({f"n_{name}": len(x), f"median_abs_{name}": _median_abs(rel),
+            row.update({f"n_{name}": len(x), f"missing_{name}": missing, f"median_abs_{name}": _median_abs(rel),
                         f"median_abs_{name}_ci": _cluster_ci(x, "rel", _median_abs),
                         f"signed_{name}": float(np.mean(rel)),
                         f"within10_{name}": float(np.mean(np.abs(rel) <= 0.10)),
@@ -264,7 +269,8 @@ def record_doc(summary: pd.DataFrame, design: str, command: str) -> dict:
             if r["form"] not in plan.FORMS or not np.isfinite(r.get("median_abs_kl", np.nan)):
                 continue
             clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
-            forms[r["form"]] = {"n": int(r["n_kl"]), "median_abs_kl": clean["median_abs_kl"],
+            forms[r["form"]] = {"n": int(r["n_kl"]), "missing": int(r.get("missing_kl") or 0),
+                                "median_abs_kl": clean["median_abs_kl"],
                                 "median_abs_kl_ci": list(r["median_abs_kl_ci"]), "signed_kl": clean["signed_kl"],
                                 "coverage_kl": clean["coverage_kl"], "coverage_kl_ci": list(r["coverage_kl_ci"]),
                                 "median_abs_ft": clean.get("median_abs_ft")}
@@ -305,7 +311,10 @@ def markdown(summary: pd.DataFrame, scores: pd.DataFrame) -> str:
     lines = ["| design | budget | form | median \\|KL error\\| / rise | signed | within 10% | KL covered | "
              "median \\|L_ft error\\| / drop | L_ft covered |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
-        lines.append(f"| {r.design} | {r.budget} | {r.form} | {_fmt(r.median_abs_kl, r.median_abs_kl_ci)} | "
+        lost = [f"{int(m)} {o}" for o, m in (("KL", getattr(r, "missing_kl", 0)), ("L_ft", getattr(r, "missing_ft", 0)))
+                if isinstance(m, (int, float)) and np.isfinite(m) and m > 0]
+        form = r.form + (f" (no finite forecast: {', '.join(lost)})" if lost else "")
+        lines.append(f"| {r.design} | {r.budget} | {form} | {_fmt(r.median_abs_kl, r.median_abs_kl_ci)} | "
                      f"{_fmt(r.signed_kl)} | {_fmt(r.within10_kl)} | {_fmt(r.coverage_kl, r.coverage_kl_ci)} | "
                      f"{_fmt(getattr(r, 'median_abs_ft', np.nan), getattr(r, 'median_abs_ft_ci', None))} | "
                      f"{_fmt(getattr(r, 'coverage_ft', np.nan))} |")

@@ -32,10 +32,14 @@ USABLE = ["power, separate", "linear of power_ft", "multiplicative"]
 def test_reliable_form_with_the_smallest_error_wins_at_the_budget_reached():
     choice = record.select(PLANTED, USABLE, pilot=30, target_steps=100)  # a 30% pilot reaches the 25% budget
     assert choice.form == "multiplicative" and choice.reliable and choice.budget == 0.25
-    assert "8.0%" in choice.reason and "covered 90% of 16" in choice.reason
+    assert "8.0%" in choice.reason and "over 16 forecasts" in choice.reason and "covered 90% of them" in choice.reason
     # power, separate has the smallest error but its intervals covered 50%: not reliable, not chosen
     without = record.select(PLANTED, ["power, separate", "linear of power_ft"], pilot=30, target_steps=100)
     assert without.form == "linear of power_ft" and without.reliable
+    # a form whose fits sometimes gave no finite forecast is not reliable, however small its error
+    broken = json.loads(json.dumps(PLANTED))
+    broken["budgets"][1]["forms"]["power, joint"] = {**_entry(0.01, 1.0), "missing": 1}
+    assert record.select(broken, [*USABLE, "power, joint"], pilot=30, target_steps=100).form == "multiplicative"
 
 
 def test_below_a_reliable_budget_it_says_so_and_how_much_more_pilot_is_needed():

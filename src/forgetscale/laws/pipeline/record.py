@@ -5,7 +5,8 @@ forecasts many real long runs from pilots at fixed shares of their compute and s
 record per budget (resources/forecast_record.json). The rule: the pilot's share of the planned run's
 compute (steps x tokens, summed over the pilot's fitted runs) picks the largest benchmarked budget it
 reaches; there, the form with the smallest median KL-rise error among the *reliable* ones (median error
-within RELIABLE_ERROR of the rise and new-run coverage at least RELIABLE_COVERAGE) is used. Where no form
+within RELIABLE_ERROR of the rise, new-run coverage at least RELIABLE_COVERAGE, and a finite forecast from
+every pilot) is used. Where no form
 is reliable, the best one is still named, flagged, with the benchmarked budget at which one became
 reliable (and how many more pilot steps that is), or the statement that none did.
 """
@@ -58,9 +59,10 @@ def pilot_steps(group: dict[str, Any]) -> float:
 
 
 def reliable(entry: dict[str, Any]) -> bool:
-    """A form's record at one budget passes the rule."""
+    """A form's record at one budget passes the rule (a form whose fits sometimes gave no forecast does not)."""
     err, cov = entry.get("median_abs_kl"), entry.get("coverage_kl")
-    return err is not None and cov is not None and err <= RELIABLE_ERROR and cov >= RELIABLE_COVERAGE
+    return (err is not None and cov is not None and err <= RELIABLE_ERROR and cov >= RELIABLE_COVERAGE
+            and not entry.get("missing"))
 
 
 def select(record: dict[str, Any], usable: list[str], pilot: float, target_steps: float) -> Choice:
@@ -81,8 +83,9 @@ def select(record: dict[str, Any], usable: list[str], pilot: float, target_steps
     form = min(pool, key=lambda f: pool[f]["median_abs_kl"])
     e = pool[form]
     said = (f"{form}: on the forecasting benchmark ({record.get('source', 'benchmarks/forecast_bench.py')}) at a "
-            f"{at['label']} pilot budget its median KL-rise error was {100 * e['median_abs_kl']:.1f}% and its 95% "
-            f"new-run interval covered {100 * e['coverage_kl']:.0f}% of {e['n']} forecasts")
+            f"{at['label']} pilot budget its median KL-rise error was {100 * e['median_abs_kl']:.1f}% over {e['n']} "
+            "forecasts, and its 95% new-run interval " + ("was never given" if e.get("coverage_kl") is None else
+                                                          f"covered {100 * e['coverage_kl']:.0f}% of them"))
     if reached and ok:
         return Choice(form, share, at["budget"], True, f"{said}; this pilot is {100 * share:.1f}% of the run's "
                       f"compute (rule: the best form with median error <= {100 * RELIABLE_ERROR:g}% and coverage "
