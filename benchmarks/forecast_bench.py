@@ -255,7 +255,10 @@ def summarise(scores: pd.DataFrame, final_only: bool = True) -> pd.DataFrame:
                         f"signed_{name}": float(np.mean(rel)),
                         f"within10_{name}": float(np.mean(np.abs(rel) <= 0.10)),
                         f"coverage_{name}": float(np.nanmean(covered)) if np.isfinite(covered).any() else np.nan,
-                        f"coverage_{name}_ci": _cluster_ci(cov, "cov", _mean)})
+                        f"coverage_{name}_ci": _cluster_ci(cov, "cov", _mean),
+                        # the interval's width over the run's own change: 100% or more says little
+                        f"width_{name}": float(np.nanmedian(((x["pi_hi"] - x["pi_lo"]) * x["rel"] / x["error"])
+                                                            .to_numpy(float))) if x["pi_hi"].notna().any() else np.nan})
         rows.append(row)
     return pd.DataFrame(rows, columns=list(rows[0]) if rows else ["design", "budget", "form"])
 
@@ -309,13 +312,15 @@ def _fmt(x: float, ci: tuple[float, float] | None = None, pct: bool = True) -> s
 def markdown(summary: pd.DataFrame, scores: pd.DataFrame) -> str:
     """The pooled table and the per-target table, as docs/laws.md prints them."""
     lines = ["| design | budget | form | median \\|KL error\\| / rise | signed | within 10% | KL covered | "
-             "median \\|L_ft error\\| / drop | L_ft covered |", "|---|---|---|---|---|---|---|---|---|"]
+             "KL interval width / rise | median \\|L_ft error\\| / drop | L_ft covered |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         lost = [f"{int(m)} {o}" for o, m in (("KL", getattr(r, "missing_kl", 0)), ("L_ft", getattr(r, "missing_ft", 0)))
                 if isinstance(m, (int, float)) and np.isfinite(m) and m > 0]
         form = r.form + (f" (no finite forecast: {', '.join(lost)})" if lost else "")
         lines.append(f"| {r.design} | {r.budget} | {form} | {_fmt(r.median_abs_kl, r.median_abs_kl_ci)} | "
                      f"{_fmt(r.signed_kl)} | {_fmt(r.within10_kl)} | {_fmt(r.coverage_kl, r.coverage_kl_ci)} | "
+                     f"{_fmt(getattr(r, 'width_kl', np.nan))} | "
                      f"{_fmt(getattr(r, 'median_abs_ft', np.nan), getattr(r, 'median_abs_ft_ci', None))} | "
                      f"{_fmt(getattr(r, 'coverage_ft', np.nan))} |")
     final = scores[scores["final"] & (scores["output"] == "f")]
