@@ -109,7 +109,7 @@ def test_plan_on_a_fitted_sweep_recovers_the_paper_plan(tmp_path, capsys):
         noise=0.0005, run_noise=0.0))
     assert main(["fit", str(tmp_path), "--bootstrap", "100", "--laws", "power_ft,power_f"]) == 0
     doc = json.loads((tmp_path / "laws.json").read_text())
-    table, form, warnings = plan.plan(doc["groups"][0], plan.Goal(ft=0.70), form="power, separate",
+    table, choice, warnings = plan.plan(doc["groups"][0], plan.Goal(ft=0.70), form="power, separate",
                                           ranks=[16, 64, 256])
     p = paper.constants("openorca")
     want = plan.options(lambda P, N: forms.power_ft(P, N, p), lambda P, N: forms.power_f(P, N, p),

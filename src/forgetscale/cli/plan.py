@@ -34,7 +34,9 @@ EPILOG = """examples:
 
 Losses are in nats, in the units `fit` used (--target): forget_ce includes the base entropy, which
 the KL column subtracts. Intervals are 95% new-run intervals: where a run you make will land.
-'frontier' marks the options no other beats on both steps and forgetting."""
+'frontier' marks the options no other beats on both steps and forgetting. The form is the one the
+forecasting benchmark (benchmarks/forecast_bench.py) found best at this pilot's share of the longest
+option's compute; the output says which and why, and says so where no form was reliable there."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="candidate ranks (default: run ranks "
                         "and powers of two up to 4x the largest)")
     parser.add_argument("--max-steps", type=int, default=None, help="largest N considered (default 4x the fitted)")
-    parser.add_argument("--form", default=None, help="law form (default: the smallest held-out forgetting error)")
+    parser.add_argument("--form", default=None, help="law form (default: the forecasting benchmark's rule at "
+                        "this pilot's share of the run's compute; see docs/laws.md)")
     parser.add_argument("--dataset", default=None, help="fine-tuning dataset (when the sweep has several)")
     parser.add_argument("--method", default=None, help="method (when the sweep has several)")
     parser.add_argument("--mitigation", default=None, help="mitigation arm (when the sweep has several)")
@@ -99,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         doc = lawfile.load(args.run_dir)
         group = forecast.choose_group(doc, args.dataset, args.method, args.mitigation)
-        table, form, warnings = plan.plan(group, goal, form=args.form, ranks=args.ranks,
-                                              max_steps=args.max_steps)
+        table, choice, warnings = plan.plan(group, goal, form=args.form, ranks=args.ranks,
+                                            max_steps=args.max_steps)
+        form = choice.form
         rows = group_frame(Path(args.run_dir), group)
         tokens, seconds = sweep_costs(rows)
         title = group["label"]
@@ -128,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                   "-" if not math.isfinite(seconds) else _duration(seconds * r.N), meets, r.note]
         t.add_row(*cells)
     out.print(t)
+    if not args.paper:
+        out.print(f"form: {choice.reason}", highlight=False, soft_wrap=True)
     if math.isfinite(seconds):
         out.print(f"cost: {tokens:,.0f} tokens and {seconds:.2f} s per step, as this sweep measured them "
                   "(LoRA's cost per step hardly depends on rank)", highlight=False)

@@ -4,8 +4,8 @@ Every fitted form answers: the paper's power laws (separate and joint), Eq. 4 ap
 ("linear of power_ft"), and the multiplicative form, each with two intervals: the mean curve's (over
 bootstrap refits: where the law's curve is) and a new run's (the curve's uncertainty plus one run's
 scatter around it: where the run you are about to make will land). When the forms disagree by more
-than their intervals, the forecast depends on the form chosen: trust the one with the smallest
-held-out error in `forgetscale fit`'s forecast table.
+than their intervals, the forecast depends on the form chosen. Each table names the form the forecasting
+benchmark's rule picks at this pilot's share of the run's compute (laws/pipeline/record.py), and why.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rich.table import Table
 
 from forgetscale.errors import ConfigError
 from forgetscale.formatting import fixed, interval
-from forgetscale.laws.pipeline import fitall, forecast, lawfile
+from forgetscale.laws.pipeline import fitall, forecast, lawfile, plan
 
 NAME = "predict"
 HELP = "forecast L_ft and L_f at given trainable parameters and steps, with intervals"
@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in forecast.outside_range(group, P, N):
         print(f"warning: {warning}", file=sys.stderr)
     pct = f"{100 * args.level:g}%"
+    choices = {n: plan.choose_form(group, n) for n in dict.fromkeys(N.tolist())}
     for p, n, label in grid:
         rows = table[(table["P"] == p) & (table["N"] == n)]
         t = Table(title=f"{group['label']}: P = {p:,.0f}{f' ({label})' if label else ''}, N = {n:g}",
@@ -134,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
             statuses = " ".join(rows[rows["form"] == form]["status"])
             kinds = [k for k in ("not identifiable", "not converged", "no intervals") if k in statuses]
             note = "; ".join(kinds).replace("not identifiable", "some constants not identified")
+            if form == choices[n].form:
+                note = "; ".join(x for x in ("the rule's choice", note) if x)
             t.add_row(form, *cells["ft"], *cells["f"], note)
         out.print(t)
+        out.print(f"form for N = {n:g}: {choices[n].reason}", highlight=False, soft_wrap=True)
     return 0

@@ -18,7 +18,8 @@ studies/      what is computed from fits: laws across methods (crossmethod), mit
               loss (mitigation), the paper's published constants (paper), simulated sweeps (synthetic),
               refusal rate against forgetting from the stored safety evals (guardrails)
 pipeline/     from stored rows to laws.json and back: fit every group (fitall), the file (lawfile),
-              forecasts from it (forecast)
+              forecasts from it (forecast), plan's options (plan), which form to trust at a pilot
+              budget (record: the forecasting benchmark's rule)
 estimators/   the law classes and their machinery: the rows a law accepts (select, groups), the forms,
               the fitters, the registry (LAWS, ORDER)
 

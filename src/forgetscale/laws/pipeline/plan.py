@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from forgetscale.errors import ConfigError, DataError, UnknownNameError, did_you_mean
-from forgetscale.laws.pipeline import forecast, lawfile
+from forgetscale.laws.pipeline import forecast, lawfile, record
 
 # form -> (law giving L_ft, law giving L_f), as `predict` names the forms
 FORMS = {
@@ -53,8 +53,7 @@ class Goal:
 def best_form(group: dict[str, Any]) -> str:
     """The form with the smallest held-out forgetting error relative to the KL rise (`fit`'s forecast
     table); the joint power law when the sweep had no held-out test."""
-    laws = {n for n, d in group["laws"].items() if "params" in d}
-    usable = [f for f, (a, b) in FORMS.items() if a in laws and b in laws]
+    usable = usable_forms(group)
     if not usable:
         raise DataError(f"no law with a (P, N) form was fitted for {group['label']}; see `forgetscale fit`")
     scores = {r["form"]: r["rise"] for r in (group.get("forecast_check") or {}).get("forms", [])
@@ -157,21 +156,55 @@ def _pareto(rows: pd.DataFrame, loss: str) -> np.ndarray:
     return keep
 
 
-def plan(group: dict[str, Any], goal: Goal, *, form: str | None = None, ranks: Sequence[int] | None = None,
-         max_steps: int | None = None, level: float = 0.95) -> tuple[pd.DataFrame, str, list[str]]:
-    """The options of a fitted group for `goal`: (table, form used, warnings).
+def usable_forms(group: dict[str, Any]) -> list[str]:
+    """The forms whose laws were fitted for this group."""
+    laws = {n for n, d in group["laws"].items() if "params" in d}
+    return [f for f, (a, b) in FORMS.items() if a in laws and b in laws]
 
+
+def choose_form(group: dict[str, Any], target_steps: float,
+                evidence: dict[str, Any] | None = None) -> record.Choice:
+    """The form for a run of `target_steps` steps: the forecasting benchmark's rule (laws/pipeline/record.py)
+    at this pilot's share of that run's compute; without a stored record, the pilot's own held-out check."""
+    evidence = record.load() if evidence is None else evidence
+    pilot = record.pilot_steps(group)
+    if not evidence:
+        form = best_form(group)
+        return record.Choice(form, pilot / target_steps, None, False, f"{form}: the smallest error on this pilot's "
+                             "own held-out split (no forecasting-benchmark record is installed)")
+    return record.select(evidence, usable_forms(group), pilot, target_steps)
+
+
+def plan(group: dict[str, Any], goal: Goal, *, form: str | None = None, ranks: Sequence[int] | None = None,
+         max_steps: int | None = None, level: float = 0.95,
+         evidence: dict[str, Any] | None = None) -> tuple[pd.DataFrame, record.Choice, list[str]]:
+    """The options of a fitted group for `goal`: (table, the form used and why, warnings).
+
+    Without `form`, the form is the benchmark rule's at the pilot's share of the longest option's
+    compute (the riskiest forecast in the table; chosen once on a first pass, re-planned if it differs).
     Table columns: rank, P, N, ft and f (point predictions), their new-run intervals (ft_lo/ft_hi,
     f_lo/f_hi), reaches / within_budget / feasible / frontier, and `note` (outside the fitted range)."""
-    form = form or best_form(group)
-    ft, f = curves(group, form)
     fitted = [d for d in group["laws"].values() if "params" in d]
+    if not fitted:
+        raise DataError(f"no law with a (P, N) form was fitted for {group['label']}; see `forgetscale fit`")
     min_step = max(int(d["min_step"]) for d in fitted)
     n_hi = max(d["ranges"]["N"][1] for d in fitted)
     max_steps = int(max_steps or 4 * n_hi)
     if max_steps < min_step:
         raise ConfigError(f"--max-steps must be >= the laws' minimum step {min_step}; got {max_steps}")
-    table = options(ft, f, candidate_params(group, ranks), goal, min_step=min_step, max_steps=max_steps)
+    params = candidate_params(group, ranks)
+    if form is not None:
+        choice = record.Choice(form, float("nan"), None, True, f"{form}: chosen with --form")
+    else:
+        choice = choose_form(group, max_steps, evidence)  # a first pass: the longest run searched
+    table = options(*curves(group, choice.form), params, goal, min_step=min_step, max_steps=max_steps)
+    if form is None:
+        rows = table[table["feasible"]] if table["feasible"].any() else table
+        final = choose_form(group, float(rows["N"].max()), evidence)
+        if final.form != choice.form:
+            table = options(*curves(group, final.form), params, goal, min_step=min_step, max_steps=max_steps)
+        choice = final
+    form = choice.form
     pred = forecast.forecast(group, table["P"].to_numpy(float), table["N"].to_numpy(float), level)
     ft_law, f_law = FORMS[form]
     for out, law, col in (("ft", ft_law, "ft"), ("f", f_law, "f")):
@@ -191,4 +224,4 @@ def plan(group: dict[str, Any], goal: Goal, *, form: str | None = None, ranks: S
     if (table["note"] != "").any():
         warnings.append(f"options outside the fitted range (P {p_lo:,.0f}-{p_hi:,.0f}, N <= {n_hi:g}) are "
                         "extrapolations: their intervals cover the law's uncertainty, not a change of form")
-    return table, form, warnings
+    return table, choice, warnings

@@ -1,0 +1,108 @@
+"""Which form to trust at a pilot budget: the rule `plan` and `predict` take from the forecasting benchmark.
+
+A pilot's own held-out split is one small, early-step test; `benchmarks/forecast_bench.py` instead
+forecasts many real long runs from pilots at fixed shares of their compute and stores each form's pooled
+record per budget (resources/forecast_record.json). The rule: the pilot's share of the planned run's
+compute (steps x tokens, summed over the pilot's fitted runs) picks the largest benchmarked budget it
+reaches; there, the form with the smallest median KL-rise error among the *reliable* ones (median error
+within RELIABLE_ERROR of the rise, new-run coverage at least RELIABLE_COVERAGE, and a finite forecast from
+every pilot) is used. Where no form
+is reliable, the best one is still named, flagged, with the benchmarked budget at which one became
+reliable (and how many more pilot steps that is), or the statement that none did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from forgetscale.errors import DataError
+
+RELIABLE_ERROR = 0.10  # median |KL-rise error| / rise
+RELIABLE_COVERAGE = 0.80  # pooled coverage of the 95% new-run interval
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A form and why: `reliable` False means the benchmark saw no form hold up at this budget."""
+
+    form: str
+    share: float  # pilot compute / planned run's compute
+    budget: float | None  # the benchmarked budget applied (None: the pilot is below every one)
+    reliable: bool
+    reason: str
+    needed_share: float | None = None  # smallest benchmarked budget with a reliable form, above `budget`
+    more_steps: float | None = None  # pilot steps (summed over runs) to add to reach it
+
+
+def load(path: str | Path | None = None) -> dict[str, Any] | None:
+    """The stored benchmark record (None when the package ships none)."""
+    if path is not None:
+        return json.loads(Path(path).read_text())
+    ref = resources.files("forgetscale") / "resources" / "forecast_record.json"
+    return json.loads(ref.read_text()) if ref.is_file() else None
+
+
+def pilot_steps(group: dict[str, Any]) -> float:
+    """The pilot's compute in update steps: every fitted run's last step, summed (the step-0 base is free)."""
+    last: dict[str, int] = {}
+    for d in group["laws"].values():
+        for run, steps in (d.get("rows") or {}).items():
+            if steps:
+                last[run] = max(last.get(run, 0), max(int(s) for s in steps))
+    if not last:
+        raise DataError(f"laws.json records no fitted rows for {group['label']}; re-run `forgetscale fit`")
+    return float(sum(last.values()))
+
+
+def reliable(entry: dict[str, Any]) -> bool:
+    """A form's record at one budget passes the rule (a form whose fits sometimes gave no forecast does not)."""
+    err, cov = entry.get("median_abs_kl"), entry.get("coverage_kl")
+    return (err is not None and cov is not None and err <= RELIABLE_ERROR and cov >= RELIABLE_COVERAGE
+            and not entry.get("missing"))
+
+
+def select(record: dict[str, Any], usable: list[str], pilot: float, target_steps: float) -> Choice:
+    """The form for a run of `target_steps` steps forecast from a pilot of `pilot` steps (summed over runs),
+    among the `usable` forms, by the benchmark's record (see the module docstring)."""
+    if not usable:
+        raise DataError("no law form was fitted, so none can be chosen")
+    share = pilot / float(target_steps)
+    budgets = sorted(record["budgets"], key=lambda b: b["budget"])
+    reached = [b for b in budgets if b["budget"] <= share + 1e-9]
+    at = reached[-1] if reached else budgets[0]
+    entries = {f: e for f, e in at["forms"].items() if f in usable and e.get("median_abs_kl") is not None}
+    if not entries:
+        raise DataError(f"the forecast record has no result at the {at['label']} budget for the forms fitted "
+                        f"({', '.join(usable)})")
+    ok = {f: e for f, e in entries.items() if reliable(e)}
+    pool = ok if ok and reached else entries
+    form = min(pool, key=lambda f: pool[f]["median_abs_kl"])
+    e = pool[form]
+    said = (f"{form}: on the forecasting benchmark ({record.get('source', 'benchmarks/forecast_bench.py')}) at a "
+            f"{at['label']} pilot budget its median KL-rise error was {100 * e['median_abs_kl']:.1f}% over {e['n']} "
+            "forecasts, and its 95% new-run interval " + ("was never given" if e.get("coverage_kl") is None else
+                                                          f"covered {100 * e['coverage_kl']:.0f}% of them"))
+    if reached and ok:
+        return Choice(form, share, at["budget"], True, f"{said}; this pilot is {100 * share:.1f}% of the run's "
+                      f"compute (rule: the best form with median error <= {100 * RELIABLE_ERROR:g}% and coverage "
+                      f">= {100 * RELIABLE_COVERAGE:g}%)")
+    later = [b for b in budgets if b["budget"] > (at["budget"] if reached else share)
+             and any(f in usable and reliable(x) for f, x in b["forms"].items())]
+    where = (f"this pilot is {100 * share:.1f}% of the run's compute, below the smallest benchmarked budget "
+             f"({budgets[0]['label']})" if not reached else
+             f"no form met median error <= {100 * RELIABLE_ERROR:g}% with coverage >= {100 * RELIABLE_COVERAGE:g}% "
+             f"at {at['label']}; this pilot is {100 * share:.1f}% of the run's compute")
+    if later:
+        need = later[0]["budget"]
+        more = max(0.0, need * float(target_steps) - pilot)
+        return Choice(form, share, at["budget"] if reached else None, False,
+                      f"NOT RELIABLE: {where}. The benchmark found a reliable form from a {later[0]['label']} pilot: "
+                      f"about {more:,.0f} more pilot steps (summed over runs). Best here: {said}", need, more)
+    top = budgets[-1]["label"]
+    return Choice(form, share, at["budget"] if reached else None, False,
+                  f"NOT RELIABLE: {where}, and no benchmarked budget (up to {top}) gave a reliable form: expect "
+                  f"errors beyond {100 * RELIABLE_ERROR:g}% of the KL rise. Best here: {said}")
