@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-measure-compile", action="store_true", help="time the measuring pass eagerly only")
+    parser.add_argument("--grads-only", action="store_true",
+                        help="only the numbers: eager and compiled LoRA gradients against an fp32 step of the same weights")
     parser.add_argument("--profile", action="store_true",
                         help="also print where one eager and one compiled training step spend their time (by op)")
     args = parser.parse_args()
@@ -161,6 +163,21 @@ def main() -> None:
           f"{eager_loss:.6f} compiled {compiled_loss:.6f} (diff {compiled_loss - eager_loss:+.1e}); LoRA gradients "
           f"(the {len(pairs)} non-zero tensors): relative L2 difference {overall:.1e} over all, {worst:.1e} in the worst")
 
+    if half and args.grads_only:  # how far each is from the same step in fp32 (the bf16 base weights upcast exactly, no autocast)
+        model.float()
+        with compiled(False):
+            b = batch(0)
+            loss = head.next_token_loss(model, b.input_ids, b.attention_mask, b.labels)
+            loss.backward()
+            exact = torch.cat([p.grad.detach().flatten() for p in trainable])
+            optimizer.zero_grad(set_to_none=True)
+        eager_all, compiled_all = (torch.cat([g.flatten() for g in gs]) for gs in (eager_grads, compiled_grads))
+        print(f"  against the fp32 step (loss {float(loss.detach()):.6f}): LoRA gradients' relative L2 difference, eager "
+              f"{float((eager_all - exact).norm() / exact.norm()):.1e}, compiled "
+              f"{float((compiled_all - exact).norm() / exact.norm()):.1e}")
+    if args.grads_only:
+        return
+
     times: dict[bool, list[float]] = {False: [], True: []}
     i = 2
     for _ in range(args.rounds):
@@ -189,11 +206,25 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         for on in (False, True):
-            with compiled(on), profile(activities=[ProfilerActivity.CPU]) as prof:
+            with compiled(on), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 step(i)
             i += 1
             print(f"where a{' compiled' if on else 'n eager'} training step spends its time (self CPU):")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=44))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=44))
+            groups: dict[str, list[float]] = {}  # matmuls by what they multiply: [ms, GFLOP]
+            for e in prof.key_averages(group_by_input_shape=True):
+                if e.key != "aten::mm" or len(e.input_shapes) < 2 or len(e.input_shapes[0]) != 2:
+                    continue
+                (m, k), (_, n) = e.input_shapes[0], e.input_shapes[1]
+                dims = {m, k, n}
+                kind = ("output head" if vocab_shape[1] in dims else "LoRA (rank-wide)" if args.rank in dims
+                        else "base weights of the body")
+                g = groups.setdefault(kind, [0.0, 0.0])
+                g[0] += e.self_cpu_time_total / 1e3
+                g[1] += 2 * m * k * n * e.count / 1e9
+            total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+            for kind, (ms, gflop) in groups.items():
+                print(f"  matmuls, {kind}: {ms:.0f} ms of {total:.0f} ms, {gflop / ms * 1e3:.1f} GFLOP/s")
 
     # -- measuring ----------------------------------------------------------------------------------------------
     model.eval()
