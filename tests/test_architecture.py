@@ -25,7 +25,8 @@ LAYERS = [
     ["forgetscale.methods"],  # one module per method: its spec and its attach function, one registration
     ["forgetscale.mitigations", "forgetscale.evals"],  # one module per arm / suite: its spec and its torch half
     ["forgetscale.config"],  # every key and spec: pydantic only
-    ["forgetscale.runs", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts"],
+    ["forgetscale.runs", "forgetscale.store", "forgetscale.data", "forgetscale.models", "forgetscale.artefacts",
+     "forgetscale.compiled"],
     ["forgetscale.metric", "forgetscale.laws", "forgetscale.compatibility"],  # the metric in one package
     ["forgetscale.weights"],  # tuned weights from elsewhere: found, checked and put on the base
     # the loop; the `measure` verb's work; the arms' once-per-sweep inputs

@@ -9,6 +9,7 @@ last saved state writes the same rows as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from forgetscale.artefacts import RunFolder
+from forgetscale.compiled import compile_model, compiled
 from forgetscale.data import Blocks, FinetuneData, batch_indices
 from forgetscale.errors import RunFailed
 from forgetscale.methods.attach import attach, skip_lora_input_casts, trainable_parameters, upcast_trainable
@@ -157,6 +159,10 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
     upcast_trainable(model)  # half-precision base weights (model.dtype): what is trained stays fp32
     if ctx.dtype is not None:  # every pass below runs under autocast, which undoes peft's input casts
         skip_lora_input_casts(model)
+    eager = contextlib.nullcontext  # off: nothing compiled, nothing to switch (torch._dynamo not even imported)
+    if tcfg.compile != "off":  # compiled at the first step (its time counts in wall_s); measuring stays eager
+        compile_model(model, tcfg.compile)
+        eager = lambda: compiled(False)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     sink.update_run(plan.run_id, trainable_params=trainable_parameters(model), status="running", error=None)
     optimizer = make_optimizer(tcfg.optimizer, params, lr, tcfg.weight_decay)
@@ -193,9 +199,10 @@ def train_run(plan: RunPlan, ctx: RunContext, sink: RowSink, setup: HookSetup | 
         # -- checkpoint: measure, store, save state ---------------------------------------------------
         if step in checkpoints and step not in done_steps:
             phase(f"checkpoint {step}")
-            last_row = checkpoint_row(model, ctx, plan.run_id, step, tokens_seen=tokens_seen, wall_s=wall_s,
-                                      train_loss=loss_sum / loss_count if loss_count else None,
-                                      starts_as_base=plan.method.starts_as_base)
+            with eager():  # eager, as the base predictions were made: no rounding floor under the KL
+                last_row = checkpoint_row(model, ctx, plan.run_id, step, tokens_seen=tokens_seen, wall_s=wall_s,
+                                          train_loss=loss_sum / loss_count if loss_count else None,
+                                          starts_as_base=plan.method.starts_as_base)
             sink.add_checkpoint(last_row)
             loss_sum, loss_count = 0.0, 0
             done_steps.add(step)

@@ -173,6 +173,13 @@ class TrainConfig(_Section):
         "auto", description="host memory torch frees: retain keeps it in the process (glibc mallopt), so tensors "
         "reuse mapped pages instead of page-faulting fresh ones (faster CPU steps, peak RSS kept); system: glibc's "
         "defaults; auto: retain on CPU. Same numbers either way")
+    compile: Literal["off", "layers", "model"] = Field(
+        "off", description="torch.compile (inductor) for the training step: layers: each decoder layer (one graph "
+        "reused by every layer; compiled in seconds to a minute), model: the whole decoder body (minutes); the "
+        "output head and every measuring pass stay eager. Numbers within the precision's rounding of off, so it "
+        "is part of a run's identity (docs/performance.md#compiled-training-steps)")
+
+    ADDED_KEYS = ("compile",)
 
     @field_validator("seeds")
     @classmethod
