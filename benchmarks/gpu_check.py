@@ -273,6 +273,22 @@ def train_steps(model, optimizer, device: torch.device, vocab: int, batch: int, 
     sync(device)
 
 
+def cuda_kernels(prof) -> list:
+    """The GPU kernels of a torch.profiler run (its CPU ops' device time would count them twice)."""
+    return [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_seconds(prof, rules: list[tuple[str, tuple[str, ...]]]) -> dict[str, float]:
+    """GPU seconds per group: a kernel joins the first group one of whose words its name holds, else
+    'other kernels'."""
+    seconds = {group: 0.0 for group, _ in rules} | {"other kernels": 0.0}
+    for event in cuda_kernels(prof):
+        name = event.key.lower()
+        group = next((g for g, words in rules if any(w in name for w in words)), "other kernels")
+        seconds[group] += (event.self_device_time_total or 0) / 1e6
+    return seconds
+
+
 def section_profile(args, device, results, clock) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -286,20 +302,14 @@ def section_profile(args, device, results, clock) -> None:
     with profile(activities=activities) as prof:
         train_steps(model, optimizer, device, vocab, batch, context, 2)
     wall = time.perf_counter() - started
-    groups = {"matrix products": 0.0, "attention": 0.0, "optimizer (Adafactor)": 0.0, "other kernels": 0.0}
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    found = kernel_seconds(prof, [("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+                                  ("matrix products", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "matmul"))])
     optimizer_s = sum((e.self_device_time_total or 0) / 1e6 for e in prof.key_averages() if "Optimizer.step" in e.key)
-    for event in kernels:
-        own = event.self_device_time_total or 0
-        name = event.key.lower()
-        kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa", "efficient")) else
-                "matrix products" if any(k in name for k in ("gemm", "cutlass", "sm90", "nvjet", "cublas", "matmul"))
-                else "other kernels")
-        groups[kind] += own / 1e6
-    busy = sum(groups.values())
-    groups["other kernels"] -= optimizer_s  # the optimizer's kernels are elementwise: shown apart
-    groups["optimizer (Adafactor)"] = optimizer_s
-    top = sorted(((e.self_device_time_total or 0) / 1e6, e.key) for e in kernels)[-8:]
+    busy = sum(found.values())
+    groups = {"matrix products": found["matrix products"], "attention": found["attention"],
+              "optimizer (Adafactor)": optimizer_s,  # its kernels are elementwise: shown apart from the rest
+              "other kernels": found["other kernels"] - optimizer_s}
+    top = sorted(((e.self_device_time_total or 0) / 1e6, e.key) for e in cuda_kernels(prof))[-8:]
     results["profile"] = {"wall_s_two_steps": wall, "busy_s": busy, "groups_s": groups,
                           "top_kernels": [(k, s) for s, k in reversed(top)]}
     say(clock, f"profile (2 steps, {wall:.2f} s wall under the profiler): GPU busy {busy:.2f} s = "
@@ -361,15 +371,9 @@ def section_measure(args, device, results, clock) -> None:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 score(model, ctx.forgetting, batch, device, ctx.measure_dtype, ctx.forgetting_ref, space)
                 sync(device)
-            breakdown = {"matrix products": 0.0, "host-to-device copies": 0.0, "other kernels": 0.0}
-            for event in prof.key_averages():
-                if event.device_type != torch.autograd.DeviceType.CUDA:
-                    continue
-                name = event.key.lower()
-                group = ("host-to-device copies" if "htod" in name or "memcpy" in name else "matrix products"
-                         if any(k in name for k in ("gemm", "cutlass", "sm90", "nvjet", "cublas", "flash", "fmha"))
-                         else "other kernels")
-                breakdown[group] += (event.self_device_time_total or 0) / 1e6
+            breakdown = kernel_seconds(prof, [
+                ("matrix products", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "flash", "fmha")),
+                ("host-to-device copies", ("htod", "memcpy"))])
             say(clock, f"measure ({kind}) on the GPU: " + ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items()))
         figures[kind] = {"breakdown_s": breakdown, "measure_s": timings[-1], "plain_forward_s": plain[-1], "ratio": timings[-1] / plain[-1],
                          "reference_build_s": built, "kl_step0": value["kl"], "tokens": ctx.forgetting.loss_tokens}
