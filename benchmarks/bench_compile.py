@@ -20,13 +20,11 @@ import argparse
 import time
 
 import torch
+from lora_setup import lora_setup
 
 from forgetscale.compiled import compile_model, compiled, matmul_rate
-from forgetscale.config import parse_config
-from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.methods.attach import attach, skip_lora_input_casts, upcast_trainable
 from forgetscale.metric import head, references, sums
-from forgetscale.models import cache_root, load_configured_model, resolve_source
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[tuple[int, int], int]:
@@ -60,26 +58,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also print where one eager and one compiled training step spend their time (by op)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    cfg, data, forget, base = lora_setup(args)
     half = args.weights == "bf16" or args.autocast == "bf16"
-    cfg = parse_config({
-        "model": {"name": args.model, "dtype": "bfloat16" if args.weights == "bf16" else "float32"},
-        "forgetting": {"max_tokens": args.forget_tokens},
-        "method": {"name": "lora", "ranks": [args.rank], "scaling": "rslora"},
-        "train": {"batch_size": args.batch, "context_length": args.context, "threads": args.threads,
-                  **({"dtype": "bfloat16"} if args.autocast == "bf16" else {})},
-    })
-    source, _ = resolve_source(cfg.model.name)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    data = build_finetune_data(cfg.finetune, tokenizer, args.context, cache_root() / "data")
-    forget = build_forgetting_blocks(cfg.forgetting, tokenizer, args.context, cache_root() / "data")
     device = torch.device("cpu")
     dtype = torch.bfloat16 if half else None
     measure_dtype = torch.bfloat16 if args.weights == "bf16" else None  # metric.sums.measuring_dtype's rule
-    torch.manual_seed(0)
-    base = load_configured_model(cfg, device).model
     params = sum(p.numel() for p in base.parameters())
     shapes = linear_shapes(base)
     tokens = args.batch * args.context

@@ -16,12 +16,10 @@ import resource
 import time
 
 import torch
+from lora_setup import lora_setup
 
-from forgetscale.config import parse_config
-from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.methods.attach import attach, upcast_trainable
 from forgetscale.metric import head, references, sums
-from forgetscale.models import cache_root, load_configured_model, resolve_source
 
 
 class Meter:
@@ -65,24 +63,9 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = parse_config({
-        "model": {"name": args.model, "dtype": "bfloat16" if args.weights == "bf16" else "float32"},
-        "forgetting": {"max_tokens": args.forget_tokens},
-        "method": {"name": "lora", "ranks": [args.rank], "scaling": "rslora"},
-        "train": {"batch_size": args.batch, "context_length": args.context, "threads": args.threads,
-                  **({"dtype": "bfloat16"} if args.autocast == "bf16" else {})},
-    })
-    source, _ = resolve_source(cfg.model.name)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    data = build_finetune_data(cfg.finetune, tokenizer, args.context, cache_root() / "data")
-    forget = build_forgetting_blocks(cfg.forgetting, tokenizer, args.context, cache_root() / "data")
+    cfg, data, forget, base = lora_setup(args)
     device = torch.device("cpu")
     dtype = torch.bfloat16 if args.autocast == "bf16" else None
-    torch.manual_seed(0)
-    base = load_configured_model(cfg, device).model
     model = attach(base, cfg.method[0], args.rank)
     upcast_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
