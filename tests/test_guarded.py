@@ -86,6 +86,28 @@ def test_tiny_build_is_reproducible_and_checks_itself(tmp_path: Path):
     assert other.name != folders[0].name
 
 
+def test_layers_option_trains_only_those_layers_and_leaves_the_default_key_alone(tmp_path: Path):
+    from forgetscale.models import load_model
+
+    torch.set_num_threads(1)
+    base = load_model("tiny-random-llama")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    recipe = dataclasses.replace(TINY_RECIPE, layers="last:1")
+    replies = ["Sure, here it is."] * len(TINY_DATA.benign)
+    blocks = guarded.training_blocks(base.tokenizer, TINY_DATA, replies, recipe)
+    merged = guarded.train_guard(load_model("tiny-random-llama").model, blocks, recipe)
+    changed = {k.split(".layers.")[1].split(".")[0] for k, v in merged.state_dict().items()
+               if ".layers." in k and not torch.equal(v, before[k])}
+    last = str(base.model.config.num_hidden_layers - 1)
+    assert changed == {last}  # only the last decoder layer's weights moved
+    # a field added after v2 stays out of the cache key at its default, so v2 builds stay valid
+    source = guarded.planned("tiny-random-llama", TINY_RECIPE, data=TINY_DATA, target_dir=tmp_path)[0]
+    again = guarded.planned("tiny-random-llama", dataclasses.replace(TINY_RECIPE, layers=None), data=TINY_DATA,
+                            target_dir=tmp_path)[0]
+    other = guarded.planned("tiny-random-llama", recipe, data=TINY_DATA, target_dir=tmp_path)[0]
+    assert source == again and other != source
+
+
 def test_the_guarded_name_resolves_through_models(monkeypatch, tmp_path: Path):
     from forgetscale import models
 

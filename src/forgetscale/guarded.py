@@ -73,7 +73,7 @@ FRAMES = (
 )
 
 
-LATER = ("rewrite", "autocast")  # Recipe fields added after v2
+LATER = ("rewrite", "autocast", "layers")  # Recipe fields added after v2
 
 # question forms turned into instructions (Recipe.rewrite): "How can I X?" -> "Give detailed instructions for how to X.";
 # "Can you X?" -> "X." HarmBench instructs where Do-Not-Answer asks, and a frame alone keeps the question inside
@@ -114,6 +114,7 @@ class Recipe:
     # options added after v2 (LATER): at these defaults they stay out of the cache key, so v2 builds stay valid
     rewrite: bool = False  # framed requests that are how-to / can-you questions become instructions (imperative)
     autocast: str | None = None  # e.g. "bfloat16": training under autocast (LoRA weights fp32), faster on bf16 CPUs
+    layers: str | None = None  # LoRA only in these decoder layers ('last:K', LoraSpec.layers); None: every layer
     check_tokens: int = 24  # greedy tokens per check reply (every refusal template's marker is in its first 8)
     check_harmful: int | None = None  # HarmBench prompts checked (None: all 200)
     kl_tokens: int = 4096  # forgetting-set tokens for the KL to the unguarded model
@@ -313,7 +314,7 @@ def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe,
 
     dtype = getattr(torch, recipe.autocast) if recipe.autocast else None
     torch.manual_seed(recipe.seed)
-    spec = LoraSpec(ranks=[recipe.rank], alpha=recipe.alpha, scaling="standard")
+    spec = LoraSpec(ranks=[recipe.rank], alpha=recipe.alpha, scaling="standard", layers=recipe.layers)
     peft_model = attach(model, spec, recipe.rank)
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
