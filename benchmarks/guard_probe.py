@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the per-layer figures here")
+    parser.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the probe (standardised states)")
+    parser.add_argument("--states", default=None, help="cache the hidden states in this .npz (a rerun reads them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = guarded.Recipe(**json.loads(args.recipe))
@@ -58,9 +61,15 @@ def main() -> None:
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     harm = harmbench_prompts()
     started = time.perf_counter()
-    x_train = last_token_states(model, tokenizer, [*data.harmful, *data.benign])
+    if args.states and Path(args.states).is_file():
+        cached = np.load(args.states)
+        x_train, x_check = cached["x_train"], cached["x_check"]
+    else:
+        x_train = last_token_states(model, tokenizer, [*data.harmful, *data.benign])
+        x_check = last_token_states(model, tokenizer, [*harm, *data.heldout_benign])
+        if args.states:
+            np.savez(args.states, x_train=x_train, x_check=x_check)
     y_train = np.r_[np.ones(len(data.harmful)), np.zeros(len(data.benign))]
-    x_check = last_token_states(model, tokenizer, [*harm, *data.heldout_benign])
     y_check = np.r_[np.ones(len(harm)), np.zeros(len(data.heldout_benign))]
     print(f"{len(data.harmful)} harmful + {len(data.benign)} benign trained, {len(harm)} HarmBench + "
           f"{len(data.heldout_benign)} held-out benign checked; states in {time.perf_counter() - started:.0f} s")
@@ -69,7 +78,7 @@ def main() -> None:
     print("|---:|---:|---|---:|")
     rows = []
     for layer in range(x_train.shape[1]):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=args.C, max_iter=2000))
         probe.fit(x_train[:, layer], y_train)
         score_train = probe.decision_function(x_train[:, layer])
         threshold = np.quantile(score_train[y_train == 0], 0.95)
@@ -83,7 +92,7 @@ def main() -> None:
         print(f"| {layer} | {auc:.3f} | {recall:.0%} / {false_pos:.0%} | {best:.0%} |", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"recipe": json.loads(args.recipe), "layers": rows}, fh, indent=1)
+            json.dump({"recipe": json.loads(args.recipe), "C": args.C, "layers": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
