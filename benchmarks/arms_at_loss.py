@@ -13,11 +13,10 @@ with t intervals over the paired seeds.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
-from forgetscale.laws.studies.mitigation import CONTROL, at_loss, t_interval, trajectories
+from forgetscale.laws.studies.mitigation import CONTROL, arm_configs, at_loss, t_interval, trajectories
 from forgetscale.store import Store
 
 
@@ -31,8 +30,8 @@ def main() -> None:
         frame = store.frame()
         runs = store.runs()
     frame = frame[frame["status"] == "finished"]
-    config = {r["run_id"]: json.loads(r["config"]).get("mitigation") or {} for r in runs}
-    paths = trajectories(frame.assign(ft=frame["ft_loss"], kl=frame["forget_kl"], f=frame["forget_ce"]), config)
+    paths = trajectories(frame.assign(ft=frame["ft_loss"], kl=frame["forget_kl"], f=frame["forget_ce"]),
+                         arm_configs(runs))
     target = args.ft if args.ft is not None else max(p["ft"].iloc[-1] for arm in paths.values() for _, p in arm)
     base = float(np.mean([p["ft"].iloc[0] for _, p in paths[CONTROL]]))
     kl = {arm: {s: at_loss(p, target, "kl") for s, p in arm_paths} for arm, arm_paths in paths.items()}

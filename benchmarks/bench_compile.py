@@ -20,7 +20,7 @@ import argparse
 import time
 
 import torch
-from lora_setup import lora_setup
+from lora_setup import add_setup_flags, lora_setup
 
 from forgetscale.compiled import compile_model, compiled, matmul_rate
 from forgetscale.methods.attach import attach, skip_lora_input_casts, upcast_trainable
@@ -39,19 +39,12 @@ def linear_shapes(model: torch.nn.Module) -> dict[tuple[int, int], int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--weights", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--autocast", choices=("bf16", "none"), default="bf16")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--context", type=int, default=128)
+    add_setup_flags(parser, rank=16, forget_tokens=2048, threads=1)
     parser.add_argument("--compile", choices=("layers", "model"), default="layers",
                         help="layers: each decoder layer (one graph, reused); model: the whole decoder body")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=2, help="eager and compiled alternate this many times")
-    parser.add_argument("--forget-tokens", type=int, default=2048)
     parser.add_argument("--eval-batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-measure-compile", action="store_true", help="time the measuring pass eagerly only")
     parser.add_argument("--grads-only", action="store_true",
                         help="only the numbers: eager and compiled LoRA gradients against an fp32 step of the same weights")

@@ -16,7 +16,7 @@ import resource
 import time
 
 import torch
-from lora_setup import lora_setup
+from lora_setup import add_setup_flags, lora_setup
 
 from forgetscale.methods.attach import attach, upcast_trainable
 from forgetscale.metric import head, references, sums
@@ -51,17 +51,10 @@ def reset_peak_rss() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--weights", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--autocast", choices=("bf16", "none"), default="bf16")
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--context", type=int, default=128)
+    add_setup_flags(parser, rank=4, forget_tokens=4096, threads=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="stock and chunked alternate this many times")
-    parser.add_argument("--forget-tokens", type=int, default=4096)
     parser.add_argument("--eval-batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     cfg, data, forget, base = lora_setup(args)
     device = torch.device("cpu")

@@ -14,6 +14,18 @@ from forgetscale.data import build_finetune_data, build_forgetting_blocks
 from forgetscale.models import cache_root, load_configured_model
 
 
+def add_setup_flags(parser: argparse.ArgumentParser, *, rank: int, forget_tokens: int, threads: int) -> None:
+    """The flags lora_setup reads, with each benchmark's own defaults where they differ."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--weights", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--autocast", choices=("bf16", "none"), default="bf16")
+    parser.add_argument("--rank", type=int, default=rank)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--forget-tokens", type=int, default=forget_tokens)
+    parser.add_argument("--threads", type=int, default=threads)
+
+
 def lora_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, torch.nn.Module]:
     """(config, fine-tuning data, forgetting blocks, base model on CPU); torch's thread count set and its seed
     0 before the model loads (the data draw from their own generators, so a LoRA attached next starts alike)."""

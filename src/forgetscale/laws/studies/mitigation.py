@@ -248,18 +248,24 @@ def compare_cell(rows: pd.DataFrame, arm_config: dict[str, dict[str, Any]], opti
     return out
 
 
+def arm_configs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """run_id -> the run's mitigation settings from its stored config ({} for the control or an unreadable one)."""
+    out = {}
+    for run in runs:
+        try:
+            out[run["run_id"]] = json.loads(run["config"]).get("mitigation") or {}
+        except (TypeError, ValueError):
+            out[run["run_id"]] = {}
+    return out
+
+
 def compare(frame: pd.DataFrame, runs: list[dict[str, Any]], options: Any) -> list[dict[str, Any]]:
     """The comparison for every cell of a sweep that holds a mitigation arm (empty list: no arms)."""
     if frame.empty or "mitigation" not in frame or set(frame["mitigation"].astype(str)) <= {CONTROL}:
         return []
     if not options.include_unfinished:
         frame = frame[frame["status"] == "finished"]
-    arm_config = {}
-    for run in runs:
-        try:
-            arm_config[run["run_id"]] = json.loads(run["config"]).get("mitigation") or {}
-        except (TypeError, ValueError):
-            arm_config[run["run_id"]] = {}
+    arm_config = arm_configs(runs)
     frame = add_groups(frame)
     cells = []
     for (dataset, group, rank), rows in frame.groupby(["dataset", GROUP, frame["rank"].fillna(-1)], sort=True):
