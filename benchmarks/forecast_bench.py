@@ -14,7 +14,8 @@ from a bootstrap over pilots and targets (the pairs share both, so a pair bootst
 Resumable: every sweep resumes (finished runs are skipped) and each fit is cached under
 OUT/<design>/fits/<pilot>-<budget>/laws.json. One torch process at a time, one thread (train.threads=1).
 Writes OUT/<design>/scores.csv (one row per pilot x budget x form x target checkpoint), OUT/summary.csv,
-OUT/record.json (what `plan` and `predict` read; copy it to src/forgetscale/resources/forecast_record.json).
+OUT/record.json (one record per design scored: what `plan` and `predict` read; `--install` merges them into
+src/forgetscale/resources/forecast_record.json, replacing that file's records of the same designs).
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ PILOT_CHECKPOINTS = [0, 1, 2, 3, 4, 6, 8, 10]
 BASELINE = "baseline: nearest fitted checkpoint"
 SELECTED_HELDOUT = "selected by the pilot's held-out check"
 SELECTED_RECORD = "selected by the rule (record of the other pilots)"
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "forgetscale" / "resources" / "forecast_record.json"
 DESIGNS = {
     "smollm2-news": {"model": "smollm2-135m-instruct", "dataset": "embedded:news"},
     "smollm2-sharegpt": {"model": "smollm2-135m-instruct", "dataset": "embedded:sharegpt"},
-    "gemma-news": {"model": "gemma3-270m", "dataset": "embedded:news"},
+    # Gemma costs ~4x SmolLM2 per step and per checkpoint here (docs/models.md): bf16 weights + autocast as in
+    # configs/cross-model-gemma.yaml, and the pilots stop at the last step a budget fits (6), every checkpoint used
+    "gemma-news": {"model": "gemma3-270m", "dataset": "embedded:news", "dtype": "bfloat16",
+                   "pilot_steps": 6, "pilot_checkpoints": [0, 1, 2, 3, 4, 6]},
 }
 
 
@@ -63,23 +68,25 @@ def sweep_config(design: str, ranks: tuple[int, ...], steps: int, checkpoints: l
     """The forecast-pilot/target settings of configs/ (batch 4 x 64 tokens, lr 1e-3, warm-up 2: the same
     schedule for every length, so a pilot's first steps are a long run's first steps), 2,048 tokens each."""
     d = DESIGNS[design]
+    dtype = {"dtype": d["dtype"]} if "dtype" in d else {}
     return {
         "name": f"forecast-bench-{design}",
-        "model": {"name": d["model"]},
+        "model": {"name": d["model"], **dtype},
         "finetune": {"dataset": d["dataset"], "heldout_fraction": 0.1, "heldout_max_tokens": 2048},
         "forgetting": {"dataset": "embedded:wikipedia", "max_tokens": 2048},
         "method": {"name": "lora", "ranks": list(ranks), "scaling": "rslora"},
         "train": {"steps": steps, "checkpoints": checkpoints, "batch_size": 4, "context_length": 64,
                   "lr": 0.001, "warmup_steps": 2, "optimizer": "adafactor", "seeds": list(seeds),
-                  "threads": 1, "save_adapters": "none"},
+                  "threads": 1, "save_adapters": "none", **dtype},
     }
 
 
 def sweeps(design: str) -> dict[str, dict]:
     """Run folder name -> sweep config, in the order run: one folder per seed, pilots and targets
     interleaved, so a benchmark cut short still holds both ranks and both pilots."""
-    pilots = {f"pilot-s{s}": sweep_config(design, PILOT_RANKS, PILOT_STEPS, PILOT_CHECKPOINTS, (s,))
-              for s in PILOT_SEEDS}
+    steps = DESIGNS[design].get("pilot_steps", PILOT_STEPS)
+    checkpoints = DESIGNS[design].get("pilot_checkpoints", PILOT_CHECKPOINTS)
+    pilots = {f"pilot-s{s}": sweep_config(design, PILOT_RANKS, steps, checkpoints, (s,)) for s in PILOT_SEEDS}
     targets = {f"target-s{s}": sweep_config(design, TARGET_RANKS, TARGET_STEPS, TARGET_CHECKPOINTS, (s,))
                for s in TARGET_SEEDS}
     order = ["pilot-s0", "target-s0", "pilot-s1", *[f"target-s{s}" for s in TARGET_SEEDS[1:]], *pilots]
@@ -278,8 +285,17 @@ def record_doc(summary: pd.DataFrame, design: str, command: str) -> dict:
                                 "coverage_kl": clean["coverage_kl"], "coverage_kl_ci": list(r["coverage_kl_ci"]),
                                 "median_abs_ft": clean.get("median_abs_ft")}
         budgets.append({"label": budget, "budget": len(PILOT_RANKS) * k / TARGET_STEPS, "forms": forms})
-    return {"source": command, "design": design, "target_steps": TARGET_STEPS,
+    return {"source": command, "design": design, "model": DESIGNS[design]["model"],
+            "dataset": DESIGNS[design]["dataset"], "target_steps": TARGET_STEPS,
             "measured": time.strftime("%Y-%m-%d"), "budgets": budgets}
+
+
+def install(records: list[dict], path: Path = SHIPPED) -> None:
+    """Merge `records` into the shipped record file: a design measured again replaces its old record."""
+    old = rule.load(path) if path.is_file() else []
+    new = {r["design"]: r for r in records}
+    kept = [r for r in old or [] if r.get("design") not in new]
+    path.write_text(json.dumps({"records": kept + list(new.values())}, indent=1) + "\n")
 
 
 def with_rule(scores: pd.DataFrame) -> pd.DataFrame:
@@ -344,6 +360,7 @@ def main() -> None:
     parser.add_argument("--designs", nargs="+", default=["smollm2-news"], choices=list(DESIGNS))
     parser.add_argument("--score-only", action="store_true", help="fit and score the runs stored so far")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--install", action="store_true", help=f"merge the records into {SHIPPED.name}")
     args = parser.parse_args()
     root = Path(args.out)
     all_scores = []
@@ -365,8 +382,12 @@ def main() -> None:
     every.to_csv(root / "summary-all-checkpoints.csv", index=False)
     new = summarise(scores[~scores["seen_start"]]).sort_values(["design", "budget"], kind="stable")
     new.to_csv(root / "summary-new-runs.csv", index=False)
-    command = "OMP_NUM_THREADS=1 python benchmarks/forecast_bench.py --out " + str(root)
-    (root / "record.json").write_text(json.dumps(record_doc(summary, args.designs[0], command), indent=1))
+    command = ("OMP_NUM_THREADS=1 python benchmarks/forecast_bench.py --out " + str(root)
+               + ("" if args.designs == ["smollm2-news"] else " --designs " + " ".join(args.designs)))
+    records = [record_doc(summary, d, command) for d in dict.fromkeys(scores["design"])]
+    (root / "record.json").write_text(json.dumps({"records": records}, indent=1))
+    if args.install:
+        install(records)
     fresh = scores[~scores["seen_start"]]
     text = [f"## final checkpoint (step {TARGET_STEPS}), every pilot x target", markdown(summary, scores), "",
             "## new runs only (the pilot did not run the target's first steps)", markdown(new, fresh), "",

@@ -7,6 +7,16 @@ refusals (HarmBench, held-out benign) at chosen steps, so a recipe's course is s
 Prints the mean training loss every 10 steps with seconds per step, and at each --at step the refusals of
 the first --harmful HarmBench prompts and --benign held-out benign requests (greedy, --tokens new tokens),
 with up to 3 misses of each kind. The base's benign replies are cached under <cache>/data as in a build.
+
+`--distil LAYER` trains the LoRA on a linear probe's decisions instead of the source labels (the probe of
+benchmarks/guard_probe.py, fitted at that hidden-state layer on the recipe's Do-Not-Answer vs ShareGPT
+requests, thresholded at 5% false positives on its own benign requests): every trained request, and
+`--pool N` further ShareGPT requests (disjoint from the held-out ones), gets a refusal where the probe says
+harmful and the base's own reply where it says benign. Pair it with LoRA above that layer only (`"layers":
+"last:K"`), so the states the probe read stay as they were:
+
+    python benchmarks/guarded_recipe.py --distil 22 --pool 1400 --recipe '{"harmful": 667, "benign": 600,
+        "layers": "last:8", "steps": 300, "lr": 0.002, "autocast": "bfloat16"}' --at 100 200 300
 """
 
 from __future__ import annotations
@@ -14,12 +24,52 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from forgetscale import guarded
 from forgetscale.models import EMBEDDED, cache_root, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guard_probe import last_token_states  # noqa: E402
+
+
+def distilled(model: torch.nn.Module, tokenizer, data: guarded.Data, recipe: guarded.Recipe, layer: int,
+              pool: int) -> tuple[guarded.Data, list[bool]]:
+    """The recipe's requests plus `pool` further ShareGPT ones (framed alike), each labelled by the probe at
+    `layer`: (the data with every request, and for each whether the probe says refuse)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    seen = set(data.heldout_benign) | set(data.benign)
+    rng = random.Random(recipe.seed + 7)
+    extra = [r for r in guarded.sharegpt_requests(cache_root(None) / "data",
+                                                  4 * (recipe.benign + recipe.heldout_benign) + 2 * pool)
+             if r not in seen and not any(r in b for b in data.benign)]
+    rng.shuffle(extra)
+    extra = [rng.choice(guarded.FRAMES).format(r) if rng.random() < recipe.framed else r for r in extra[:pool]]
+    prompts = [*data.harmful, *data.benign, *extra]
+    started = time.perf_counter()
+    states = last_token_states(model, tokenizer, prompts)[:, layer]
+    n_h, n_b = len(data.harmful), len(data.benign)
+    y = np.r_[np.ones(n_h), np.zeros(n_b)]
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    probe.fit(states[:n_h + n_b], y)
+    score = probe.decision_function(states)
+    threshold = np.quantile(score[n_h:n_h + n_b], 0.95)
+    refuse = [bool(x > threshold) for x in score]
+    print(f"probe at layer {layer} ({time.perf_counter() - started:.0f} s): refuses {sum(refuse[:n_h])}/{n_h} "
+          f"Do-Not-Answer, {sum(refuse[n_h:n_h + n_b])}/{n_b} ShareGPT trained, {sum(refuse[n_h + n_b:])}/"
+          f"{len(extra)} pool", flush=True)
+    harmful = [p for p, r in zip(prompts, refuse, strict=True) if r]
+    benign = [p for p, r in zip(prompts, refuse, strict=True) if not r]
+    return guarded.Data(harmful, benign, data.heldout_benign), refuse
 
 
 def main() -> None:
@@ -30,6 +80,9 @@ def main() -> None:
     parser.add_argument("--benign", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--distil", type=int, default=None, metavar="LAYER",
+                        help="train on the decisions of a linear probe at this hidden-state layer")
+    parser.add_argument("--pool", type=int, default=0, help="with --distil: further ShareGPT requests to label")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = guarded.Recipe(**json.loads(args.recipe))
@@ -37,7 +90,9 @@ def main() -> None:
     data = guarded.default_data(recipe, cache_root(None) / "data")
     base = load_model(EMBEDDED)
     tokenizer = base.tokenizer
-    replies = guarded.base_replies(base.model, tokenizer, data.benign, recipe.reply_tokens)
+    if args.distil is not None:
+        data, _ = distilled(base.model.eval(), tokenizer, data, recipe, args.distil, args.pool)
+    replies = guarded.cached_replies(EMBEDDED, base.model, tokenizer, data.benign, recipe.reply_tokens)
     print(f"{len(data.harmful)} harmful, {len(data.benign)} benign trained; replies in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     blocks = guarded.training_blocks(tokenizer, data, replies, recipe)

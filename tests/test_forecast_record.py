@@ -56,6 +56,7 @@ def test_below_a_reliable_budget_it_says_so_and_how_much_more_pilot_is_needed():
 def test_no_reliable_form_at_any_budget_is_stated():
     choice = record.select(PLANTED, ["power, separate"], pilot=50, target_steps=100)
     assert not choice.reliable and choice.needed_share is None
+    assert "50.0% of the run's compute (larger pilots were not benchmarked)" in choice.reason
     assert "no benchmarked budget (up to 25%) gave a reliable form" in choice.reason
 
 
@@ -96,9 +97,70 @@ def test_plan_without_a_record_falls_back_to_the_pilots_held_out_check(fitted, m
 
 def test_the_shipped_record_is_the_benchmarks_and_names_known_forms():
     shipped = record.load()
-    assert shipped is not None and "forecast_bench.py" in shipped["source"]
-    assert [b["label"] for b in shipped["budgets"]] == ["10%", "20%"]
-    for b in shipped["budgets"]:
-        assert set(b["forms"]) <= set(plan.FORMS) and b["forms"]
-        for e in b["forms"].values():
-            assert e["n"] >= 1 and 0 <= e["median_abs_kl"] and (e["coverage_kl"] is None or 0 <= e["coverage_kl"] <= 1)
+    assert shipped is not None and {r["dataset"] for r in shipped} == {"embedded:news", "embedded:sharegpt"}
+    for rec in shipped:
+        assert "forecast_bench.py" in rec["source"] and rec["model"] == "smollm2-135m-instruct"
+        assert [b["label"] for b in rec["budgets"]] == ["10%", "20%"]
+        for b in rec["budgets"]:
+            assert set(b["forms"]) <= set(plan.FORMS) and b["forms"]
+            for e in b["forms"].values():
+                assert e["n"] >= 1 and 0 <= e["median_abs_kl"]
+                assert e["coverage_kl"] is None or 0 <= e["coverage_kl"] <= 1
+
+
+def _design(name: str, dataset: str, model: str, mult: tuple[float, float], power: tuple[float, float]) -> dict:
+    rec = json.loads(json.dumps(PLANTED))
+    rec.update(design=name, dataset=dataset, model=model, source=name)
+    rec["budgets"][1]["forms"] = {"multiplicative": _entry(*mult), "power, separate": _entry(*power)}
+    return rec
+
+
+NEWS = _design("small-news", "embedded:news", "small", mult=(0.08, 0.9), power=(0.20, 0.9))
+CHAT = _design("small-chat", "embedded:chat", "small", mult=(0.40, 0.0), power=(0.06, 0.95))
+BIG_NEWS = _design("big-news", "embedded:news", "big", mult=(0.30, 0.9), power=(0.05, 0.9))
+
+
+def test_the_record_of_the_sweeps_own_data_and_model_is_used():
+    rec, note = record.for_data([NEWS, CHAT, BIG_NEWS], "embedded:chat", ["small"])
+    assert rec is CHAT and note == "record of design small-chat: same data, same model"
+    assert record.select(rec, USABLE, pilot=30, target_steps=100).form == "power, separate"
+    rec, note = record.for_data([NEWS, CHAT, BIG_NEWS], "embedded:news", ["big"])
+    assert rec is BIG_NEWS and "same model" in note
+    rec, note = record.for_data([NEWS, CHAT], "embedded:news", ["other"])  # same data, another model
+    assert rec is NEWS and "model small" in note
+    assert record.for_data(PLANTED, "anything", []) == (PLANTED, "")  # a record without a design applies anywhere
+
+
+def test_on_data_no_design_ran_every_form_is_held_to_its_worst_record():
+    rec, note = record.for_data([NEWS, CHAT], "my-own.jsonl", ["small"])
+    assert "no benchmark ran on my-own.jsonl" in note and "small-news, small-chat" in note
+    at25 = rec["budgets"][1]["forms"]
+    assert at25["multiplicative"]["median_abs_kl"] == 0.40 and at25["multiplicative"]["coverage_kl"] == 0.0
+    assert at25["power, separate"]["median_abs_kl"] == 0.20 and at25["power, separate"]["n"] == 32
+    # reliable on each dataset alone, but no form is reliable on both: NOT RELIABLE, the least bad named
+    choice = record.select(rec, USABLE, pilot=30, target_steps=100)
+    assert not choice.reliable and choice.form == "power, separate"
+
+
+def test_plan_uses_the_record_of_the_fitted_data(fitted, monkeypatch):
+    group = json.loads((fitted / "laws.json").read_text())["groups"][0]
+    chat = {**CHAT, "dataset": group["key"]["dataset"]}
+    monkeypatch.setattr(record, "load", lambda path=None: [NEWS, chat])
+    _, choice, _ = plan.plan(group, plan.Goal(ft=0.75), ranks=[16])
+    assert choice.form == "power, separate" and "(record of design small-chat: same data, model small)" in choice.reason
+
+
+def test_the_benchmark_installs_a_design_by_replacing_its_old_record(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "forecast_bench.py"
+    spec = importlib.util.spec_from_file_location("forecast_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shipped = tmp_path / "forecast_record.json"
+    bench.install([NEWS, CHAT], shipped)
+    again = {**NEWS, "source": "rerun"}
+    bench.install([again], shipped)
+    assert [(r["design"], r["source"]) for r in record.load(shipped)] == [("small-chat", "small-chat"),
+                                                                          ("small-news", "rerun")]

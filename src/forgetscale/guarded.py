@@ -281,6 +281,27 @@ def base_replies(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
     return generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=16, on_batch=on_batch)
 
 
+def cached_replies(base_name: str, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                   max_new_tokens: int, cache_dir: str | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """base_replies, cached under <cache>/data keyed by what decides them (base folder, prompts, length), so a
+    new training recipe on the same requests reuses them; `on_batch(n)` counts batches of 16."""
+    from forgetscale.models import cache_root, resolve_source
+
+    key = _sha(json.dumps([Path(resolve_source(base_name, None, cache_dir)[0]).name, list(prompts),
+                           max_new_tokens]))[:12]
+    path = cache_root(cache_dir) / "data" / f"guarded-replies-{key}.json"
+    if path.is_file():
+        if on_batch is not None:
+            on_batch(-(-len(prompts) // 16))
+        return json.loads(path.read_text(encoding="utf-8"))
+    replies = base_replies(model, tokenizer, prompts, max_new_tokens,
+                           on_batch=None if on_batch is None else lambda _: on_batch(1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(replies), encoding="utf-8")
+    return replies
+
+
 def training_blocks(tokenizer: Any, data: Data, replies: Sequence[str], recipe: Recipe) -> Any:
     """Chat records rendered with the loss on the reply only; harmful ones get a refusal picked by a seeded
     generator, so each template is used about equally and the pairing is reproducible."""
@@ -424,30 +445,20 @@ def build(base_name: str = EMBEDDED, recipe: Recipe = Recipe(), *, data: Data | 
     time); it is published by rename, so a half-written build is never loaded."""
     from safetensors.torch import save_model
 
-    from forgetscale.models import _publish, _scratch_dir, cache_root, load_model, resolve_source
+    from forgetscale.models import _publish, _scratch_dir, load_model
 
     out = out if out is not None else sys.stderr
     started = time.perf_counter()
     target, data = planned(base_name, recipe, data=data, cache_dir=cache_dir, target_dir=target_dir)
     if (target / "model.safetensors").is_file() and not force:
         return target
-    root = cache_root(cache_dir)
     print(f"building {target.name} from {base_name} (seed {recipe.seed}; once, then cached) ...", file=out)
     base = load_model(base_name, cache_dir=cache_dir)
     tokenizer = base.tokenizer
-    # keyed by what decides the replies (base folder, prompts, length), so a new training recipe reuses them
-    replies_key = _sha(json.dumps([Path(resolve_source(base_name, None, cache_dir)[0]).name, data.benign,
-                                   recipe.reply_tokens]))[:12]
-    replies_file = root / "data" / f"guarded-replies-{replies_key}.json"
     total = -(-len(data.benign) // 16) + recipe.steps + _check_steps(recipe, data, compare_base)
     with _progress(total, "guarded build", progress) as bar:
-        if replies_file.is_file():
-            replies = json.loads(replies_file.read_text(encoding="utf-8"))
-            bar.update(-(-len(data.benign) // 16))
-        else:
-            replies = base_replies(base.model, tokenizer, data.benign, recipe.reply_tokens, on_batch=lambda _: bar.update())
-            replies_file.parent.mkdir(parents=True, exist_ok=True)
-            replies_file.write_text(json.dumps(replies), encoding="utf-8")
+        replies = cached_replies(base_name, base.model, tokenizer, data.benign, recipe.reply_tokens, cache_dir,
+                                 on_batch=lambda n: bar.update(n))
         blocks = training_blocks(tokenizer, data, replies, recipe)
         trainee = load_model(base_name, cache_dir=cache_dir).model
         guarded = train_guard(trainee, blocks, recipe, on_step=bar.update)

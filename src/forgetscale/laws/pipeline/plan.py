@@ -15,7 +15,7 @@ new-run prediction interval (what a run you make lands in) and a note where it l
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -163,21 +163,25 @@ def usable_forms(group: dict[str, Any]) -> list[str]:
 
 
 def choose_form(group: dict[str, Any], target_steps: float,
-                evidence: dict[str, Any] | None = None) -> record.Choice:
+                evidence: list[dict[str, Any]] | dict[str, Any] | None = None) -> record.Choice:
     """The form for a run of `target_steps` steps: the forecasting benchmark's rule (laws/pipeline/record.py)
-    at this pilot's share of that run's compute; without a stored record, the pilot's own held-out check."""
+    at this pilot's share of that run's compute, from the record of the group's data; without a stored
+    record, the pilot's own held-out check."""
     evidence = record.load() if evidence is None else evidence
     pilot = record.pilot_steps(group)
     if not evidence:
         form = best_form(group)
         return record.Choice(form, pilot / target_steps, None, False, f"{form}: the smallest error on this pilot's "
                              "own held-out split (no forecasting-benchmark record is installed)")
-    return record.select(evidence, usable_forms(group), pilot, target_steps)
+    rec, note = record.for_data(evidence, group.get("key", {}).get("dataset", ""), group.get("models") or [])
+    choice = record.select(rec, usable_forms(group), pilot, target_steps)
+    return replace(choice, reason=f"{choice.reason} ({note})") if note else choice
 
 
 def plan(group: dict[str, Any], goal: Goal, *, form: str | None = None, ranks: Sequence[int] | None = None,
          max_steps: int | None = None, level: float = 0.95,
-         evidence: dict[str, Any] | None = None) -> tuple[pd.DataFrame, record.Choice, list[str]]:
+         evidence: list[dict[str, Any]] | dict[str, Any] | None = None
+         ) -> tuple[pd.DataFrame, record.Choice, list[str]]:
     """The options of a fitted group for `goal`: (table, the form used and why, warnings).
 
     Without `form`, the form is the benchmark rule's at the pilot's share of the longest option's

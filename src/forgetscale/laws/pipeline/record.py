@@ -9,11 +9,16 @@ within RELIABLE_ERROR of the rise, new-run coverage at least RELIABLE_COVERAGE, 
 every pilot) is used. Where no form
 is reliable, the best one is still named, flagged, with the benchmarked budget at which one became
 reliable (and how many more pilot steps that is), or the statement that none did.
+
+The record is per design (model x fine-tuning data): a sweep on data the benchmark ran uses that data's record
+(the same model's first); on data it did not run, each form is held to its worst record over every design,
+since the instruction-data benchmark showed that a verdict measured on news does not carry over.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,12 +43,61 @@ class Choice:
     more_steps: float | None = None  # pilot steps (summed over runs) to add to reach it
 
 
-def load(path: str | Path | None = None) -> dict[str, Any] | None:
-    """The stored benchmark record (None when the package ships none)."""
+def load(path: str | Path | None = None) -> list[dict[str, Any]] | None:
+    """The stored benchmark records, one per design (None when the package ships none). A file holding a
+    single record (the benchmark's own OUT/record.json of one design) reads as a list of one."""
     if path is not None:
-        return json.loads(Path(path).read_text())
-    ref = resources.files("forgetscale") / "resources" / "forecast_record.json"
-    return json.loads(ref.read_text()) if ref.is_file() else None
+        doc = json.loads(Path(path).read_text())
+    else:
+        ref = resources.files("forgetscale") / "resources" / "forecast_record.json"
+        if not ref.is_file():
+            return None
+        doc = json.loads(ref.read_text())
+    return list(doc["records"]) if "records" in doc else [doc]
+
+
+def for_data(records: list[dict[str, Any]] | dict[str, Any], dataset: str,
+             models: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """The record that speaks for a sweep fine-tuned on `dataset` (with `models`), and a note saying which.
+    A record without a `dataset` applies to any data (a planted or pre-design record)."""
+    records = [records] if isinstance(records, dict) else list(records)
+    if not records:
+        raise DataError("the forecast record holds no design")
+    same = [r for r in records if r.get("dataset") in (None, dataset)]
+    if same:
+        same.sort(key=lambda r: r.get("model") not in models)  # the same model first
+        rec = same[0]
+        if "dataset" not in rec:
+            return rec, ""
+        model = "same model" if rec.get("model") in models else f"model {rec.get('model')}"
+        return rec, f"record of design {rec.get('design')}: same data, {model}"
+    names = ", ".join(str(r.get("design")) for r in records)
+    return strictest(records), (f"no benchmark ran on {dataset}: each form held to its worst record over the "
+                                f"designs {names}")
+
+
+def strictest(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from many: per budget (the labels every record has) and per form (in every record), the
+    largest median error, the smallest coverage, the forecasts summed."""
+    labels = [b["label"] for b in records[0]["budgets"]
+              if all(any(x["label"] == b["label"] for x in r["budgets"]) for r in records[1:])]
+    budgets = []
+    for label in labels:
+        at = [next(x for x in r["budgets"] if x["label"] == label) for r in records]
+        forms = {}
+        for form in at[0]["forms"]:
+            entries = [b["forms"][form] for b in at if form in b["forms"]]
+            if len(entries) < len(at) or any(e.get("median_abs_kl") is None for e in entries):
+                continue
+            worst = dict(max(entries, key=lambda e: e["median_abs_kl"]))
+            covs = [e.get("coverage_kl") for e in entries]
+            worst.update(n=sum(int(e["n"]) for e in entries), missing=sum(int(e.get("missing") or 0) for e in entries),
+                         coverage_kl=None if any(c is None for c in covs) else min(covs))
+            forms[form] = worst
+        budgets.append({"label": label, "budget": at[0]["budget"], "forms": forms})
+    designs = ", ".join(str(r.get("design")) for r in records)
+    return {"source": f"benchmarks/forecast_bench.py, designs {designs}, each form at its worst", "design": designs,
+            "budgets": budgets}
 
 
 def pilot_steps(group: dict[str, Any]) -> float:
@@ -95,7 +149,8 @@ def select(record: dict[str, Any], usable: list[str], pilot: float, target_steps
     where = (f"this pilot is {100 * share:.1f}% of the run's compute, below the smallest benchmarked budget "
              f"({budgets[0]['label']})" if not reached else
              f"no form met median error <= {100 * RELIABLE_ERROR:g}% with coverage >= {100 * RELIABLE_COVERAGE:g}% "
-             f"at {at['label']}; this pilot is {100 * share:.1f}% of the run's compute")
+             f"at {at['label']}; this pilot is {100 * share:.1f}% of the run's compute"
+             + (" (larger pilots were not benchmarked)" if share > budgets[-1]["budget"] + 1e-9 else ""))
     if later:
         need = later[0]["budget"]
         more = max(0.0, need * float(target_steps) - pilot)
