@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/bench-mitigations", help="RUN_DIR for the cached self-generated text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     parser.add_argument("--gen-samples", type=int, default=64,
-                        help="also time sampling this many sequences from the base model (0: skip)")
+                        help="also time sampling this many sequences from the base model when an arm "
+                        "trains on self-generated text (0: skip)")
     args = parser.parse_args()
 
     from forgetscale.config import load_config
@@ -97,7 +98,10 @@ def main() -> None:
             if seconds is not None:
                 print(f"one-time: {key}: {seconds:.1f} s (= {seconds / median['none']:.0f} 'none' steps)"
                       + (" [as recorded when the text was generated]" if key.startswith("generated") else ""))
-    if args.gen_samples:
+    # sampling is a one-time cost of the arms that train on the base's own text; without one, nothing to time
+    sampled = any(p.mitigation.name == "self_replay" or getattr(p.mitigation, "source", None) == "self"
+                  for p in plans)
+    if args.gen_samples and sampled:
         from forgetscale.mitigations.inputs import generate_blocks
         from forgetscale.models import load_model
 
