@@ -128,6 +128,10 @@ def test_the_record_of_the_sweeps_own_data_and_model_is_used():
     assert rec is BIG_NEWS and "same model" in note
     rec, note = record.for_data([NEWS, CHAT], "embedded:news", ["other"])  # same data, another model
     assert rec is NEWS and "model small" in note
+    # two designs on this data, neither with this model: held to the worse of the two
+    rec, note = record.for_data([NEWS, CHAT, BIG_NEWS], "embedded:news", ["other"])
+    assert "no benchmark ran on this model on embedded:news" in note and "small-news, big-news" in note
+    assert rec["budgets"][1]["forms"]["multiplicative"]["median_abs_kl"] == 0.30
     assert record.for_data(PLANTED, "anything", []) == (PLANTED, "")  # a record without a design applies anywhere
 
 

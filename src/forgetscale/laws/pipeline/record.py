@@ -11,8 +11,9 @@ is reliable, the best one is still named, flagged, with the benchmarked budget a
 reliable (and how many more pilot steps that is), or the statement that none did.
 
 The record is per design (model x fine-tuning data): a sweep on data the benchmark ran uses that data's record
-(the same model's first); on data it did not run, each form is held to its worst record over every design,
-since the instruction-data benchmark showed that a verdict measured on news does not carry over.
+(the same model's); on data it did not run, or on a model no design ran with that data when several did,
+each form is held to its worst record over those designs, since the instruction-data benchmark showed that a
+verdict measured on news does not carry over.
 """
 
 from __future__ import annotations
@@ -63,17 +64,18 @@ def for_data(records: list[dict[str, Any]] | dict[str, Any], dataset: str,
     records = [records] if isinstance(records, dict) else list(records)
     if not records:
         raise DataError("the forecast record holds no design")
-    same = [r for r in records if r.get("dataset") in (None, dataset)]
-    if same:
-        same.sort(key=lambda r: r.get("model") not in models)  # the same model first
-        rec = same[0]
-        if "dataset" not in rec:
-            return rec, ""
-        model = "same model" if rec.get("model") in models else f"model {rec.get('model')}"
-        return rec, f"record of design {rec.get('design')}: same data, {model}"
-    names = ", ".join(str(r.get("design")) for r in records)
-    return strictest(records), (f"no benchmark ran on {dataset}: each form held to its worst record over the "
-                                f"designs {names}")
+    anywhere = [r for r in records if "dataset" not in r]
+    if anywhere:
+        return anywhere[0], ""
+    same = [r for r in records if r["dataset"] == dataset]
+    exact = [r for r in same if r.get("model") in models]
+    if exact:
+        return exact[0], f"record of design {exact[0].get('design')}: same data, same model"
+    if len(same) == 1:
+        return same[0], f"record of design {same[0].get('design')}: same data, model {same[0].get('model')}"
+    pool, what = (same, f"this model on {dataset}") if same else (records, dataset)
+    names = ", ".join(str(r.get("design")) for r in pool)
+    return strictest(pool), f"no benchmark ran on {what}: each form held to its worst record over the designs {names}"
 
 
 def strictest(records: list[dict[str, Any]]) -> dict[str, Any]:
