@@ -294,7 +294,7 @@ def install(records: list[dict], path: Path = SHIPPED) -> None:
     """Merge `records` into the shipped record file: a design measured again replaces its old record."""
     old = rule.load(path) if path.is_file() else []
     new = {r["design"]: r for r in records}
-    kept = [r for r in old or [] if r.get("design") not in new]
+    kept = [r for r in old if r.get("design") not in new]
     path.write_text(json.dumps({"records": kept + list(new.values())}, indent=1) + "\n")
 
 

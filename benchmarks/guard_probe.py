@@ -27,6 +27,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,14 @@ def last_token_states(model: torch.nn.Module, tokenizer, prompts: list[str]) -> 
         states = model(input_ids=ids, output_hidden_states=True).hidden_states
         out.append(torch.stack([h[0, -1] for h in states]).float().numpy())
     return np.stack(out)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 0.1) -> tuple[Any, float]:
+    """A logistic probe on standardised states (label 1: harmful) and its threshold: the score that keeps the
+    false positives on its own benign examples at 5%."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    probe.fit(x, y)
+    return probe, float(np.quantile(probe.decision_function(x)[y == 0], 0.95))
 
 
 @torch.no_grad()
@@ -120,10 +129,7 @@ def main() -> None:
     print("|---:|---:|---|---:|")
     rows = []
     for layer in range(x_train.shape[1]):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=args.C, max_iter=2000))
-        probe.fit(x_train[:, layer], y_train)
-        score_train = probe.decision_function(x_train[:, layer])
-        threshold = np.quantile(score_train[y_train == 0], 0.95)
+        probe, threshold = fit_probe(x_train[:, layer], y_train, args.C)
         score = probe.decision_function(x_check[:, layer])
         recall = float(np.mean(score[y_check == 1] > threshold))
         false_pos = float(np.mean(score[y_check == 0] > threshold))

@@ -36,17 +36,13 @@ from forgetscale import guarded
 from forgetscale.models import EMBEDDED, cache_root, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guard_probe import last_token_states  # noqa: E402
+from guard_probe import fit_probe, last_token_states  # noqa: E402
 
 
 def distilled(model: torch.nn.Module, tokenizer, data: guarded.Data, recipe: guarded.Recipe, layer: int,
-              pool: int) -> tuple[guarded.Data, list[bool]]:
-    """The recipe's requests plus `pool` further ShareGPT ones (framed alike), each labelled by the probe at
-    `layer`: (the data with every request, and for each whether the probe says refuse)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+              pool: int) -> guarded.Data:
+    """The recipe's requests plus `pool` further ShareGPT ones (framed alike), each put on the harmful or the
+    benign side by the probe at `layer` (the held-out requests stay as they are)."""
     seen = set(data.heldout_benign) | set(data.benign)
     rng = random.Random(recipe.seed + 7)
     extra = [r for r in guarded.sharegpt_requests(cache_root(None) / "data",
@@ -58,18 +54,15 @@ def distilled(model: torch.nn.Module, tokenizer, data: guarded.Data, recipe: gua
     started = time.perf_counter()
     states = last_token_states(model, tokenizer, prompts)[:, layer]
     n_h, n_b = len(data.harmful), len(data.benign)
-    y = np.r_[np.ones(n_h), np.zeros(n_b)]
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    probe.fit(states[:n_h + n_b], y)
+    probe, threshold = fit_probe(states[:n_h + n_b], np.r_[np.ones(n_h), np.zeros(n_b)])
     score = probe.decision_function(states)
-    threshold = np.quantile(score[n_h:n_h + n_b], 0.95)
     refuse = [bool(x > threshold) for x in score]
     print(f"probe at layer {layer} ({time.perf_counter() - started:.0f} s): refuses {sum(refuse[:n_h])}/{n_h} "
           f"Do-Not-Answer, {sum(refuse[n_h:n_h + n_b])}/{n_b} ShareGPT trained, {sum(refuse[n_h + n_b:])}/"
           f"{len(extra)} pool", flush=True)
     harmful = [p for p, r in zip(prompts, refuse, strict=True) if r]
     benign = [p for p, r in zip(prompts, refuse, strict=True) if not r]
-    return guarded.Data(harmful, benign, data.heldout_benign), refuse
+    return guarded.Data(harmful, benign, data.heldout_benign)
 
 
 def main() -> None:
@@ -91,7 +84,7 @@ def main() -> None:
     base = load_model(EMBEDDED)
     tokenizer = base.tokenizer
     if args.distil is not None:
-        data, _ = distilled(base.model.eval(), tokenizer, data, recipe, args.distil, args.pool)
+        data = distilled(base.model.eval(), tokenizer, data, recipe, args.distil, args.pool)
     replies = guarded.cached_replies(EMBEDDED, base.model, tokenizer, data.benign, recipe.reply_tokens)
     print(f"{len(data.harmful)} harmful, {len(data.benign)} benign trained; replies in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
