@@ -22,7 +22,7 @@ from forgetscale.errors import ConfigError, StoreError
 from forgetscale.metric import ForgettingMeter, ForgettingResult
 from forgetscale.metric.shard import broadcast, join_launched
 from forgetscale.runs import run_hash
-from forgetscale.store import CheckpointRow, RunDirLock, RunRecord, Store
+from forgetscale.store import RESULTS_FILE, CheckpointRow, RunDirLock, RunRecord, Store
 from forgetscale.weights import (
     Source,
     adapter_source,
@@ -97,6 +97,17 @@ class Group:
     sources: list[Source]
     run_id: str = ""
     hashes: dict[int, str] = field(default_factory=dict)
+
+
+def check_out_folder(cfg: Any, out_dir: str | Path, with_data: bool) -> None:
+    """The main process's check of out_dir (its kind and stored settings), made before `--processes N` starts
+    any: a refusal is then one line, printed once, rather than one per process racing the launcher's teardown."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StoreError(f"{out_dir}: exists and is not a directory")
+    if (out_dir / RESULTS_FILE).exists():
+        with Store(out_dir, create=False) as store:
+            store.check_claim("measure", _difference(measure_settings(cfg, with_data)))
 
 
 def measure_sources(cfg: Any, out_dir: str | Path, *, adapters: list[Path] = (), models: list[Path] = (),

@@ -102,14 +102,15 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from forgetscale.errors import ConfigError
-    from forgetscale.measure import check_budget
+    from forgetscale.measure import check_budget, check_out_folder
 
     check_budget(args.budget)
     if args.processes < 1:
         raise ConfigError(f"--processes: must be >= 1; got {args.processes}")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if args.processes > 1 and launched == 1:
-        config_from_args(args)  # a bad key is one line here, not one per process
+        # a bad key or a folder holding other settings is one line here, before any process starts
+        check_out_folder(config_from_args(args), args.out, with_data=args.data is not None)
         return _launch(args)
     try:
         return _measure(args, int(os.environ.get("RANK", "0")) == 0)
