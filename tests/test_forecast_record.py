@@ -60,6 +60,13 @@ def test_no_reliable_form_at_any_budget_is_stated():
     assert "no benchmarked budget (up to 25%) gave a reliable form" in choice.reason
 
 
+def test_a_reliable_form_from_a_pilot_beyond_every_budget_says_that_budget_was_not_benchmarked():
+    choice = record.select(PLANTED, USABLE, pilot=50, target_steps=100)  # 50%: the 25% record decides
+    assert choice.reliable and choice.budget == 0.25
+    assert "50.0% of the run's compute (larger pilots were not benchmarked) (rule:" in choice.reason
+    assert "(larger pilots" not in record.select(PLANTED, USABLE, pilot=25, target_steps=100).reason
+
+
 @pytest.fixture
 def fitted(tmp_path):
     frame = synthetic.simulate_frame(paper.in_gauge("openorca", 0.002), ranks=(8, 16, 32, 64), seeds=(0,),
@@ -169,5 +176,5 @@ def test_the_benchmark_installs_a_design_by_replacing_its_old_record(tmp_path):
     bench.install([NEWS, CHAT], shipped)
     again = {**NEWS, "source": "rerun"}
     bench.install([again], shipped)
-    assert [(r["design"], r["source"]) for r in record.load(shipped)] == [("small-chat", "small-chat"),
-                                                                          ("small-news", "rerun")]
+    assert [(r["design"], r["source"]) for r in record.load(shipped)] == [("small-news", "rerun"),
+                                                                          ("small-chat", "small-chat")]

@@ -142,17 +142,17 @@ def select(record: dict[str, Any], usable: list[str], pilot: float, target_steps
             f"{at['label']} pilot budget its median KL-rise error was {100 * e['median_abs_kl']:.1f}% over {e['n']} "
             "forecasts, and its 95% new-run interval " + ("was never given" if e.get("coverage_kl") is None else
                                                           f"covered {100 * e['coverage_kl']:.0f}% of them"))
+    beyond = " (larger pilots were not benchmarked)" if share > budgets[-1]["budget"] + 1e-9 else ""
     if reached and ok:
         return Choice(form, share, at["budget"], True, f"{said}; this pilot is {100 * share:.1f}% of the run's "
-                      f"compute (rule: the best form with median error <= {100 * RELIABLE_ERROR:g}% and coverage "
-                      f">= {100 * RELIABLE_COVERAGE:g}%)")
+                      f"compute{beyond} (rule: the best form with median error <= {100 * RELIABLE_ERROR:g}% and "
+                      f"coverage >= {100 * RELIABLE_COVERAGE:g}%)")
     later = [b for b in budgets if b["budget"] > (at["budget"] if reached else share)
              and any(f in usable and reliable(x) for f, x in b["forms"].items())]
     where = (f"this pilot is {100 * share:.1f}% of the run's compute, below the smallest benchmarked budget "
              f"({budgets[0]['label']})" if not reached else
              f"no form met median error <= {100 * RELIABLE_ERROR:g}% with coverage >= {100 * RELIABLE_COVERAGE:g}% "
-             f"at {at['label']}; this pilot is {100 * share:.1f}% of the run's compute"
-             + (" (larger pilots were not benchmarked)" if share > budgets[-1]["budget"] + 1e-9 else ""))
+             f"at {at['label']}; this pilot is {100 * share:.1f}% of the run's compute{beyond}")
     if later:
         need = later[0]["budget"]
         more = max(0.0, need * float(target_steps) - pilot)
