@@ -99,12 +99,18 @@ class Group:
     hashes: dict[int, str] = field(default_factory=dict)
 
 
-def check_out_folder(cfg: Any, out_dir: str | Path, with_data: bool) -> None:
-    """The main process's check of out_dir (its kind and stored settings), made before `--processes N` starts
-    any: a refusal is then one line, printed once, rather than one per process racing the launcher's teardown."""
+def _out_folder(out_dir: str | Path) -> Path:
+    """out_dir as a Path, refused when it is a file."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: exists and is not a directory")
+    return out_dir
+
+
+def check_out_folder(cfg: Any, out_dir: str | Path, with_data: bool) -> None:
+    """The main process's check of out_dir (its kind and stored settings), made before `--processes N` starts
+    any: a refusal is then one line, printed once, rather than one per process racing the launcher's teardown."""
+    out_dir = _out_folder(out_dir)
     if (out_dir / RESULTS_FILE).exists():
         with Store(out_dir, create=False) as store:
             store.check_claim("measure", _difference(measure_settings(cfg, with_data)))
@@ -120,9 +126,7 @@ def measure_sources(cfg: Any, out_dir: str | Path, *, adapters: list[Path] = (),
     groups += [Group(Path(p).resolve().name, Path(p), trainer_output_sources(Path(p))) for p in trainer_outputs]
     if not groups:
         raise ConfigError("measure: give at least one --adapter, --model or --trainer-output")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise StoreError(f"{out_dir}: exists and is not a directory")
+    out_dir = _out_folder(out_dir)
     settings = measure_settings(cfg, with_data)
     for group in groups:
         group.hashes = {s.step: s.content_hash() for s in group.sources}
