@@ -543,6 +543,17 @@ def test_bad_input_is_one_line_and_leaves_the_store_byte_identical(case, stored_
     assert not (stored_run / "results.sqlite-wal").exists() or (stored_run / "results.sqlite-wal").stat().st_size == 0
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_an_out_path_that_is_a_file_is_one_line_and_the_file_is_kept(processes, adapter_dir, tmp_path, capsys):
+    """On one process and before `--processes 2` launches any (the launcher's pre-check), the same line."""
+    out = tmp_path / "results.txt"
+    out.write_text("mine")
+    err = _fails(["measure", "--base", TINY, "--adapter", str(adapter_dir), "--out", str(out), "--no-progress",
+                  "--processes", processes, *FORGET], capsys)
+    assert err == f"forgetscale: {out}: exists and is not a directory"
+    assert out.read_text() == "mine"
+
+
 def test_an_adapter_recording_another_base_name_warns_and_is_measured(adapter_dir, tmp_path, capsys):
     renamed = tmp_path / "renamed"
     shutil.copytree(adapter_dir, renamed)
