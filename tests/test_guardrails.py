@@ -262,8 +262,10 @@ def test_steps_checkpoints_is_validated_and_keeps_every_checkpoint_adapter():
         _steps("every")
 
 
-def test_sweep_with_steps_checkpoints_evaluates_and_stores_every_checkpoint(tmp_path):
-    """Every listed checkpoint of every run is evaluated by both suites and stored; fit and report read it."""
+def test_sweep_with_steps_checkpoints_evaluates_and_stores_every_checkpoint(tmp_path, monkeypatch):
+    """Every listed checkpoint of every run is evaluated by both suites and stored; fit and report read it.
+    Step 0 (LoRA's B is zero: KL exactly 0) is the base's own function: its items are the base's, stored
+    under its key, and no prompt is generated for it."""
     import yaml
 
     from forgetscale.cli import main
@@ -295,7 +297,25 @@ def test_sweep_with_steps_checkpoints_evaluates_and_stores_every_checkpoint(tmp_
         assert all(s["n"] == n and s["lo"] <= s["value"] <= s["hi"] for s in summaries)
         assert {s["model_key"] for s in store.eval_summaries(suite)} == wanted
         assert {r["model_key"] for r in store.eval_items(suite)} == wanted
+
+    def answers(suite, key):
+        return [(r["item_id"], r["protocol"], r["output"], r["prediction"], r["refused"], r["correct"])
+                for r in store.eval_items(suite, key)]
+
+    for run_id in runs:
+        assert [c["forget_kl"] for c in store.checkpoints(run_id) if c["step"] == 0] == [0.0]
+        for suite in ("safety", "choice"):
+            assert answers(suite, f"{run_id}@0") == answers(suite, "base")
+            assert {(r["run_id"], r["step"]) for r in store.eval_items(suite, f"{run_id}@0")} == {(run_id, 0)}
     store.close()
+    from forgetscale.config import parse_config
+    from forgetscale.evals import runner
+
+    generated = []
+    real_target = runner.Target
+    monkeypatch.setattr(runner, "Target", lambda key, *a: generated.append(key) or real_target(key, *a))
+    runner.run_evals(out, parse_config(data).evals, force=True, progress=False)
+    assert sorted(generated) == sorted(wanted - {f"{r}@0" for r in runs})
     assert main(["fit", str(out), "--bootstrap", "20", "--laws", "linear"]) == 0
     block = json.loads((out / "laws.json").read_text())["guardrails"]
     (group,) = block["groups"]

@@ -21,6 +21,7 @@ from forgetscale.config.evals import EvalsConfig, split_suites
 from forgetscale.errors import ConfigError, StoreError
 from forgetscale.evals.labels import run_labels
 from forgetscale.evals.suites import Target, suite_for
+from forgetscale.methods import METHODS
 from forgetscale.store import Store
 from forgetscale.weights import applied, saved_source
 
@@ -82,6 +83,15 @@ def select_checkpoints(store: Store, run_dir: Path, runs: list[str] | None, step
     return out, notes
 
 
+def as_base(store: Store, targets: list[Checkpoint]) -> set[str]:
+    """The step-0 checkpoints of methods that start as the base (MethodSpec.starts_as_base: LoRA's B is zero, so
+    the model computes the base's predictions bit for bit, as training already relies on): every suite answers
+    as the base did, so their items are the base's, stored again, not generated again."""
+    methods = {r["run_id"]: r["method"] for r in store.runs()}
+    return {t.key for t in targets if t.step == 0 and methods.get(t.run_id) in METHODS
+            and METHODS.get(methods[t.run_id]).starts_as_base}
+
+
 def _settings_json(settings: Any) -> str:
     return json.dumps(settings.model_dump(mode="json"), sort_keys=True)
 
@@ -135,18 +145,19 @@ def run_evals(
                 todo.append((name, key))
     if any(k == BASE for _, k in todo):  # a re-evaluated base invalidates stored comparisons
         todo += [(n, t.key) for n in {n for n, k in todo if k == BASE} for t in targets if (n, t.key) not in todo]
-    evaluated = {(n, k) for n, k in todo}
-    if todo:
+    copies = as_base(store, targets)
+    generate = {(n, k) for n, k in todo if k not in copies}
+    by_key = {t.key: t for t in targets}
+    if generate:
         dev = resolve_device(device or cfg.train.device)
         # the sweep's precision: base weights in model.dtype (or 4-bit), autocast as the checkpoints were measured
         dtype = compute_dtype(cfg, dev)
         base = load_configured_model(cfg, dev)
         notes += prompt_notes(base.tokenizer, cfg.model.name, {n for n, _ in todo})
-        work = sum(_work(items[n], getattr(evals, suite_for(n).settings_key)) for n, _ in todo)
-        by_key = {t.key: t for t in targets}
+        work = sum(_work(items[n], getattr(evals, suite_for(n).settings_key)) for n, _ in generate)
         with tqdm(total=work, desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for key in [BASE] + [t.key for t in targets]:
-                names_here = [n for n in names if (n, key) in evaluated]
+                names_here = [n for n in names if (n, key) in generate]
                 if not names_here:
                     continue
                 bar.set_description(f"eval {by_key[key].label}@{by_key[key].step}" if key != BASE else "eval base")
@@ -161,6 +172,10 @@ def run_evals(
                         for row in rows:
                             row.update(run_id=run_id, step=step)
                         store.replace_eval_items(name, key, rows)
+    for name, key in todo:  # the base's own function: its answers are the base's, stored again, not regenerated
+        if key in copies:
+            rows = [{**row, "run_id": by_key[key].run_id, "step": 0} for row in store.eval_items(name, BASE)]
+            store.replace_eval_items(name, key, rows)
     summaries = []
     wanted = [BASE] + [t.key for t in targets]
     for name in names:
