@@ -65,6 +65,82 @@ def distilled(model: torch.nn.Module, tokenizer, data: guarded.Data, recipe: gua
     return guarded.Data(harmful, benign, data.heldout_benign)
 
 
+PROBE_READ = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # modules by their input
+
+
+@torch.no_grad()
+def module_inputs(model: torch.nn.Module, tokenizer, prompts: list[str], layers: list[int]) -> dict[tuple[int, str], np.ndarray]:
+    """Per (layer, 'attn' | 'mlp'): the input of that block's projections (after its RMSNorm) at the last
+    token of each chat-rendered prompt, (prompts, hidden)."""
+    from forgetscale.evals.generation import chat_prompt
+
+    grabbed: dict[tuple[int, str], list[np.ndarray]] = {}
+    hooks = []
+    for layer in layers:
+        block = model.model.layers[layer]
+        for kind, module in (("attn", block.self_attn.q_proj), ("mlp", block.mlp.gate_proj)):
+            def hook(_m, args, key=(layer, kind)):
+                grabbed.setdefault(key, []).append(args[0][0, -1].float().numpy())
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for p in prompts:
+            model(input_ids=torch.tensor([chat_prompt(tokenizer, p)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: np.stack(v) for k, v in grabbed.items()}
+
+
+def probe_rows(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, float]:
+    """LoRA A for one input: row 0 the probe's direction (a logistic probe on these inputs, scaled so that A x
+    has unit spread over them), row 1 the mean input (A x about 1: a bias the trained B can use); and the
+    probe's training accuracy."""
+    probe, _ = fit_probe(x, y)
+    scaler, logistic = probe[0], probe[-1]
+    w = logistic.coef_[0] / scaler.scale_
+    w = w / np.std(x @ w)
+    mean = x.mean(0)
+    rows = np.stack([w, mean / float(mean @ mean)])
+    return torch.tensor(rows, dtype=torch.float32), float(probe.score(x, y))
+
+
+def probe_read_attach(model: torch.nn.Module, tokenizer, data: guarded.Data, recipe: guarded.Recipe):
+    """A replacement for forgetscale.methods.attach.attach in train_guard: LoRA (rank 2) whose A is frozen to
+    probe_rows of each projection's input in the recipe's layers (q/k/v read the attention norm's output,
+    gate/up the MLP norm's), so the only thing the trained B can add is the probe's score (and a constant);
+    o_proj and down_proj adapters are frozen at zero."""
+    from forgetscale.methods import attach as attaching
+    from forgetscale.methods.lora import LoraSpec, _layer_indices
+
+    layers = _layer_indices(LoraSpec(ranks=[2], layers=recipe.layers), model) or list(range(model.config.num_hidden_layers))
+    started = time.perf_counter()
+    prompts = [*data.harmful, *data.benign]
+    labels = np.r_[np.ones(len(data.harmful)), np.zeros(len(data.benign))]
+    inputs = module_inputs(model.eval(), tokenizer, prompts, layers)
+    rows = {}
+    for key, x in inputs.items():
+        rows[key], accuracy = probe_rows(x, labels)
+        print(f"probe layer {key[0]} {key[1]}: training accuracy {accuracy:.3f}", flush=True)
+    print(f"probes in {time.perf_counter() - started:.0f} s", flush=True)
+    real = attaching.attach
+
+    def attach(m, spec, rank):
+        peft_model = real(m, spec, 2)
+        for name, module in peft_model.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+                continue
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            kind = next((k for k, names in PROBE_READ.items() if name.endswith(names)), None)
+            module.lora_A["default"].weight.requires_grad_(False)
+            if kind is None or (layer, kind) not in rows:
+                module.lora_B["default"].weight.requires_grad_(False)
+                continue
+            module.lora_A["default"].weight.data.copy_(rows[(layer, kind)])
+        return peft_model
+
+    attaching.attach = attach
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="{}", help="Recipe fields as JSON")
@@ -76,6 +152,8 @@ def main() -> None:
     parser.add_argument("--distil", type=int, default=None, metavar="LAYER",
                         help="train on the decisions of a linear probe at this hidden-state layer")
     parser.add_argument("--pool", type=int, default=0, help="with --distil: further ShareGPT requests to label")
+    parser.add_argument("--probe-read", action="store_true",
+                        help="LoRA rank 2 with A frozen to a linear probe's direction (and the mean input) per projection")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = guarded.Recipe(**json.loads(args.recipe))
@@ -108,6 +186,8 @@ def main() -> None:
             for e in result.examples[:3] + result.examples[10:13]:
                 print(f"   refused={e['refused']} {e['prompt'][:60]!r} -> {e['reply'][:40]!r}")
 
+    if args.probe_read:
+        probe_read_attach(base.model, tokenizer, data, recipe)
     guarded.train_guard(base.model, blocks, recipe, watch=on_step)
     print(f"recipe {json.dumps(json.loads(args.recipe))}: {time.perf_counter() - started:.0f} s")
 

@@ -195,6 +195,36 @@ def test_shared_context_scores_equal_full_sequences_and_a_manual_pass(tiny):
     assert shared[5] == pytest.approx(manual, abs=1e-4)
 
 
+def test_the_output_head_reads_a_contiguous_input_and_the_hook_is_removed(tiny):
+    """Generation's prefill and option scoring slice the last positions before the head; the head gets a
+    contiguous copy (a frozen weight on a sliced 3-D input takes PyTorch's slow batched path), the outputs are
+    unchanged, and no hook is left on the model."""
+    from forgetscale.evals.generation import contiguous_head_input
+
+    head = tiny.model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))  # after ours
+    prompts = [[1, 5, 9, 13], [1, 7, 2], [1, 4, 4, 4, 4, 8]]
+    tiny.model.requires_grad_(False)
+    try:
+        plain = generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=3, batch_size=3)
+        scores = option_logprobs(tiny.model, tiny.tokenizer, prompts, [[3], [4, 5], [6]], batch_size=3)
+        assert seen and all(seen)
+        seen.clear()
+        two = torch.tensor([[1, 5, 9, 13], [1, 6, 6, 2]])
+        raw = tiny.model(input_ids=two, logits_to_keep=1)  # outside the block: the sliced view transformers passes
+        assert seen == [False]
+        with contiguous_head_input(tiny.model):
+            again = tiny.model(input_ids=two, logits_to_keep=1)
+        assert torch.allclose(raw.logits, again.logits, atol=1e-5)  # the same product by another kernel
+    finally:
+        probe.remove()
+        tiny.model.requires_grad_(True)
+    assert not head._forward_pre_hooks
+    assert generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=3, batch_size=3) == plain
+    assert option_logprobs(tiny.model, tiny.tokenizer, prompts, [[3], [4, 5], [6]], batch_size=3) == pytest.approx(scores)
+
+
 # -- forgetscale eval on a tiny sweep ------------------------------------------------------------
 
 SMALL = {"batch_size": 4, "safety": {"limit": 4, "max_new_tokens": 6}, "choice": {"limit": 6, "max_new_tokens": 3},
@@ -285,6 +315,8 @@ def test_adapters_leave_the_base_model_untouched(tiny_sweep, monkeypatch):
     fresh_params = dict(fresh.model.named_parameters())
     changed = [n for n, p in after.named_parameters() if n not in fresh_params or not torch.equal(p, fresh_params[n])]
     assert not changed and len(fresh_params) == len(list(after.parameters())), f"base weights changed: {changed}"
+    # peft froze every base weight while an adapter was on: their requires_grad flags are the fresh base's again
+    assert [p.requires_grad for p in after.parameters()] == [p.requires_grad for p in fresh.model.parameters()]
 
 
 def test_eval_cli_errors_are_one_line_exit_2(tiny_sweep, tmp_path, capsys):

@@ -186,6 +186,7 @@ def applied(base: torch.nn.Module, source: Source) -> Iterator[tuple[torch.nn.Mo
         from forgetscale import compatibility
 
         compatibility.check_adapter_shapes(base, source.path, source.weights[0])
+        trainable = [p.requires_grad for p in base.parameters()]  # peft freezes them all; restored below
         try:
             tuned = PeftModel.from_pretrained(base, source.path, is_trainable=False)
         except Exception as err:  # noqa: BLE001 - peft raises RuntimeError/ValueError/KeyError here
@@ -200,6 +201,8 @@ def applied(base: torch.nn.Module, source: Source) -> Iterator[tuple[torch.nn.Mo
             yield tuned, int(params)
         finally:
             tuned.unload()
+            for p, flag in zip(base.parameters(), trainable, strict=True):
+                p.requires_grad_(flag)
         return
     from transformers import AutoModelForCausalLM
 
