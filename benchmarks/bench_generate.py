@@ -9,11 +9,17 @@ figure is the ratio.
 
     python benchmarks/bench_generate.py [--prompts 16] [--tokens 64] [--batch 16] [--repeats 3] [--threads 2]
                                         [--no-generation]
+    python benchmarks/bench_generate.py --frozen --prompts 50 --tokens 24 --batch 50 --threads 2
+
+`--frozen` times transformers' own `generate` on the model with its weights frozen (requires_grad False,
+as a PEFT-wrapped base or an inference-only load has them), bf16 autocast, with and without the output
+head reading a contiguous input (`evals.generation.contiguous_head_input`), interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -21,7 +27,7 @@ import torch
 
 from forgetscale.data.embedded import harmbench_prompts
 from forgetscale.evals.choice_set import embedded_choice_items
-from forgetscale.evals.generation import chat_prompt, generate, option_logprobs
+from forgetscale.evals.generation import chat_prompt, contiguous_head_input, generate, option_logprobs
 from forgetscale.models import EMBEDDED, load_model
 
 
@@ -40,12 +46,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-generation", action="store_true", help="time option scoring only")
+    ap.add_argument("--frozen", action="store_true", help="frozen weights: stock generate with and without a "
+                    "contiguous head input")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(EMBEDDED)
     model, tok = loaded.model, loaded.tokenizer
     prompts = [chat_prompt(tok, p) for p in harmbench_prompts()[: args.prompts]]
+    if args.frozen:
+        return frozen(model, tok, prompts, args)
 
     def batched():
         return generate(model, tok, prompts, max_new_tokens=args.tokens, batch_size=args.batch)
@@ -99,6 +109,40 @@ def main() -> None:
     print(f"  one by one                {med['score_loop']:7.2f} s")
     print(f"  speed-up: shared {med['score_loop'] / med['score_batched']:.2f}x, whole {med['score_loop'] / med['score_whole']:.2f}x"
           f" one by one; shared context {med['score_whole'] / med['score_batched']:.2f}x whole sequences")
+
+
+def frozen(model: torch.nn.Module, tok, prompts: list[list[int]], args: argparse.Namespace) -> None:
+    """Stock `model.generate` on frozen weights, one left-padded batch, with and without the contiguous head input."""
+    from forgetscale.evals.generation import _left_pad
+    from forgetscale.metric.sums import autocast
+
+    model.requires_grad_(False).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = [_left_pad(prompts[i:i + args.batch], pad) for i in range(0, len(prompts), args.batch)]
+
+    def run(contiguous: bool) -> list[list[int]]:
+        out = []
+        for ids, mask in batches:
+            with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16), \
+                    (contiguous_head_input(model) if contiguous else contextlib.nullcontext()):
+                new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.tokens, do_sample=False,
+                                     pad_token_id=pad)[:, ids.shape[1]:]
+            out += new.tolist()
+        return out
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    outs = {}
+    for _ in range(args.repeats):
+        for contiguous in (False, True):
+            t, outs[contiguous] = timed(lambda c=contiguous: run(c))
+            times[contiguous].append(t)
+    stock, ours = statistics.median(times[False]), statistics.median(times[True])
+    same = sum(a == b for a, b in zip(outs[False], outs[True], strict=True))
+    print(f"model {EMBEDDED}, frozen weights, bf16 autocast, torch threads {torch.get_num_threads()}, median of "
+          f"{args.repeats} interleaved repeats; {len(prompts)} safety prompts x {args.tokens} new tokens, batch {args.batch}")
+    print(f"  transformers generate             {stock:7.2f} s")
+    print(f"  with a contiguous head input      {ours:7.2f} s")
+    print(f"  speed-up {stock / ours:.2f}x; identical replies {same}/{len(prompts)}")
 
 
 if __name__ == "__main__":
