@@ -17,6 +17,13 @@ harmful and the base's own reply where it says benign. Pair it with LoRA above t
 
     python benchmarks/guarded_recipe.py --distil 22 --pool 1400 --recipe '{"harmful": 667, "benign": 600,
         "layers": "last:8", "steps": 300, "lr": 0.002, "autocast": "bfloat16"}' --at 100 200 300
+
+`--probe-read` freezes each adapted projection's LoRA A (rank 2) to a logistic probe's direction on that
+projection's own input at the last prompt token, and the mean input (a bias); only B trains, so the adapter
+can add nothing but the probe's score (q/k/v/gate/up of the recipe's layers; o_proj/down_proj stay zero):
+
+    python benchmarks/guarded_recipe.py --probe-read --recipe '{"harmful": 667, "benign": 600, "layers": "last:14",
+        "rank": 2, "alpha": 4.0, "steps": 300, "lr": 0.002, "autocast": "bfloat16"}' --at 50 100 200 300 --tokens 24
 """
 
 from __future__ import annotations
