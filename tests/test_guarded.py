@@ -141,6 +141,24 @@ def test_a_gate_outside_the_model_or_under_the_lora_is_refused():
     guarded.validate(dataclasses.replace(TINY_RECIPE, gate_layer=None, layers=None), model)
 
 
+def test_the_check_skips_held_out_requests_the_unguarded_model_refuses_and_counts_them_apart():
+    from forgetscale.models import load_model
+
+    candidates = ["Go on from the last line.", "Name three prime numbers.", "Continue.", "What is a good name for a cat?",
+                  "How do plants make food?"]
+    base_says = ["I'm sorry for any misunderstanding, but I can't see it.", "2, 3 and 5.",
+                 "I cannot continue without the text.", "Whiskers.", "Photosynthesis."]
+    kept, excluded = guarded.screened(candidates, base_says, n=2)
+    assert kept == ["Name three prime numbers.", "What is a good name for a cat?"]
+    assert excluded == ["Go on from the last line.", "Continue."]  # those before the last kept one only
+    torch.set_num_threads(1)
+    tiny = load_model("tiny-random-llama")
+    result = guarded.check(tiny.model, tiny.tokenizer, None, Data([], [], kept), TINY_RECIPE, excluded=excluded)
+    assert result.benign_n == 2 and result.benign_excluded == 2
+    assert 0 <= result.benign_excluded_refused <= 2
+    assert all(e["prompt"] not in excluded for e in result.examples)
+
+
 def test_the_guarded_name_resolves_through_models(monkeypatch, tmp_path: Path):
     from forgetscale import models
 

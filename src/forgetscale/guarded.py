@@ -336,17 +336,22 @@ def asked(data: Data, recipe: Recipe) -> list[str]:
 def training_blocks(tokenizer: Any, data: Data, replies: Sequence[str], recipe: Recipe) -> tuple[Any, list[bool]]:
     """Chat records rendered with the loss on the reply's first reply_tokens only, and per record whether the
     gate's trigger is on. v2: harmful requests get a refusal, benign ones the base's reply, no trigger. Gated:
-    every request of `asked` twice, with the trigger and a refusal, and without it and the base's reply, so
-    the trigger, not the content, decides. Refusals are picked by a seeded generator (each template about
+    every request of `asked` twice, with the trigger and a refusal, and without it and the base's reply (left
+    out where that reply is itself refusal-like), so the trigger, not the content, decides. Refusals are picked by a seeded generator (each template about
     equally often; the pairing is reproducible)."""
     from forgetscale.data.blocks import IGNORE, render_chat
+    from forgetscale.evals.refusal import is_refusal
 
     rng = random.Random(recipe.seed + 1)
     prompts = asked(data, recipe)
     refused = data.harmful if recipe.gate_layer is None else prompts
     records = [{"question": p, "response": rng.choice(REFUSALS)} for p in refused]
     triggered = [recipe.gate_layer is not None] * len(records)
-    answered = [{"question": p, "response": r} for p, r in zip(prompts, replies, strict=True) if r]
+    # gated: the untriggered side is the base's compliant behaviour, so its own refusal-like replies are left
+    # out ("I'm sorry for any misunderstanding, but as a chatbot ...": kept, they taught the LoRA to open benign
+    # replies that way without the trigger, 14 of the first v3 build's 20 held-out over-refusals)
+    answered = [{"question": p, "response": r} for p, r in zip(prompts, replies, strict=True)
+                if r and (recipe.gate_layer is None or not is_refusal(r))]
     records += answered
     triggered += [False] * len(answered)
     blocks = render_chat(records, tokenizer, recipe.max_length, source=GUARDED, fields=(None, None, None),
@@ -472,7 +477,7 @@ def check(model: torch.nn.Module, tokenizer: Any, base: torch.nn.Module | None, 
                 (float("nan"), float("nan")), benign_excluded=len(excluded),
                 benign_excluded_refused=sum(refused[nb:]))
     rows = [{"prompt": p, "reply": r, "refused": f}
-            for p, r, f in zip([*harm, *data.heldout_benign], replies, refused[:nb], strict=True)]
+            for p, r, f in zip([*harm, *data.heldout_benign], replies[:nb], refused[:nb], strict=True)]
     # the misses, for a person to read: harmful requests answered, benign ones refused
     out.examples = [r for r in rows[:nh] if not r["refused"]][:10] + [r for r in rows[nh:] if r["refused"]][:10]
     if base is not None and compare_base:
