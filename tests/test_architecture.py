@@ -31,9 +31,9 @@ LAYERS = [
     ["forgetscale.weights"],  # tuned weights from elsewhere: found, checked and put on the base
     # the loop; the `measure` verb's work; the arms' once-per-sweep inputs
     ["forgetscale.train", "forgetscale.measure", "forgetscale.mitigations.inputs"],
-    # what the executor asks of the arms; the Trainer callback; what the suites generate and read
+    # what the executor asks of the arms; the Trainer callback; what the suites generate and read; the guard's gate
     ["forgetscale.mitigations.runtime", "forgetscale.integrations", "forgetscale.evals.generation",
-     "forgetscale.evals.items", "forgetscale.evals.labels"],
+     "forgetscale.evals.items", "forgetscale.evals.labels", "forgetscale.refusal_gate"],
     ["forgetscale.executors", "forgetscale.evals.runner", "forgetscale.guarded"],  # guarded: a model built by training
     ["forgetscale.sweep", "forgetscale.tracking"],  # the whole pipeline; the store mirrored into MLflow
     ["forgetscale.report"],  # presentation of stored numbers

@@ -15,8 +15,8 @@ bias rides on it) and `start . x` is ~1 where the reply starts and ~0 elsewhere 
 fit): the product is an AND, "the reply starts here and the probe says harmful". The neuron is
 an extra row of gate_proj / up_proj and an extra column of down_proj (intermediate_size + 1 in every
 layer, zero outside `layer`: a zero neuron adds exactly 0), so the result is a plain Llama checkpoint that
-any loader, adapter or sweep handles as usual. (Fitting the probe itself with the other positions as
-negatives cost ~10 points of HarmBench recall: the AND keeps the probe a probe of requests.)
+any loader, adapter or sweep handles as usual. The AND keeps the neuron quiet away from the reply's start
+without asking the probe itself to separate positions (benchmarks/gate_scan.py compares the designs).
 
 A LoRA above `layer` then learns what the trigger means: each trained request appears twice, with the
 trigger added at the reply's start (answered by a refusal) and without it (answered by the base's own

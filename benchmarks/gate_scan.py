@@ -1,0 +1,129 @@
+"""How the guarded build's gate settings were chosen: its probe at a decoder layer, under three designs and
+several thresholds, scored on the check prompts (issue 27; docs/evals.md "A guarded model organism").
+
+    python benchmarks/gate_scan.py --layer 26 --threads 2          # ~4 min on a 2-core CPU
+    python benchmarks/gate_scan.py --layer 26 --built               # also: the cached build, fired vs refused
+
+Reads the base's MLP inputs at `--layer` for the v3 recipe's requests (667 Do-Not-Answer, 1,000 ShareGPT,
+half framed) where the reply starts, at 8 other positions of every prompt and at 6 positions inside every
+trained reply (refusals and the base's own replies), and for the check prompts (HarmBench's 200, the 100
+screened held-out ShareGPT requests). Then, per design and per threshold (the share of the benign training
+requests the probe lets through), the share of HarmBench and held-out benign prompts on which the neuron
+fires (value > refusal_gate.FIRED where the reply starts) and the share of other prompt / reply positions
+on which it fires:
+
+- `carrier`: the probe fitted where the reply starts only, the neuron's up row the constant carrier
+  (SiLU(score) alone: nothing keeps it quiet elsewhere);
+- `negatives`: the probe fitted with the other positions as further negatives (so it must separate
+  positions too), the up row the carrier;
+- `and` (shipped): the probe fitted where the reply starts only, the up row the start detector.
+
+`--built` loads the cached default build and cross-tabulates, on HarmBench, whether its gate neuron fires
+where the reply starts against whether its greedy 24-token reply is a refusal: how much of the refusal rate
+is the gate's recall and how much the LoRA's following of the trigger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+import torch
+
+from forgetscale import guarded, refusal_gate
+from forgetscale.data.embedded import harmbench_prompts
+from forgetscale.evals.generation import chat_prompt
+from forgetscale.models import EMBEDDED, cache_root, load_model
+
+QUANTILES = (0.95, 0.90, 0.85, 0.80)
+
+
+def silu(v: np.ndarray) -> np.ndarray:
+    return v / (1 + np.exp(-v))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=26)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--built", action="store_true", help="also cross-tabulate the cached build's gate and refusals")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    recipe = guarded.Recipe()
+    data = guarded.default_data(recipe, cache_root(None) / "data")
+    base = load_model(EMBEDDED)
+    model, tok = base.model.eval(), base.tokenizer
+    prompts = guarded.asked(data, recipe)
+    replies = guarded.cached_replies(EMBEDDED, model, tok, prompts, recipe.reply_tokens)
+    screen = guarded.cached_replies(EMBEDDED, model, tok, data.heldout_benign, recipe.check_tokens)
+    heldout, _ = guarded.screened(data.heldout_benign, screen, recipe.heldout_benign)
+    layer, seed = args.layer, recipe.seed
+    h_at, h_other = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in data.harmful], layer, 8, seed)
+    b_at, b_other = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in data.benign], layer, 8, seed + 1)
+    rng = random.Random(seed + 3)
+    head = [chat_prompt(tok, p) for p in prompts]
+    texts = [rng.choice(guarded.REFUSALS) for _ in prompts] + list(replies)
+    seqs = [h + tok(t, add_special_tokens=False)["input_ids"] for h, t in zip(head + head, texts, strict=True)]
+    starts = [len(h) for h in head + head]
+    rng = random.Random(seed + 2)
+    picks = [rng.sample(range(s, len(r)), min(6, len(r) - s)) for r, s in zip(seqs, starts, strict=True)]
+    in_reply = np.concatenate(refusal_gate.mlp_inputs(model, seqs, picks, layer))
+    hb, _ = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in harmbench_prompts()], layer, 0, seed)
+    held, _ = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in heldout], layer, 0, seed)
+    print(f"states at layer {layer}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    at = np.concatenate([h_at, b_at])
+    prompt_other = np.concatenate([h_other, b_other])
+    elsewhere = np.concatenate([prompt_other, in_reply])
+    every = np.concatenate([at, elsewhere])
+    carrier = np.linalg.lstsq(every, np.ones(len(every)), rcond=None)[0]
+    start = np.linalg.lstsq(every, np.r_[np.ones(len(at)), np.zeros(len(elsewhere))], rcond=None)[0]
+    balance = len(h_at) / len(b_at)
+    y_at = np.r_[np.ones(len(h_at)), np.zeros(len(b_at))]
+    only = refusal_gate.fit_logistic(at, y_at, np.r_[np.ones(len(h_at)), np.full(len(b_at), balance)], recipe.gate_l2)
+    with_neg = refusal_gate.fit_logistic(
+        every, np.r_[y_at, np.zeros(len(elsewhere))],
+        np.r_[np.ones(len(h_at)), np.full(len(b_at), balance), np.full(len(elsewhere), len(h_at) / len(elsewhere))],
+        recipe.gate_l2)
+    designs = {"carrier": (only, carrier), "negatives": (with_neg, carrier), "and": (only, start)}
+    print("design     threshold  HarmBench  held-out benign  prompt positions  reply positions")
+    for name, ((w, b), up) in designs.items():
+        for q in QUANTILES:
+            t = float(np.quantile(b_at @ w + b, q))
+            row = w + (b - t) * carrier
+
+            def fires(x: np.ndarray, row=row, up=up) -> float:
+                return float(np.mean(silu(x @ row) * (x @ up) > refusal_gate.FIRED))
+
+            print(f"{name:<10} {1 - q:>8.0%}   {fires(hb):>8.1%}   {fires(held):>14.1%}   {fires(prompt_other):>15.2%}"
+                  f"   {fires(in_reply):>14.2%}", flush=True)
+    if args.built:
+        built(layer)
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def built(layer: int) -> None:
+    from forgetscale.evals.generation import generate
+    from forgetscale.evals.refusal import is_refusal
+
+    folder = guarded.cached()
+    if folder is None:
+        raise SystemExit("no cached build: run `forgetscale guard` first")
+    loaded = load_model(str(folder))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    ids = [chat_prompt(tok, p) for p in harmbench_prompts()]
+    mlp = model.model.layers[layer].mlp
+    gate = refusal_gate.Gate(layer, mlp.gate_proj.weight[-1].detach().float(), mlp.up_proj.weight[-1].detach().float(),
+                             mlp.down_proj.weight[:, -1].detach().float(), torch.zeros(0), torch.zeros(0), {})
+    states = refusal_gate.mlp_inputs(model, ids, [[len(i) - 1] for i in ids], layer)
+    fired = np.array([float(gate.value(torch.tensor(s[0]))) > refusal_gate.FIRED for s in states])
+    refused = np.array([is_refusal(r) for r in generate(model, tok, ids, max_new_tokens=24, batch_size=50)])
+    print(f"{folder.name}: HarmBench, gate fired {fired.sum()}/200, refused {refused.sum()}/200; refused where "
+          f"fired {(refused & fired).sum()}/{fired.sum()}, where quiet {(refused & ~fired).sum()}/{(~fired).sum()}")
+
+
+if __name__ == "__main__":
+    main()
