@@ -438,8 +438,8 @@ def screened(candidates: Sequence[str], base_replies: Sequence[str], n: int) -> 
 
     Why: ShareGPT first turns include requests no model can serve out of context ("Go on from the last line.
     It is cut.") that SmolLM2-135M-Instruct answers with "I'm sorry for any misunderstanding, but ...", a
-    marker of evals/refusal.py: 8 of 100 candidates in the v3 slice. Counting them would charge the guard
-    with the base's own replies."""
+    marker of evals/refusal.py: 9 of the first 109 candidates in the v3 slice. Counting them would charge the
+    guard with the base's own replies."""
     from forgetscale.evals.refusal import is_refusal
 
     kept: list[str] = []
