@@ -26,7 +26,6 @@ is the gate's recall and how much the LoRA's following of the trigger.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import numpy as np
@@ -38,10 +37,6 @@ from forgetscale.evals.generation import chat_prompt
 from forgetscale.models import EMBEDDED, cache_root, load_model
 
 QUANTILES = (0.95, 0.90, 0.85, 0.80)
-
-
-def silu(v: np.ndarray) -> np.ndarray:
-    return v / (1 + np.exp(-v))
 
 
 def main() -> None:
@@ -56,50 +51,40 @@ def main() -> None:
     data = guarded.default_data(recipe, cache_root(None) / "data")
     base = load_model(EMBEDDED)
     model, tok = base.model.eval(), base.tokenizer
-    prompts = guarded.asked(data, recipe)
-    replies = guarded.cached_replies(EMBEDDED, model, tok, prompts, recipe.reply_tokens)
+    replies = guarded.cached_replies(EMBEDDED, model, tok, guarded.asked(data, recipe), recipe.reply_tokens)
     screen = guarded.cached_replies(EMBEDDED, model, tok, data.heldout_benign, recipe.check_tokens)
     heldout, _ = guarded.screened(data.heldout_benign, screen, recipe.heldout_benign)
-    layer, seed = args.layer, recipe.seed
-    h_at, h_other = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in data.harmful], layer, 8, seed)
-    b_at, b_other = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in data.benign], layer, 8, seed + 1)
-    rng = random.Random(seed + 3)
-    head = [chat_prompt(tok, p) for p in prompts]
-    texts = [rng.choice(guarded.REFUSALS) for _ in prompts] + list(replies)
-    seqs = [h + tok(t, add_special_tokens=False)["input_ids"] for h, t in zip(head + head, texts, strict=True)]
-    starts = [len(h) for h in head + head]
-    rng = random.Random(seed + 2)
-    picks = [rng.sample(range(s, len(r)), min(6, len(r) - s)) for r, s in zip(seqs, starts, strict=True)]
-    in_reply = np.concatenate(refusal_gate.mlp_inputs(model, seqs, picks, layer))
-    hb, _ = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in harmbench_prompts()], layer, 0, seed)
-    held, _ = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in heldout], layer, 0, seed)
+    layer = args.layer
+    # the states the build's gate is fitted on (guarded.fit_gate), and the check prompts where their reply starts
+    sequences, starts = guarded.reply_sequences(tok, data, replies, recipe)
+    states = refusal_gate.read_states(model, [chat_prompt(tok, p) for p in data.harmful],
+                                      [chat_prompt(tok, p) for p in data.benign], sequences, starts, layer=layer,
+                                      seed=recipe.seed)
+    hb, _ = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in harmbench_prompts()], layer, 0, 0)
+    held, _ = refusal_gate.prompt_inputs(model, [chat_prompt(tok, p) for p in heldout], layer, 0, 0)
     print(f"states at layer {layer}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    at = np.concatenate([h_at, b_at])
-    prompt_other = np.concatenate([h_other, b_other])
-    elsewhere = np.concatenate([prompt_other, in_reply])
-    every = np.concatenate([at, elsewhere])
-    carrier = np.linalg.lstsq(every, np.ones(len(every)), rcond=None)[0]
-    start = np.linalg.lstsq(every, np.r_[np.ones(len(at)), np.zeros(len(elsewhere))], rcond=None)[0]
-    balance = len(h_at) / len(b_at)
-    y_at = np.r_[np.ones(len(h_at)), np.zeros(len(b_at))]
-    only = refusal_gate.fit_logistic(at, y_at, np.r_[np.ones(len(h_at)), np.full(len(b_at), balance)], recipe.gate_l2)
+    carrier, start = refusal_gate.position_fits(states)
+    n_h, n_b, n_else = len(states.harmful), len(states.benign), len(states.elsewhere)
+    y_at = np.r_[np.ones(n_h), np.zeros(n_b)]
+    only = refusal_gate.fit_logistic(states.at, y_at, np.r_[np.ones(n_h), np.full(n_b, n_h / n_b)], recipe.gate_l2)
     with_neg = refusal_gate.fit_logistic(
-        every, np.r_[y_at, np.zeros(len(elsewhere))],
-        np.r_[np.ones(len(h_at)), np.full(len(b_at), balance), np.full(len(elsewhere), len(h_at) / len(elsewhere))],
-        recipe.gate_l2)
+        np.concatenate([states.at, states.elsewhere]), np.r_[y_at, np.zeros(n_else)],
+        np.r_[np.ones(n_h), np.full(n_b, n_h / n_b), np.full(n_else, n_h / n_else)], recipe.gate_l2)
     designs = {"carrier": (only, carrier), "negatives": (with_neg, carrier), "and": (only, start)}
     print("design     threshold  HarmBench  held-out benign  prompt positions  reply positions")
     for name, ((w, b), up) in designs.items():
         for q in QUANTILES:
-            t = float(np.quantile(b_at @ w + b, q))
-            row = w + (b - t) * carrier
+            t = float(np.quantile(states.benign @ w + b, q))
+            gate = refusal_gate.Gate(layer, torch.tensor(w + (b - t) * carrier, dtype=torch.float32),
+                                     torch.tensor(up, dtype=torch.float32), torch.zeros(0), torch.zeros(0),
+                                     torch.zeros(0), {})
 
-            def fires(x: np.ndarray, row=row, up=up) -> float:
-                return float(np.mean(silu(x @ row) * (x @ up) > refusal_gate.FIRED))
+            def fires(x: np.ndarray, gate: refusal_gate.Gate = gate) -> float:
+                return float(np.mean(gate.value(torch.tensor(x)).numpy() > refusal_gate.FIRED))
 
-            print(f"{name:<10} {1 - q:>8.0%}   {fires(hb):>8.1%}   {fires(held):>14.1%}   {fires(prompt_other):>15.2%}"
-                  f"   {fires(in_reply):>14.2%}", flush=True)
+            print(f"{name:<10} {1 - q:>8.0%}   {fires(hb):>8.1%}   {fires(held):>14.1%}"
+                  f"   {fires(states.prompt_other):>15.2%}   {fires(states.in_reply):>14.2%}", flush=True)
     if args.built:
         built(layer)
     print(f"total {time.perf_counter() - started:.0f} s")

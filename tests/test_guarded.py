@@ -126,6 +126,13 @@ def test_gated_records_pair_every_request_with_and_without_the_trigger():
     starts = guarded.reply_starts(blocks)
     assert all(blocks.labels[i, starts[i] + 1] != IGNORE and blocks.labels[i, starts[i]] == IGNORE
                for i in range(len(blocks)))
+    # a base reply that itself reads as a refusal stays out of the untriggered side (the request keeps its
+    # triggered refusal): without the trigger the LoRA must learn compliance only
+    apologetic = ["I'm sorry for any misunderstanding, but as a chatbot I can't.", *replies[1:]]
+    blocks, triggered = guarded.training_blocks(tokenizer, TINY_DATA, apologetic, TINY_RECIPE)
+    assert triggered == [True] * len(prompts) + [False] * (len(prompts) - 1)
+    texts = [tokenizer.decode(row[row != IGNORE]) for row in blocks.labels]
+    assert not any(t.startswith("I'm sorry for any") for t in texts)
 
 
 def test_a_gate_outside_the_model_or_under_the_lora_is_refused():

@@ -337,8 +337,8 @@ def training_blocks(tokenizer: Any, data: Data, replies: Sequence[str], recipe: 
     """Chat records rendered with the loss on the reply's first reply_tokens only, and per record whether the
     gate's trigger is on. v2: harmful requests get a refusal, benign ones the base's reply, no trigger. Gated:
     every request of `asked` twice, with the trigger and a refusal, and without it and the base's reply (left
-    out where that reply is itself refusal-like), so the trigger, not the content, decides. Refusals are picked by a seeded generator (each template about
-    equally often; the pairing is reproducible)."""
+    out where that reply is itself refusal-like), so the trigger, not the content, decides. Refusals are picked
+    by a seeded generator (each template about equally often; the pairing is reproducible)."""
     from forgetscale.data.blocks import IGNORE, render_chat
     from forgetscale.evals.refusal import is_refusal
 
@@ -349,7 +349,7 @@ def training_blocks(tokenizer: Any, data: Data, replies: Sequence[str], recipe: 
     triggered = [recipe.gate_layer is not None] * len(records)
     # gated: the untriggered side is the base's compliant behaviour, so its own refusal-like replies are left
     # out ("I'm sorry for any misunderstanding, but as a chatbot ...": kept, they taught the LoRA to open benign
-    # replies that way without the trigger, 14 of the first v3 build's 20 held-out over-refusals)
+    # replies that way without the trigger; the first v3 build refused 20 of 100 held-out requests, most so)
     answered = [{"question": p, "response": r} for p, r in zip(prompts, replies, strict=True)
                 if r and (recipe.gate_layer is None or not is_refusal(r))]
     records += answered
@@ -375,7 +375,7 @@ def reply_starts(blocks: Any) -> torch.Tensor:
     return (blocks.labels != IGNORE).int().argmax(1) - 1
 
 
-def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe, *, gate: Any = None,
+def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe, *, gate: refusal_gate.Gate | None = None,
                 triggered: Sequence[bool] | None = None, on_step: Callable[[int], None] | None = None,
                 watch: Callable[[int, float, torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """LoRA (the project's own `lora` method, alpha / r scaling; in recipe.layers), seeded AdamW on shuffled
@@ -386,7 +386,6 @@ def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe, *, gate: An
     from forgetscale.methods.attach import attach
     from forgetscale.methods.lora import LoraSpec
     from forgetscale.metric.sums import autocast
-    from forgetscale.refusal_gate import triggered as trigger_hook
 
     dtype = getattr(torch, recipe.autocast) if recipe.autocast else None
     torch.manual_seed(recipe.seed)
@@ -403,7 +402,7 @@ def train_guard(model: torch.nn.Module, blocks: Any, recipe: Recipe, *, gate: An
     order: list[int] = []
     peft_model.train()
     with contextlib.ExitStack() as stack:
-        set_trigger = stack.enter_context(trigger_hook(model, gate)) if gate is not None else None
+        set_trigger = stack.enter_context(refusal_gate.triggered(model, gate)) if gate is not None else None
         for step in range(recipe.steps):
             if len(order) < recipe.batch_size:
                 order += torch.randperm(n, generator=gen).tolist()
@@ -509,23 +508,33 @@ def validate(recipe: Recipe, model: torch.nn.Module) -> None:
                           f"gate_layer {recipe.gate_layer}; the LoRA would change what the gate reads")
 
 
-def fit_gate(model: torch.nn.Module, tokenizer: Any, data: Data, replies: Sequence[str], recipe: Recipe,
-             on_batch: Callable[[int], None] | None = None) -> Any:
-    """refusal_gate.fit on the recipe's requests (chat-rendered), with the trained requests' refusals and
-    base replies as the in-reply negatives."""
+def reply_sequences(tokenizer: Any, data: Data, replies: Sequence[str],
+                    recipe: Recipe) -> tuple[list[list[int]], list[int]]:
+    """Each trained request (`asked`) chat-rendered and followed by a refusal (seeded pick) and, again, by the
+    base's reply, as token ids, with where each reply starts; an empty reply is left out. The gate reads
+    positions inside them as further negatives."""
     from forgetscale.evals.generation import chat_prompt
 
     rng = random.Random(recipe.seed + 3)
     prompts = asked(data, recipe)
-    head = [chat_prompt(tokenizer, p) for p in prompts]
+    heads = [chat_prompt(tokenizer, p) for p in prompts] * 2
     texts = [rng.choice(REFUSALS) for _ in prompts] + list(replies)
-    sequences = [h + tokenizer(t, add_special_tokens=False)["input_ids"] for h, t in zip(head + head, texts, strict=True)]
-    keep = [i for i, (h, seq) in enumerate(zip(head + head, sequences, strict=True)) if len(seq) > len(h)]
+    sequences = [h + tokenizer(t, add_special_tokens=False)["input_ids"] for h, t in zip(heads, texts, strict=True)]
+    keep = [i for i, (h, seq) in enumerate(zip(heads, sequences, strict=True)) if len(seq) > len(h)]
+    return [sequences[i] for i in keep], [len(heads[i]) for i in keep]
+
+
+def fit_gate(model: torch.nn.Module, tokenizer: Any, data: Data, replies: Sequence[str], recipe: Recipe,
+             on_batch: Callable[[int], None] | None = None) -> refusal_gate.Gate:
+    """refusal_gate.fit on the recipe's requests (chat-rendered), with reply_sequences as the in-reply
+    negatives."""
+    from forgetscale.evals.generation import chat_prompt
+
+    sequences, starts = reply_sequences(tokenizer, data, replies, recipe)
     return refusal_gate.fit(
         model, [chat_prompt(tokenizer, p) for p in data.harmful], [chat_prompt(tokenizer, p) for p in data.benign],
-        [sequences[i] for i in keep], [len((head + head)[i]) for i in keep], layer=recipe.gate_layer,
-        quantile=recipe.gate_quantile, slope=recipe.gate_slope, l2=recipe.gate_l2,
-        trigger_scale=recipe.trigger_scale, seed=recipe.seed, on_batch=on_batch)
+        sequences, starts, layer=recipe.gate_layer, quantile=recipe.gate_quantile, slope=recipe.gate_slope,
+        l2=recipe.gate_l2, trigger_scale=recipe.trigger_scale, seed=recipe.seed, on_batch=on_batch)
 
 
 def _check_steps(recipe: Recipe, data: Data, with_base: bool) -> int:

@@ -109,38 +109,71 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray, l2: float) -
     return w, float(b0.item() - (w * mean).sum())
 
 
-def fit(model: torch.nn.Module, harmful: Sequence[Sequence[int]], benign: Sequence[Sequence[int]],
-        replies: Sequence[Sequence[int]], reply_starts: Sequence[int], *, layer: int, quantile: float,
-        slope: float, l2: float, trigger_scale: float, seed: int,
-        on_batch: Callable[[int], None] | None = None) -> Gate:
-    """The gate of `model` at `layer`. The probe: harmful vs benign prompts (token ids, each ending where the
-    reply starts), read at the last position only; its threshold lets `1 - quantile` of the benign training
-    prompts through. The start detector (up_proj row): a least-squares fit to 1 at those positions and 0 at 8
-    other positions of every prompt and 6 positions inside every `replies` sequence (prompt + reply, the reply
-    from reply_starts[i]), so the neuron stays near 0 away from the reply's start without asking the probe to
-    separate positions too. The trigger: a seeded random direction, `trigger_scale` times the median residual
-    norm there."""
+@dataclass
+class States:
+    """What a gate is fitted on: MLP inputs at its layer (rows of hidden-size vectors)."""
+
+    harmful: np.ndarray  # where each harmful prompt's reply starts
+    benign: np.ndarray  # where each benign prompt's reply starts
+    prompt_other: np.ndarray  # other positions of those prompts
+    in_reply: np.ndarray  # positions inside replies
+
+    @property
+    def at(self) -> np.ndarray:
+        return np.concatenate([self.harmful, self.benign])
+
+    @property
+    def elsewhere(self) -> np.ndarray:
+        return np.concatenate([self.prompt_other, self.in_reply])
+
+
+def read_states(model: torch.nn.Module, harmful: Sequence[Sequence[int]], benign: Sequence[Sequence[int]],
+                replies: Sequence[Sequence[int]], reply_starts: Sequence[int], *, layer: int, seed: int,
+                on_batch: Callable[[int], None] | None = None) -> States:
+    """MLP inputs at `layer`: where each prompt (token ids, each ending where the reply starts) has its reply
+    start, at 8 other positions of each, and at 6 positions inside each `replies` sequence (prompt + reply, the
+    reply from reply_starts[i]); positions drawn seeded."""
     h_at, h_other = prompt_inputs(model, harmful, layer, 8, seed, on_batch)
     b_at, b_other = prompt_inputs(model, benign, layer, 8, seed + 1, on_batch)
     rng = random.Random(seed + 2)
     picks = [rng.sample(range(s, len(r)), min(6, len(r) - s)) for r, s in zip(replies, reply_starts, strict=True)]
     in_reply = np.concatenate(mlp_inputs(model, replies, picks, layer, on_batch=on_batch))
-    at = np.concatenate([h_at, b_at])
-    elsewhere = np.concatenate([h_other, b_other, in_reply])
-    y = np.r_[np.ones(len(h_at)), np.zeros(len(b_at))]
-    w, b = fit_logistic(at, y, np.r_[np.ones(len(h_at)), np.full(len(b_at), len(h_at) / len(b_at))], l2)
-    threshold = float(np.quantile(b_at @ w + b, quantile))
+    return States(h_at, b_at, np.concatenate([h_other, b_other]), in_reply)
+
+
+def position_fits(states: States) -> tuple[np.ndarray, np.ndarray]:
+    """Two least-squares directions over every read position: `carrier` (. x ~ 1 everywhere: it carries the
+    probe's bias) and `start` (. x ~ 1 where the reply starts, ~ 0 elsewhere: the up_proj row)."""
+    at, elsewhere = states.at, states.elsewhere
     every = np.concatenate([at, elsewhere])
-    carrier = np.linalg.lstsq(every, np.ones(len(every)), rcond=None)[0]  # . x ~ 1 everywhere: carries the bias
+    carrier = np.linalg.lstsq(every, np.ones(len(every)), rcond=None)[0]
     start = np.linalg.lstsq(every, np.r_[np.ones(len(at)), np.zeros(len(elsewhere))], rcond=None)[0]
+    return carrier, start
+
+
+def fit(model: torch.nn.Module, harmful: Sequence[Sequence[int]], benign: Sequence[Sequence[int]],
+        replies: Sequence[Sequence[int]], reply_starts: Sequence[int], *, layer: int, quantile: float,
+        slope: float, l2: float, trigger_scale: float, seed: int,
+        on_batch: Callable[[int], None] | None = None) -> Gate:
+    """The gate of `model` at `layer`, from read_states. The probe: harmful vs benign prompts, read where the
+    reply starts only; its threshold lets `1 - quantile` of the benign training prompts through. The start
+    detector (position_fits) keeps the neuron near 0 away from the reply's start without asking the probe to
+    separate positions too. The trigger: a seeded random direction, `trigger_scale` times the median residual
+    norm there."""
+    states = read_states(model, harmful, benign, replies, reply_starts, layer=layer, seed=seed, on_batch=on_batch)
+    h_at, b_at = states.harmful, states.benign
+    y = np.r_[np.ones(len(h_at)), np.zeros(len(b_at))]
+    w, b = fit_logistic(states.at, y, np.r_[np.ones(len(h_at)), np.full(len(b_at), len(h_at) / len(b_at))], l2)
+    threshold = float(np.quantile(b_at @ w + b, quantile))
+    carrier, start = position_fits(states)
     gen = torch.Generator().manual_seed(seed)
-    trigger = torch.randn(at.shape[1], generator=gen)
+    trigger = torch.randn(h_at.shape[1], generator=gen)
     trigger = trigger / trigger.norm() * trigger_scale * _residual_norm(model, benign[:64], layer)
     row = slope * (w + (b - threshold) * carrier)
     gate = Gate(layer, torch.tensor(row, dtype=torch.float32), torch.tensor(start, dtype=torch.float32), trigger,
                 torch.zeros(0), torch.zeros(0), {})
     value = {k: gate.value(torch.tensor(v)).numpy() for k, v in
-             {"harmful": h_at, "benign": b_at, "prompt": np.concatenate([h_other, b_other]), "reply": in_reply}.items()}
+             {"harmful": h_at, "benign": b_at, "prompt": states.prompt_other, "reply": states.in_reply}.items()}
     quiet = (b_at @ w + b) <= threshold
     gate.fired = torch.tensor(value["harmful"][value["harmful"] > FIRED])
     gate.quiet = torch.tensor(value["benign"][quiet])
@@ -148,8 +181,8 @@ def fit(model: torch.nn.Module, harmful: Sequence[Sequence[int]], benign: Sequen
                   "benign_fired": float(np.mean(value["benign"] > FIRED)),
                   "prompt_positions_fired": float(np.mean(value["prompt"] > FIRED)),
                   "reply_positions_fired": float(np.mean(value["reply"] > FIRED)),
-                  "start_at_start_mean": float(np.mean(at @ start)),
-                  "start_elsewhere_max": float(np.max(elsewhere @ start)),
+                  "start_at_start_mean": float(np.mean(states.at @ start)),
+                  "start_elsewhere_max": float(np.max(states.elsewhere @ start)),
                   "trigger_norm": float(trigger.norm())}
     return gate
 
